@@ -1,0 +1,15 @@
+"""infir2-jax: InfiR2's FP8 training recipe for Qwen2.5 on JAX/Flax."""
+
+from infir2_jax.model import PRESETS, ModelConfig, Qwen2, from_hf_config, preset, to_hf_config
+from infir2_jax.pretrained import from_pretrained, model_from_params
+
+__all__ = [
+    "PRESETS",
+    "ModelConfig",
+    "Qwen2",
+    "from_hf_config",
+    "from_pretrained",
+    "model_from_params",
+    "preset",
+    "to_hf_config",
+]

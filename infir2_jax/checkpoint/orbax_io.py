@@ -1,0 +1,123 @@
+"""Orbax model checkpoints: a `params` item (nested dict of arrays) + a `model_config` item.
+
+The same two items sit in every training checkpoint step (next to `opt_state` and `meta`), so
+a converter output, a training step directory, a run's `checkpoints/` folder or the run
+directory itself all load the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from infir2_jax.checkpoint.hf_io import CheckpointError
+from infir2_jax.checkpoint.hf_mapping import ParamPath, param_shapes
+from infir2_jax.model.config import ModelConfig
+
+PARAMS = "params"
+MODEL_CONFIG = "model_config"
+
+
+def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_json(d: dict[str, Any], where: str) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CheckpointError(f"{where}: unknown model_config keys {unknown}")
+    return ModelConfig(**d)
+
+
+def save_model_checkpoint(
+    path: str | os.PathLike, params: dict[ParamPath, Any], cfg: ModelConfig
+) -> Path:
+    """Writes params + model config. Orbax finalises the directory atomically."""
+    path = Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; refusing to overwrite")
+    tree = traverse_util.unflatten_dict(dict(params))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            path,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardSave(tree),
+                    MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(cfg)),
+                }
+            ),
+        )
+    return path
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A step directory from: a step directory, a `checkpoints/` root, or a run directory.
+
+    For a root (numbered step sub-directories) the latest finished step is chosen.
+    """
+    path = Path(path).absolute()
+    if (path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if root.is_dir():
+        steps = sorted(
+            (int(p.name), p)
+            for p in root.iterdir()
+            if p.name.isdigit() and (p / PARAMS).is_dir() and (p / MODEL_CONFIG).is_dir()
+        )
+        if steps:
+            return steps[-1][1]
+    raise FileNotFoundError(
+        f"{path}: not an Orbax model checkpoint (expected '{PARAMS}/' and '{MODEL_CONFIG}/' "
+        "items, a checkpoints/ folder of numbered steps, or a run directory)"
+    )
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    step_dir = resolve_checkpoint_dir(path)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            step_dir, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
+        )
+    return model_config_from_json(restored[MODEL_CONFIG], str(step_dir / MODEL_CONFIG))
+
+
+def restore_params(
+    path: str | os.PathLike, cfg: ModelConfig, dtype: str | None = None
+) -> dict[ParamPath, jax.Array]:
+    """Flat params from a checkpoint, every stored shape checked against `cfg` first."""
+    step_dir = resolve_checkpoint_dir(path)
+    expected = param_shapes(cfg)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        stored_tree = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
+        stored = traverse_util.flatten_dict(stored_tree)
+        for key in sorted(set(expected) | set(stored)):
+            name = "/".join(key)
+            if key not in stored:
+                raise CheckpointError(f"{step_dir}: parameter {name} is missing")
+            if key not in expected:
+                raise CheckpointError(f"{step_dir}: unexpected parameter {name}")
+            if tuple(stored[key].shape) != expected[key]:
+                raise CheckpointError(
+                    f"{step_dir}: parameter {name} has shape {tuple(stored[key].shape)}, "
+                    f"the model config expects {expected[key]}"
+                )
+        target = {
+            key: jax.ShapeDtypeStruct(expected[key], jnp.dtype(dtype or stored[key].dtype))
+            for key in expected
+        }
+        restored = ckptr.restore(
+            step_dir,
+            args=ocp.args.Composite(
+                **{PARAMS: ocp.args.StandardRestore(traverse_util.unflatten_dict(target))}
+            ),
+        )
+    return traverse_util.flatten_dict(restored[PARAMS])

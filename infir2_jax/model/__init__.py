@@ -1,0 +1,22 @@
+"""Qwen2.5 in Flax NNX."""
+
+from infir2_jax.model.config import (
+    PRESETS,
+    ModelConfig,
+    from_hf_config,
+    preset,
+    to_hf_config,
+)
+from infir2_jax.model.loss import chunked_cross_entropy
+from infir2_jax.model.transformer import DecoderLayer, Qwen2
+
+__all__ = [
+    "PRESETS",
+    "DecoderLayer",
+    "ModelConfig",
+    "Qwen2",
+    "chunked_cross_entropy",
+    "from_hf_config",
+    "preset",
+    "to_hf_config",
+]

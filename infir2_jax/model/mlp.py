@@ -1,0 +1,28 @@
+"""SiLU-gated feed-forward block: down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infir2_jax.model.config import ModelConfig
+from infir2_jax.model.layers import DotGeneral, Linear
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dot_general: DotGeneral):
+        dims = dict(
+            init_std=cfg.init_std,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+            dot_general=dot_general,
+        )
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **dims)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **dims)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **dims)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,45 @@
+"""`from_pretrained`: a ready model from an HF directory or an Orbax checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx, traverse_util
+
+from infir2_jax.checkpoint import read_hf_config, read_hf_params, read_model_config, restore_params
+from infir2_jax.checkpoint.hf_mapping import ParamPath
+from infir2_jax.model import ModelConfig, Qwen2
+
+
+def model_from_params(cfg: ModelConfig, params: Mapping[ParamPath, Any]) -> Qwen2:
+    """Builds the module around existing parameter arrays (no random init is run)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
+    tree = traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, jnp.dtype(cfg.param_dtype)) for k, v in params.items()}
+    )
+    nnx.replace_by_pure_dict(state, tree)
+    return nnx.merge(graphdef, state)
+
+
+def from_pretrained(
+    path: str | os.PathLike, dtype: str = "bfloat16", **config_overrides: Any
+) -> Qwen2:
+    """Loads `path` (an HF Qwen2 directory with config.json + safetensors, or an Orbax
+    checkpoint / run directory) into a model computing and storing weights in `dtype`.
+
+    Returns `m` with `m(input_ids) -> logits` [batch, seq, vocab]. `config_overrides` replace
+    ModelConfig fields (e.g. `remat="none"`, `attention_impl="cudnn"`).
+    """
+    overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
+    path = Path(path)
+    if (path / "config.json").is_file():
+        cfg = read_hf_config(path, **overrides)
+        params: Mapping[ParamPath, Any] = read_hf_params(path, cfg, dtype=cfg.param_dtype)
+    else:
+        cfg = read_model_config(path).replace(**overrides)
+        params = restore_params(path, cfg, dtype=cfg.param_dtype)
+    return model_from_params(cfg, params)
