@@ -1,0 +1,242 @@
+"""Run configuration: frozen, nested, typed dataclasses parsed strictly from YAML.
+
+    python -m infir2_jax.train --config tiny_cpt --set train.steps=60 --set optim.lr=1e-3
+
+An unknown key, a value of the wrong type or a bad choice raises `ConfigError` naming the full
+key (e.g. `optim.lr`); the CLI turns it into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from infir2_jax.model.config import ModelConfig, preset
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str
+    steps: int
+    batch_size: int  # global sequences per optimizer step
+    seq_len: int
+    seed: int = 0
+    log_every: int = 1
+    # Initialise parameters from an HF directory or Orbax checkpoint instead of randomly.
+    init_from: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a warmup -> stable -> decay schedule.
+
+    Warmup rises linearly from 0 to `lr` over `warmup_steps`; the rate stays at `lr` until
+    `decay_start` (default: right after warmup), then decays to `min_lr` over `decay_steps`
+    (default: until `train.steps`) and stays there. InfiR2's CPT "WSD" schedule is
+    warmup 5000, decay_start 35000, decay_steps 5000, cosine.
+    """
+
+    lr: float
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_start: int | None = None
+    decay_steps: int | None = None
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1000  # save every N optimizer steps (and always at the last step)
+    keep: int = 3  # keep the K most recent checkpoints
+    async_save: bool = True  # write in the background while training continues
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from.
+
+    `synthetic`: a generated arithmetic-text corpus with a byte tokenizer (the tiny default;
+    needs nothing on disk). `jsonl`: documents from `path` (one JSON object per line, text in
+    `text_field`), tokenized with the HF tokenizer at `tokenizer`, joined with EOS and packed.
+    """
+
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    path: str | None = None
+    text_field: str = "text"
+    tokenizer: str | None = None
+    synthetic_documents: int = 20000
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+    recipe: Literal["none"] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Mesh axis sizes; their product must equal the device count (-1: the rest)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    data: DataConfig = DataConfig()
+    fp8: FP8Config = FP8Config()
+    parallel: ParallelConfig = ParallelConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _parse_value(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if tp is ModelConfig:  # a preset name plus field overrides
+        return _parse_model(value)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept any real number spelling.
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config field type {tp}")
+
+
+def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{name}' (known in this section: {sorted(fields)})")
+    values = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            values[name] = _parse_value(hints[name], raw[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key '{key}'")
+    try:
+        return cls(**values)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
+def _parse_model(raw: Any) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    name = raw.pop("preset", None)
+    if name is not None:
+        try:
+            base = dataclasses.asdict(preset(name))
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+        raw = {**base, **raw}
+    return _parse_dataclass(ModelConfig, raw, "model")
+
+
+def _set_dotted(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parents[: i + 1])}' is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """NAME (a file in configs/, with or without .yaml) or a path to a YAML file."""
+    path = Path(name)
+    for candidate in (path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(name)!r} not found (a path, or one of {known})")
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    return _parse_dataclass(RunConfig, raw, "")
+
+
+def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        _set_dotted(raw, assignment)
+    return parse_config(raw)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,6 @@
+"""Training: state and step, optimizer, checkpoints, metrics, the run loop."""
+
+from infir2_jax.train.loop import train
+from infir2_jax.train.state import TrainState, init_state, make_train_step
+
+__all__ = ["TrainState", "init_state", "make_train_step", "train"]

@@ -1,0 +1,74 @@
+"""Training checkpoints through an Orbax CheckpointManager.
+
+Each step directory holds `params` and `model_config` (the same items as a converter's Orbax
+model checkpoint, so converters and `from_pretrained` read training checkpoints directly),
+plus `opt_state` and `meta`. Orbax writes a step under a temporary name and renames it when
+complete, so a crash or kill mid-save leaves the previous checkpoint as the latest good one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from infir2_jax.checkpoint.orbax_io import MODEL_CONFIG, PARAMS, model_config_to_json
+from infir2_jax.config import CheckpointConfig
+from infir2_jax.model import ModelConfig
+from infir2_jax.train.state import TrainState
+
+OPT_STATE = "opt_state"
+META = "meta"
+
+
+class TrainCheckpointer:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=cfg.every,
+            max_to_keep=cfg.keep,
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, state: TrainState, model_cfg: ModelConfig, *, force: bool = False) -> bool:
+        """Saves if the step is due (every N) or `force`; returns whether a save started."""
+        step = int(state.step)
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardSave(state.params),
+                    OPT_STATE: ocp.args.StandardSave(state.opt_state),
+                    MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(model_cfg)),
+                    META: ocp.args.JsonSave({"step": step}),
+                }
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> TrainState:
+        """Restores into the shapes, dtypes and shardings of `abstract_state`."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardRestore(abstract_state.params),
+                    OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
+                    META: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        if restored[META]["step"] != step:
+            raise ValueError(f"checkpoint {step}: meta says step {restored[META]['step']}")
+        return abstract_state.replace(
+            step=abstract_state.step, params=restored[PARAMS], opt_state=restored[OPT_STATE]
+        )
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,152 @@
+"""The training run: config -> data, model, optimizer -> jitted steps, logs and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+import yaml
+
+from infir2_jax.checkpoint import read_hf_config, read_hf_params, read_model_config, restore_params
+from infir2_jax.config import ConfigError, RunConfig, dump_config
+from infir2_jax.data import build_dataset
+from infir2_jax.parallel import batch_sharding, make_mesh, replicated
+from infir2_jax.train.checkpointing import TrainCheckpointer
+from infir2_jax.train.metrics import MetricsLogger
+from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from infir2_jax.train.state import (
+    Params,
+    TrainState,
+    init_params,
+    init_state,
+    make_train_step,
+    model_graphdef,
+)
+
+log = logging.getLogger("infir2_jax.train")
+
+
+def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
+    """Saves the resolved config; a resumed run must not change the model it continues."""
+    path = run_dir / "config.yaml"
+    if path.exists():
+        previous = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+        current = dataclasses.asdict(cfg.model)
+        changed = sorted(k for k in current.keys() | previous.keys() if previous.get(k) != current.get(k))
+        if changed:
+            raise ConfigError(
+                f"{path}: this run directory was trained with a different model "
+                f"(model.{changed[0]}: {previous.get(changed[0])!r} -> {current.get(changed[0])!r}); "
+                "use a new train.run_dir"
+            )
+    path.write_text(dump_config(cfg))
+
+
+def _initial_params(cfg: RunConfig) -> Params:
+    source = cfg.train.init_from
+    if source is None:
+        return init_params(cfg.model, cfg.train.seed)
+    if (Path(source) / "config.json").is_file():
+        src_cfg = read_hf_config(source)
+        flat = read_hf_params(source, cfg.model, dtype=cfg.model.param_dtype)
+    else:
+        src_cfg = read_model_config(source)
+        flat = restore_params(source, cfg.model, dtype=cfg.model.param_dtype)
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "tie_embeddings")
+    for name in shape_fields:
+        if getattr(src_cfg, name) != getattr(cfg.model, name):
+            raise ConfigError(
+                f"train.init_from: {source} has {name}={getattr(src_cfg, name)}, "
+                f"but model.{name}={getattr(cfg.model, name)}"
+            )
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat))
+
+
+def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
+    """Runs (or resumes) training to `train.steps`; returns the metrics logged by this call."""
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_config(run_dir, cfg)
+
+    mesh = make_mesh(cfg.parallel)
+    if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not divide over "
+            f"{mesh.shape['data']} data-parallel devices"
+        )
+    dataset = build_dataset(
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        vocab_size=cfg.model.vocab_size,
+    )
+    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef = model_graphdef(cfg.model)
+
+    state_sharding_of = lambda tree: jax.tree.map(lambda _: replicated(mesh), tree)  # noqa: E731
+    abstract = jax.eval_shape(lambda: init_state(init_params(cfg.model, cfg.train.seed), optimizer))
+    state_sharding = state_sharding_of(abstract)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+    )
+
+    checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(start, abstract)
+        state = state.replace(step=jax.device_put(np.int32(start), replicated(mesh)))
+        print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
+    else:
+        start = 0
+        params = _initial_params(cfg)
+        state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sharding)(params)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(
+        f"model: {n_params:,} parameters | mesh {dict(mesh.shape)} | "
+        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} | steps {start}->{cfg.train.steps}",
+        file=out,
+        flush=True,
+    )
+    if start >= cfg.train.steps:
+        print(f"already at step {start} >= train.steps={cfg.train.steps}; nothing to do", file=out)
+        checkpointer.close()
+        return []
+
+    step_fn = jax.jit(
+        make_train_step(graphdef, optimizer, schedule),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=0,
+    )
+    logger = MetricsLogger(run_dir / "metrics.jsonl", cfg.train.steps, start, out)
+    history = []
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    last_time, last_step = time.perf_counter(), start
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = jax.device_put(dataset.batch(step), batch_sharding(mesh))
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if done == 1 or done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                rate = tokens_per_step * (done - last_step) / (now - last_time)
+                last_time, last_step = now, done
+                logger.log(done, metrics, rate)
+                history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
+            checkpointer.save(state, cfg.model, force=done == cfg.train.steps)
+    finally:
+        checkpointer.close()
+        logger.close()
+    print(f"done: {cfg.train.steps} steps, checkpoints in {run_dir / 'checkpoints'}", file=out)
+    return history
