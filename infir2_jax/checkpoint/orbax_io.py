@@ -25,6 +25,15 @@ PARAMS = "params"
 MODEL_CONFIG = "model_config"
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    # Handlers are named per item so metadata can be read from a checkpoint saved elsewhere.
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(
+            **{PARAMS: ocp.StandardCheckpointHandler(), MODEL_CONFIG: ocp.JsonCheckpointHandler()}
+        )
+    )
+
+
 def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -45,7 +54,7 @@ def save_model_checkpoint(
     if path.exists():
         raise FileExistsError(f"{path}: already exists; refusing to overwrite")
     tree = traverse_util.unflatten_dict(dict(params))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
         ckptr.save(
             path,
             args=ocp.args.Composite(
@@ -83,7 +92,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     step_dir = resolve_checkpoint_dir(path)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
         restored = ckptr.restore(
             step_dir, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
         )
@@ -96,7 +105,7 @@ def restore_params(
     """Flat params from a checkpoint, every stored shape checked against `cfg` first."""
     step_dir = resolve_checkpoint_dir(path)
     expected = param_shapes(cfg)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
         stored_tree = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
         stored = traverse_util.flatten_dict(stored_tree)
         for key in sorted(set(expected) | set(stored)):

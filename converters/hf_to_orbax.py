@@ -1,0 +1,36 @@
+"""Hugging Face Qwen2 directory -> Orbax model checkpoint.
+
+    python converters/hf_to_orbax.py --hf-dir Qwen2.5-7B --out ckpt/qwen2.5-7b [--dtype auto]
+"""
+
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401
+
+from infir2_jax.checkpoint.convert import hf_to_orbax
+from infir2_jax.checkpoint.hf_io import CheckpointError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="HF directory: config.json + safetensors")
+    parser.add_argument("--out", required=True, help="new Orbax checkpoint directory")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="stored parameter dtype (auto: as in the HF files)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        out = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

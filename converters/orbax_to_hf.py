@@ -1,0 +1,44 @@
+"""Orbax checkpoint (converter output, training step, checkpoints/ folder or run directory)
+-> Hugging Face directory that `AutoModelForCausalLM.from_pretrained` and SGLang load.
+
+    python converters/orbax_to_hf.py --checkpoint runs/cpt_7b --out hf/cpt_7b \
+        --dtype bfloat16 --tokenizer-dir Qwen2.5-7B
+"""
+
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401
+
+from infir2_jax.checkpoint.convert import orbax_to_hf
+from infir2_jax.checkpoint.hf_io import CheckpointError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint or run directory")
+    parser.add_argument("--out", required=True, help="new HF directory")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--tokenizer-dir",
+        help="HF directory whose tokenizer, chat template and generation config are copied",
+    )
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    args = parser.parse_args(argv)
+    try:
+        out = orbax_to_hf(
+            args.checkpoint,
+            args.out,
+            dtype=args.dtype,
+            copy_files_from=args.tokenizer_dir,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        )
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
