@@ -30,8 +30,8 @@ def stored_hf_dtype(hf_dir: str | os.PathLike) -> np.dtype:
 def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto") -> Path:
     """HF directory -> Orbax model checkpoint. Peak host memory: the parameters once in
     `dtype` ("auto": as stored in the HF files) plus the largest tensor."""
-    np_dtype = stored_hf_dtype(hf_dir) if dtype == "auto" else np.dtype(dtype)
     cfg = read_hf_config(hf_dir)
+    np_dtype = stored_hf_dtype(hf_dir) if dtype == "auto" else np.dtype(dtype)
     if Path(out).exists():
         raise FileExistsError(f"{out}: already exists; refusing to overwrite")
     params = read_hf_params(hf_dir, cfg, dtype=np_dtype)

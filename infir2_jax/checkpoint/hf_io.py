@@ -98,8 +98,8 @@ def read_hf_params(
     )
     if unexpected:
         raise CheckpointError(
-            f"{hf_dir}: {len(unexpected)} tensor(s) not in a Qwen2 model of this config, "
-            f"e.g. {unexpected[:3]} (tie_word_embeddings / num_hidden_layers mismatch?)"
+            f"{hf_dir}: {len(unexpected)} tensor(s), e.g. {unexpected[:3]}, are not in a Qwen2 "
+            "model of this config (tie_word_embeddings / num_hidden_layers mismatch?)"
         )
 
     params = {rule.path: np.empty(shapes[rule.path], dtype) for rule, _ in rules.values()}

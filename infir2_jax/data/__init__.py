@@ -19,8 +19,8 @@ def _synthetic(cfg: DataConfig) -> list[np.ndarray]:
 def _jsonl(cfg: DataConfig) -> list[np.ndarray]:
     if cfg.path is None:
         raise DataError("data.path: required for data.source=jsonl")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    return tokenize_documents(read_jsonl_texts(cfg.path, cfg.text_field), tokenizer)
+    texts = read_jsonl_texts(cfg.path, cfg.text_field)  # validate the data before the slow part
+    return tokenize_documents(texts, load_tokenizer(cfg.tokenizer))
 
 
 SOURCES: dict[str, Callable[[DataConfig], list[np.ndarray]]] = {

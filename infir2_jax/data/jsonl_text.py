@@ -42,7 +42,10 @@ def load_tokenizer(path: str | None):
         raise DataError("data.tokenizer: a local tokenizer directory is required for jsonl data")
     if not Path(path).is_dir():
         raise DataError(f"data.tokenizer: {path}: tokenizer directory not found")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.tokenizer: {path}: cannot load a tokenizer ({e})") from None
 
 
 def tokenize_documents(texts: list[str], tokenizer) -> list[np.ndarray]:

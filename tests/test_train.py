@@ -1,0 +1,132 @@
+"""The training loop: the tiny default learns, resumes bit-for-bit, writes the run contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT
+
+import infir2_jax
+from infir2_jax.checkpoint.convert import orbax_to_hf
+from infir2_jax.config import ConfigError, load_config
+from infir2_jax.train import train
+
+# A short version of the tiny default: same model and data, fewer and smaller steps.
+SHORT = ["train.steps=12", "train.batch_size=4", "train.seq_len=64", "train.log_every=1",
+         "checkpoint.every=4", "optim.warmup_steps=3", "data.synthetic_documents=2000"]  # fmt: skip
+
+
+def _config(run_dir, *extra):
+    return load_config("tiny_cpt", [*SHORT, f"train.run_dir={run_dir}", *extra])
+
+
+def test_tiny_default_learns(tmp_path):
+    cfg = load_config("tiny_cpt", [f"train.run_dir={tmp_path}", "train.steps=60", "train.log_every=10"])
+    history = train(cfg, out=io.StringIO())
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert history[0]["step"] == 1 and history[-1]["step"] == 60
+    assert first > 5.0  # ~ln(257) at random init
+    assert last < 0.5 * first, (first, last)
+
+
+class _StopAtStep(io.StringIO):
+    """A console that raises once the run reports `step`, like a crash mid-run."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__()
+        self.marker = f"step {step:>{len(str(total))}}/{total}"
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.marker):
+            raise KeyboardInterrupt("simulated crash")
+        return super().write(text)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = train(_config(tmp_path / "full"), out=io.StringIO())
+
+    cfg = _config(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=_StopAtStep(7, 12))  # dies after step 6; last checkpoint is step 4
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["4"]
+    out = io.StringIO()
+    resumed = train(cfg, out=out)  # the same command again
+    assert "resumed from" in out.getvalue()
+    assert [m["step"] for m in resumed] == list(range(5, 13))
+
+    full_losses = {m["step"]: m["loss"] for m in full}
+    for m in resumed:
+        np.testing.assert_allclose(m["loss"], full_losses[m["step"]], rtol=1e-6)
+    # metrics.jsonl reads as one run: steps 1..12 once each, the crashed 5..6 replaced.
+    records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for r in records:
+        assert {"step", "loss", "grad_norm", "lr", "tokens_per_sec"} <= set(r)
+    # Running again once finished does nothing.
+    assert train(cfg, out=io.StringIO()) == []
+
+
+def test_run_directory_contract_and_checkpoint_export(tmp_path):
+    cfg = _config(tmp_path / "run", "train.steps=4")
+    train(cfg, out=io.StringIO())
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 4 and saved["model"]["vocab_size"] == 257
+    assert (run / "checkpoints" / "4").is_dir()
+
+    # A training run directory loads directly and exports to HF.
+    model = infir2_jax.from_pretrained(run, dtype="float32")
+    ids = jnp.asarray(np.arange(10)[None])
+    logits = np.asarray(model(ids))
+    orbax_to_hf(run, tmp_path / "hf", dtype="float32")
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        ref = hf(torch.tensor(np.arange(10)[None])).logits.numpy()
+    assert np.abs(logits - ref).max() < 1e-4
+
+    # Changing the model of an existing run is refused, naming the key.
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        train(_config(tmp_path / "run", "model.hidden_size=64"), out=io.StringIO())
+
+
+def test_init_from_hf_directory(tmp_path):
+    cfg = _config(tmp_path / "a", "train.steps=2")
+    train(cfg, out=io.StringIO())
+    orbax_to_hf(tmp_path / "a", tmp_path / "hf", dtype="float32")
+    cfg_b = _config(tmp_path / "b", "train.steps=3", f"train.init_from={tmp_path / 'hf'}")
+    history = train(cfg_b, out=io.StringIO())
+    scratch = train(_config(tmp_path / "c", "train.steps=1"), out=io.StringIO())
+    assert history[0]["loss"] < scratch[0]["loss"]  # starts from the trained weights
+
+
+def test_data_parallel_matches_single_device(tmp_path):
+    """8 fake CPU devices (batch split 8 ways) give the same losses as one device."""
+    script = (
+        "import io, sys, json\n"
+        "from infir2_jax.config import load_config\n"
+        "from infir2_jax.train import train\n"
+        f"cfg = load_config('tiny_cpt', {SHORT!r} + ['train.batch_size=8', 'train.steps=3', "
+        "'train.run_dir=' + sys.argv[1], 'parallel.data=' + sys.argv[2]])\n"
+        "print(json.dumps([m['loss'] for m in train(cfg, out=io.StringIO())]))\n"
+    )
+    losses = {}
+    for devices in (1, 8):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / str(devices)), str(devices)],
+            capture_output=True, text=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[devices] = json.loads(r.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
