@@ -1,6 +1,6 @@
 """Hugging Face Qwen2 directory -> Orbax model checkpoint.
 
-    python converters/hf_to_orbax.py --hf-dir Qwen2.5-7B --out ckpt/qwen2.5-7b [--dtype auto]
+python converters/hf_to_orbax.py --hf-dir Qwen2.5-7B --out ckpt/qwen2.5-7b [--dtype auto]
 """
 
 import argparse
@@ -13,7 +13,9 @@ from infir2_jax.checkpoint.hf_io import CheckpointError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hf-dir", required=True, help="HF directory: config.json + safetensors")
     parser.add_argument("--out", required=True, help="new Orbax checkpoint directory")
     parser.add_argument(

@@ -15,7 +15,9 @@ from infir2_jax.checkpoint.hf_io import CheckpointError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint or run directory")
     parser.add_argument("--out", required=True, help="new HF directory")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

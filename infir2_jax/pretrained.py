@@ -25,6 +25,25 @@ def model_from_params(cfg: ModelConfig, params: Mapping[ParamPath, Any]) -> Qwen
     return nnx.merge(graphdef, state)
 
 
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of an HF directory or an Orbax checkpoint / run directory."""
+    path = Path(path)
+    return read_hf_config(path) if _is_hf_dir(path) else read_model_config(path)
+
+
+def load_params(path: str | os.PathLike, cfg: ModelConfig) -> Mapping[ParamPath, Any]:
+    """Flat parameters from an HF directory or Orbax checkpoint, checked against `cfg` and
+    stored in `cfg.param_dtype`."""
+    path = Path(path)
+    if _is_hf_dir(path):
+        return read_hf_params(path, cfg, dtype=cfg.param_dtype)
+    return restore_params(path, cfg, dtype=cfg.param_dtype)
+
+
 def from_pretrained(
     path: str | os.PathLike, dtype: str = "bfloat16", **config_overrides: Any
 ) -> Qwen2:
@@ -34,12 +53,5 @@ def from_pretrained(
     Returns `m` with `m(input_ids) -> logits` [batch, seq, vocab]. `config_overrides` replace
     ModelConfig fields (e.g. `remat="none"`, `attention_impl="cudnn"`).
     """
-    overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
-    path = Path(path)
-    if (path / "config.json").is_file():
-        cfg = read_hf_config(path, **overrides)
-        params: Mapping[ParamPath, Any] = read_hf_params(path, cfg, dtype=cfg.param_dtype)
-    else:
-        cfg = read_model_config(path).replace(**overrides)
-        params = restore_params(path, cfg, dtype=cfg.param_dtype)
-    return model_from_params(cfg, params)
+    cfg = read_config(path).replace(dtype=dtype, param_dtype=dtype, **config_overrides)
+    return model_from_params(cfg, load_params(path, cfg))

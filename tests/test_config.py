@@ -7,14 +7,20 @@ import sys
 
 import jax
 import pytest
+import yaml
 from conftest import ROOT
 from flax import nnx
 
-from infir2_jax.config import CONFIG_DIR, ConfigError, OptimConfig, dump_config, load_config, parse_config
+from infir2_jax.config import (
+    CONFIG_DIR,
+    ConfigError,
+    OptimConfig,
+    dump_config,
+    load_config,
+    parse_config,
+)
 from infir2_jax.model import Qwen2
 from infir2_jax.train.optimizer import learning_rate_schedule
-
-import yaml
 
 
 def test_all_configs_parse_and_round_trip():

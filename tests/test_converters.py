@@ -66,8 +66,18 @@ def test_round_trip_is_bit_exact_in_float32(tmp_path, tied):
 
 def test_bfloat16_export_loads_in_transformers(tmp_path):
     hf = make_hf_model(tmp_path / "hf")
-    assert _convert("hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ob")).returncode == 0
-    assert _convert("orbax_to_hf.py", "--checkpoint", str(tmp_path / "ob"), "--out", str(tmp_path / "bf")).returncode == 0
+    assert (
+        _convert(
+            "hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ob")
+        ).returncode
+        == 0
+    )
+    assert (
+        _convert(
+            "orbax_to_hf.py", "--checkpoint", str(tmp_path / "ob"), "--out", str(tmp_path / "bf")
+        ).returncode
+        == 0
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf")
     assert model.dtype == torch.bfloat16
     ids = torch.tensor([[1, 5, 9, 200]])
@@ -117,13 +127,20 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
 
 def test_orbax_checkpoint_with_wrong_shape_is_named(tmp_path):
     make_hf_model(tmp_path / "hf")
-    assert _convert("hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ob")).returncode == 0
+    assert (
+        _convert(
+            "hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ob")
+        ).returncode
+        == 0
+    )
     # Corrupt the stored model config so it disagrees with the stored tensors.
     config_file = next((tmp_path / "ob" / "model_config").glob("*"))
     config = json.loads(config_file.read_text())
     config["intermediate_size"] = 128
     config_file.write_text(json.dumps(config))
-    r = _convert("orbax_to_hf.py", "--checkpoint", str(tmp_path / "ob"), "--out", str(tmp_path / "o"))
+    r = _convert(
+        "orbax_to_hf.py", "--checkpoint", str(tmp_path / "ob"), "--out", str(tmp_path / "o")
+    )
     assert r.returncode != 0
     assert "layers/mlp/down_proj/kernel" in r.stderr and "(2, 100, 60)" in r.stderr
     assert not (tmp_path / "o").exists()
@@ -136,9 +153,16 @@ def test_existing_output_is_never_overwritten(tmp_path):
     r = _convert("hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ob"))
     assert r.returncode != 0 and "refusing to overwrite" in r.stderr
     assert (tmp_path / "ob" / "keep.txt").read_text() == "precious"
-    assert _convert("hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "o2")).returncode == 0
+    assert (
+        _convert(
+            "hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "o2")
+        ).returncode
+        == 0
+    )
     (tmp_path / "hf_out").mkdir()
     (tmp_path / "hf_out" / "x").write_text("1")
-    r = _convert("orbax_to_hf.py", "--checkpoint", str(tmp_path / "o2"), "--out", str(tmp_path / "hf_out"))
+    r = _convert(
+        "orbax_to_hf.py", "--checkpoint", str(tmp_path / "o2"), "--out", str(tmp_path / "hf_out")
+    )
     assert r.returncode != 0 and "refusing to overwrite" in r.stderr
     assert sorted(p.name for p in (tmp_path / "hf_out").iterdir()) == ["x"]

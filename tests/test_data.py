@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
 
 from infir2_jax.config import DataConfig
@@ -33,7 +32,7 @@ def test_packing_keeps_every_token_and_marks_documents():
 
 def test_synthetic_corpus_is_deterministic_text():
     a, b = arithmetic_documents(5, seed=3), arithmetic_documents(5, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert all(d[-1] == EOS_ID for d in a)
     text = decode(a[0])
     lhs, rhs = text.splitlines()[0].split(" = ")

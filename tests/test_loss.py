@@ -30,9 +30,11 @@ def test_chunked_matches_full(chunk):
     np.testing.assert_allclose(total, ref_total, rtol=1e-5)
     assert count == ref_count
 
-    grad = jax.grad(lambda h, w: chunked_cross_entropy(h, w, labels, mask, chunk_size=chunk)[0], (0, 1))
+    grad = jax.grad(
+        lambda h, w: chunked_cross_entropy(h, w, labels, mask, chunk_size=chunk)[0], (0, 1)
+    )
     ref_grad = jax.grad(lambda h, w: _reference(h, w, labels, mask)[0], (0, 1))
-    for got, want in zip(grad(hidden, unembed), ref_grad(hidden, unembed)):
+    for got, want in zip(grad(hidden, unembed), ref_grad(hidden, unembed), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -65,7 +65,9 @@ def test_packed_batch_equals_separate_sequences(tmp_path):
     packed = np.concatenate(docs)[None]
     segment_ids = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])[None]
     positions = np.concatenate([np.arange(len(d)) for d in docs])[None]
-    logits = np.asarray(model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segment_ids)))
+    logits = np.asarray(
+        model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segment_ids))
+    )
 
     start = 0
     for doc in docs:

@@ -29,7 +29,9 @@ def _config(run_dir, *extra):
 
 
 def test_tiny_default_learns(tmp_path):
-    cfg = load_config("tiny_cpt", [f"train.run_dir={tmp_path}", "train.steps=60", "train.log_every=10"])
+    cfg = load_config(
+        "tiny_cpt", [f"train.run_dir={tmp_path}", "train.steps=60", "train.log_every=10"]
+    )
     history = train(cfg, out=io.StringIO())
     first, last = history[0]["loss"], history[-1]["loss"]
     assert history[0]["step"] == 1 and history[-1]["step"] == 60
@@ -66,7 +68,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     for m in resumed:
         np.testing.assert_allclose(m["loss"], full_losses[m["step"]], rtol=1e-6)
     # metrics.jsonl reads as one run: steps 1..12 once each, the crashed 5..6 replaced.
-    records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records] == list(range(1, 13))
     for r in records:
         assert {"step", "loss", "grad_norm", "lr", "tokens_per_sec"} <= set(r)
@@ -87,8 +91,8 @@ def test_run_directory_contract_and_checkpoint_export(tmp_path):
     ids = jnp.asarray(np.arange(10)[None])
     logits = np.asarray(model(ids))
     orbax_to_hf(run, tmp_path / "hf", dtype="float32")
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     with torch.no_grad():

@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from infir2_jax.checkpoint.hf_io import hf_weight_map, read_hf_config, read_hf_params, write_hf_checkpoint
+from infir2_jax.checkpoint.hf_io import (
+    hf_weight_map,
+    read_hf_config,
+    read_hf_params,
+    write_hf_checkpoint,
+)
 from infir2_jax.checkpoint.orbax_io import read_model_config, restore_params, save_model_checkpoint
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -23,7 +28,9 @@ def stored_hf_dtype(hf_dir: str | os.PathLike) -> np.dtype:
     with safe_open(file, framework="numpy") as f:
         stored = f.get_slice(name).get_dtype()
     if stored not in _SAFETENSORS_DTYPES:
-        raise ValueError(f"{file}: {name} is stored as {stored}; expected one of {list(_SAFETENSORS_DTYPES)}")
+        raise ValueError(
+            f"{file}: {name} is stored as {stored}; expected one of {list(_SAFETENSORS_DTYPES)}"
+        )
     return np.dtype(_SAFETENSORS_DTYPES[stored])
 
 

@@ -66,7 +66,7 @@ def hf_weight_map(hf_dir: str | os.PathLike) -> dict[str, Path]:
     single = hf_dir / "model.safetensors"
     if single.is_file():
         with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     raise FileNotFoundError(
         f"{hf_dir}: no {SAFETENSORS_INDEX} or model.safetensors (only safetensors are supported)"
     )
@@ -83,7 +83,9 @@ def read_hf_params(
     dtype = np.dtype(dtype)
     shapes = check_rules_cover_model(cfg)
     weight_map = hf_weight_map(hf_dir)
-    rules = {name: (rule, i) for rule in active_rules(cfg) for i, name in enumerate(rule.hf_names(cfg))}
+    rules = {
+        name: (rule, i) for rule in active_rules(cfg) for i, name in enumerate(rule.hf_names(cfg))
+    }
 
     missing = sorted(set(rules) - set(weight_map))
     if missing:

@@ -7,7 +7,12 @@ from collections.abc import Callable
 import numpy as np
 
 from infir2_jax.config import DataConfig
-from infir2_jax.data.jsonl_text import DataError, load_tokenizer, read_jsonl_texts, tokenize_documents
+from infir2_jax.data.jsonl_text import (
+    DataError,
+    load_tokenizer,
+    read_jsonl_texts,
+    tokenize_documents,
+)
 from infir2_jax.data.packing import PackedRows, pack_documents
 from infir2_jax.data.synthetic import arithmetic_documents
 
@@ -35,13 +40,17 @@ class PackedDataset:
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int):
         if len(rows) < batch_size:
-            raise DataError(f"dataset has {len(rows)} packed rows, fewer than one batch ({batch_size})")
+            raise DataError(
+                f"dataset has {len(rows)} packed rows, fewer than one batch ({batch_size})"
+            )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self._order: dict[int, np.ndarray] = {}
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch not in self._order:
-            self._order = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
+            self._order = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            }
         return self._order[epoch]
 
     def row_indices(self, step: int) -> np.ndarray:
@@ -53,7 +62,9 @@ class PackedDataset:
         return self.rows.batch(self.row_indices(step))
 
 
-def build_dataset(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, vocab_size: int) -> PackedDataset:
+def build_dataset(
+    cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, vocab_size: int
+) -> PackedDataset:
     documents = SOURCES[cfg.source](cfg)
     top = max(int(d.max()) for d in documents if len(d))
     if top >= vocab_size:

@@ -6,6 +6,17 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+# Fields that fix the parameter shapes (the rest are numerics and execution choices).
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "tie_embeddings",
+)
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 
@@ -55,6 +66,13 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def architecture_mismatch(self, other: ModelConfig) -> str | None:
+        """The first field that makes `other`'s weights unusable here, or None."""
+        for name in ARCHITECTURE_FIELDS:
+            if getattr(self, name) != getattr(other, name):
+                return name
+        return None
 
     @property
     def num_params(self) -> int:

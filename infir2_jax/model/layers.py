@@ -1,7 +1,7 @@
 """Basic layers: Linear (with an injectable dot_general), Embedding, RMSNorm.
 
-Every parameter carries logical axis names (`out_sharding` metadata); mapping them to mesh axes is the
-job of a rules table outside the model, so model code never names a mesh axis.
+Every parameter carries logical axis names (`out_sharding` metadata); mapping them to mesh
+axes is the job of a rules table outside the model, so model code never names a mesh axis.
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ class Qwen2(nnx.Module):
             return DecoderLayer(cfg, rngs=rngs, dot_general=dot_general)
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
         self.lm_head = (
             None
             if cfg.tie_embeddings

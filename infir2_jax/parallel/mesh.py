@@ -21,7 +21,8 @@ def mesh_shape(cfg: ParallelConfig, num_devices: int) -> tuple[int, ...]:
     if sizes.count(-1) > 1:
         raise ConfigError("parallel: at most one of data/fsdp/tensor/context may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(f"parallel: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        given = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ConfigError(f"parallel: sizes must be positive or -1, got {given}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
@@ -32,7 +33,7 @@ def mesh_shape(cfg: ParallelConfig, num_devices: int) -> tuple[int, ...]:
             f"parallel: data×fsdp×tensor×context = {int(np.prod(sizes))}, "
             f"but there are {num_devices} devices"
         )
-    for axis, size in zip(MESH_AXES[1:], sizes[1:]):
+    for axis, size in zip(MESH_AXES[1:], sizes[1:], strict=True):
         if size > 1:
             raise ConfigError(
                 f"parallel.{axis}={size}: not supported yet (needs the logical sharding rules); "

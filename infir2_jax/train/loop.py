@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
@@ -12,17 +11,17 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 import yaml
+from flax import traverse_util
 
-from infir2_jax.checkpoint import read_hf_config, read_hf_params, read_model_config, restore_params
-from infir2_jax.config import ConfigError, RunConfig, dump_config
+from infir2_jax.config import ConfigError, RunConfig, dump_config, parse_config
 from infir2_jax.data import build_dataset
 from infir2_jax.parallel import batch_sharding, make_mesh, replicated
+from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.state import (
     Params,
-    TrainState,
     init_params,
     init_state,
     make_train_step,
@@ -33,17 +32,16 @@ log = logging.getLogger("infir2_jax.train")
 
 
 def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
-    """Saves the resolved config; a resumed run must not change the model it continues."""
+    """Saves the resolved config; a resumed run must keep the architecture it continues."""
     path = run_dir / "config.yaml"
     if path.exists():
-        previous = (yaml.safe_load(path.read_text()) or {}).get("model", {})
-        current = dataclasses.asdict(cfg.model)
-        changed = sorted(k for k in current.keys() | previous.keys() if previous.get(k) != current.get(k))
-        if changed:
+        previous = parse_config(yaml.safe_load(path.read_text())).model
+        mismatch = cfg.model.architecture_mismatch(previous)
+        if mismatch:
             raise ConfigError(
-                f"{path}: this run directory was trained with a different model "
-                f"(model.{changed[0]}: {previous.get(changed[0])!r} -> {current.get(changed[0])!r}); "
-                "use a new train.run_dir"
+                f"{path}: this run directory holds a model with {mismatch}="
+                f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
+                f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
             )
     path.write_text(dump_config(cfg))
 
@@ -52,22 +50,13 @@ def _initial_params(cfg: RunConfig) -> Params:
     source = cfg.train.init_from
     if source is None:
         return init_params(cfg.model, cfg.train.seed)
-    if (Path(source) / "config.json").is_file():
-        src_cfg = read_hf_config(source)
-        flat = read_hf_params(source, cfg.model, dtype=cfg.model.param_dtype)
-    else:
-        src_cfg = read_model_config(source)
-        flat = restore_params(source, cfg.model, dtype=cfg.model.param_dtype)
-    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "tie_embeddings")
-    for name in shape_fields:
-        if getattr(src_cfg, name) != getattr(cfg.model, name):
-            raise ConfigError(
-                f"train.init_from: {source} has {name}={getattr(src_cfg, name)}, "
-                f"but model.{name}={getattr(cfg.model, name)}"
-            )
-    from flax import traverse_util
-
-    return traverse_util.unflatten_dict(dict(flat))
+    mismatch = cfg.model.architecture_mismatch(read_config(source))
+    if mismatch:
+        raise ConfigError(
+            f"train.init_from: {source} has a different {mismatch} than model.{mismatch}="
+            f"{getattr(cfg.model, mismatch)}"
+        )
+    return traverse_util.unflatten_dict(dict(load_params(source, cfg.model)))
 
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:

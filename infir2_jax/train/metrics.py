@@ -36,7 +36,7 @@ class MetricsLogger:
                 if line.strip() and json.loads(line)["step"] <= resume_step
             ]
             path.write_text("".join(f"{line}\n" for line in kept))
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115 (open for the whole run)
         self._start_step = resume_step
         self._start_time: float | None = None
 

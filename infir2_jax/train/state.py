@@ -34,7 +34,9 @@ def init_params(cfg: ModelConfig, seed: int) -> Params:
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
 
 
 def make_train_step(
