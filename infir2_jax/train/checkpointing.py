@@ -9,8 +9,9 @@ complete, so a crash or kill mid-save leaves the previous checkpoint as the late
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from infir2_jax.checkpoint.orbax_io import MODEL_CONFIG, PARAMS, model_config_to_json
@@ -54,8 +55,8 @@ class TrainCheckpointer:
             force=True,
         )
 
-    def restore(self, step: int, abstract_state: Any) -> TrainState:
-        """Restores into the shapes, dtypes and shardings of `abstract_state`."""
+    def restore(self, step: int, abstract_state: TrainState) -> TrainState:
+        """Restores step `step` into the shapes, dtypes and shardings of `abstract_state`."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -68,9 +69,8 @@ class TrainCheckpointer:
         )
         if restored[META]["step"] != step:
             raise ValueError(f"checkpoint {step}: meta says step {restored[META]['step']}")
-        return abstract_state.replace(
-            step=abstract_state.step, params=restored[PARAMS], opt_state=restored[OPT_STATE]
-        )
+        step_array = jax.device_put(np.int32(step), abstract_state.step.sharding)
+        return TrainState(step=step_array, params=restored[PARAMS], opt_state=restored[OPT_STATE])
 
     def close(self) -> None:
         self._manager.wait_until_finished()

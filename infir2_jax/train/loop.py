@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import numpy as np
 import yaml
 from flax import traverse_util
 
@@ -82,9 +81,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef = model_graphdef(cfg.model)
 
-    state_sharding_of = lambda tree: jax.tree.map(lambda _: replicated(mesh), tree)  # noqa: E731
     abstract = jax.eval_shape(lambda: init_state(init_params(cfg.model, cfg.train.seed), optimizer))
-    state_sharding = state_sharding_of(abstract)
+    state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)  # parameters replicated
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
     )
@@ -93,7 +91,6 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     start = checkpointer.latest_step()
     if start is not None:
         state = checkpointer.restore(start, abstract)
-        state = state.replace(step=jax.device_put(np.int32(start), replicated(mesh)))
         print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
     else:
         start = 0
