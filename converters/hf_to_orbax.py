@@ -6,10 +6,9 @@ python converters/hf_to_orbax.py --hf-dir Qwen2.5-7B --out ckpt/qwen2.5-7b [--dt
 import argparse
 import sys
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 
 from infir2_jax.checkpoint.convert import hf_to_orbax
-from infir2_jax.checkpoint.hf_io import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -25,13 +24,7 @@ def main(argv=None) -> int:
         help="stored parameter dtype (auto: as in the HF files)",
     )
     args = parser.parse_args(argv)
-    try:
-        out = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return _bootstrap.run(lambda: hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype))
 
 
 if __name__ == "__main__":

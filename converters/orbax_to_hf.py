@@ -8,10 +8,9 @@
 import argparse
 import sys
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 
 from infir2_jax.checkpoint.convert import orbax_to_hf
-from infir2_jax.checkpoint.hf_io import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -27,19 +26,15 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
     args = parser.parse_args(argv)
-    try:
-        out = orbax_to_hf(
+    return _bootstrap.run(
+        lambda: orbax_to_hf(
             args.checkpoint,
             args.out,
             dtype=args.dtype,
             copy_files_from=args.tokenizer_dir,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),
         )
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    )
 
 
 if __name__ == "__main__":

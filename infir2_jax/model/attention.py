@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from infir2_jax.model.config import ModelConfig
-from infir2_jax.model.layers import DotGeneral, Linear
+from infir2_jax.model.layers import DotGeneral, Linear, projection_options
 from infir2_jax.model.rope import apply_rope
 
 
@@ -21,13 +20,7 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dot_general: DotGeneral):
-        dims = dict(
-            init_std=cfg.init_std,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            rngs=rngs,
-            dot_general=dot_general,
-        )
+        dims = projection_options(cfg, rngs, dot_general)
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         d = cfg.hidden_size
         self.q_proj = Linear(d, q_width, axes=("embed", "heads"), use_bias=True, **dims)

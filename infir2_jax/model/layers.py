@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infir2_jax.model.config import ModelConfig
+
 # `lax.dot_general` or a drop-in replacement (an FP8 recipe injects its own).
 DotGeneral = Callable[..., jax.Array]
 Axes = tuple[str, ...]
@@ -22,6 +24,17 @@ def param(value: jax.Array, axes: Axes) -> nnx.Param:
     if len(axes) != value.ndim:
         raise ValueError(f"axes {axes} do not match parameter shape {value.shape}")
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def projection_options(cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral) -> dict:
+    """The Linear keyword arguments every projection of a decoder layer shares."""
+    return dict(
+        init_std=cfg.init_std,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
+        dot_general=dot_general,
+    )
 
 
 class Linear(nnx.Module):

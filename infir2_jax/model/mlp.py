@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from infir2_jax.model.config import ModelConfig
-from infir2_jax.model.layers import DotGeneral, Linear
+from infir2_jax.model.layers import DotGeneral, Linear, projection_options
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dot_general: DotGeneral):
-        dims = dict(
-            init_std=cfg.init_std,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            rngs=rngs,
-            dot_general=dot_general,
-        )
+        dims = projection_options(cfg, rngs, dot_general)
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **dims)
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **dims)
