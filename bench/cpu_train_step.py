@@ -26,9 +26,10 @@ from flax import traverse_util  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from infir2_jax.config import OptimConfig  # noqa: E402
+from infir2_jax.fp8 import Gemm  # noqa: E402
 from infir2_jax.pretrained import load_params, read_config  # noqa: E402
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from infir2_jax.train.state import init_state, make_train_step, model_graphdef  # noqa: E402
+from infir2_jax.train.state import init_state, make_train_step, split_model  # noqa: E402
 
 
 def _median_step(run_step, steps: int, warmup: int = 2) -> float:
@@ -75,10 +76,10 @@ def main() -> None:
     params = traverse_util.unflatten_dict(dict(load_params(directory, cfg)))
     optimizer = make_optimizer(optim, 1000)
     step_fn = jax.jit(
-        make_train_step(model_graphdef(cfg), optimizer, learning_rate_schedule(optim, 1000)),
+        make_train_step(split_model(cfg, Gemm()), optimizer, learning_rate_schedule(optim, 1000)),
         donate_argnums=0,
     )
-    state = init_state(params, optimizer)
+    state = init_state(params, {}, optimizer)
     batch = {
         "input_ids": tokens[:, :-1],
         "labels": tokens[:, 1:],

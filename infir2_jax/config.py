@@ -34,6 +34,8 @@ class TrainConfig:
     seq_len: int
     seed: int = 0
     log_every: int = 1
+    # Gradient accumulation: the batch is processed in this many slices per optimizer step.
+    micro_batches: int = 1
     # Initialise parameters from an HF directory or Orbax checkpoint instead of randomly.
     init_from: str | None = None
 
@@ -86,7 +88,23 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FP8Config:
-    recipe: Literal["none"] = "none"
+    """FP8 for the seven projection GEMMs (q, k, v, o, gate, up, down) in fprop, dgrad, wgrad.
+
+    recipe: none | delayed | current | rowwise | blockwise | te_delayed | te_current.
+    format: "hybrid" (E4M3 forward, E5M2 gradients) or "e4m3" (everywhere); unset means the
+    recipe's default (hybrid; e4m3 for blockwise, as InfiR2).
+    """
+
+    recipe: Literal[
+        "none", "delayed", "current", "rowwise", "blockwise", "te_delayed", "te_current"
+    ] = "none"
+    format: Literal["hybrid", "e4m3"] | None = None
+    amax_history: int = 1024  # delayed: steps of amax history; scale from its max
+    margin: int = 0  # scales × 2^margin (headroom), per TE
+    block_size: int = 128  # blockwise: 1×B activation/gradient tiles, B×B weight blocks
+    power_of_two_scales: bool = True  # blockwise: round scales up to powers of two
+    bf16_layers: tuple[int, ...] = ()  # decoder layers kept in BF16, e.g. [0, -1]
+    max_uses: int = 2  # delayed: applications of one layer per step (probe rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +128,16 @@ class RunConfig:
     parallel: ParallelConfig = ParallelConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML-safe values (tuples become lists)."""
+        return _yaml_safe(dataclasses.asdict(self))
+
+
+def _yaml_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_yaml_safe(v) for v in value]
+    return value
 
 
 def _parse_value(tp: Any, value: Any, key: str) -> Any:
@@ -133,6 +160,11 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value
+    if origin is tuple:
+        (item, *rest) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_parse_value(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is ModelConfig:  # a preset name plus field overrides
         return _parse_model(value)
     if dataclasses.is_dataclass(tp):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,32 @@ def read_hf_params(
     return params
 
 
-def _fresh_output_dir(out_dir: Path) -> None:
+def check_fresh_output_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: already exists and is not empty; refusing to overwrite")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory that becomes `out_dir` only if the body succeeds;
+    an existing non-empty `out_dir` is refused, a failed write leaves nothing behind."""
+    check_fresh_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
 
 
 def write_hf_checkpoint(
@@ -148,7 +172,7 @@ def write_hf_checkpoint(
     (written under a temporary name, then renamed), and an existing one is never overwritten.
     """
     out_dir = Path(out_dir)
-    _fresh_output_dir(out_dir)
+    check_fresh_output_dir(out_dir)
     np_dtype = np.dtype(dtype)
     shapes = check_rules_cover_model(cfg)
     for path, shape in shapes.items():
@@ -169,9 +193,7 @@ def write_hf_checkpoint(
     n = len(sizes)
     file_name = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         shard: dict[str, np.ndarray] = {}
         current = 0
         for name, tensor in to_hf_tensors(params, cfg, np_dtype):
@@ -185,19 +207,7 @@ def write_hf_checkpoint(
             "weight_map": {name: file_name[i] for name, i in shard_of.items()},
         }
         (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
-        torch_dtype = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}[
-            np_dtype.name
-        ]
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, torch_dtype), indent=2))
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, np_dtype.name), indent=2))
         if copy_files_from is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(copy_files_from) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            copy_tokenizer_files(copy_files_from, tmp)
     return out_dir

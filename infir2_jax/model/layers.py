@@ -6,17 +6,15 @@ axes is the job of a rules table outside the model, so model code never names a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infir2_jax.fp8.recipes import Gemm
 from infir2_jax.model.config import ModelConfig
 
-# `lax.dot_general` or a drop-in replacement (an FP8 recipe injects its own).
-DotGeneral = Callable[..., jax.Array]
 Axes = tuple[str, ...]
+BF16 = Gemm()
 
 
 def param(value: jax.Array, axes: Axes) -> nnx.Param:
@@ -26,19 +24,24 @@ def param(value: jax.Array, axes: Axes) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def projection_options(cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral) -> dict:
+def projection_options(cfg: ModelConfig, rngs: nnx.Rngs, gemm: Gemm) -> dict:
     """The Linear keyword arguments every projection of a decoder layer shares."""
     return dict(
         init_std=cfg.init_std,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         rngs=rngs,
-        dot_general=dot_general,
+        gemm=gemm,
     )
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias). kernel is [in, out] (HF's `weight` transposed)."""
+    """y = x @ kernel (+ bias). kernel is [in, out] (HF's `weight` transposed).
+
+    The matmul is the injected `gemm` policy (BF16, or an FP8 recipe from `infir2_jax.fp8`);
+    a stateful recipe (delayed scaling) keeps its per-GEMM state here as non-parameter
+    variables. Each application within one traced step uses its own probe row (`_uses`).
+    """
 
     def __init__(
         self,
@@ -51,18 +54,30 @@ class Linear(nnx.Module):
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
-        dot_general: DotGeneral = jax.lax.dot_general,
+        gemm: Gemm = BF16,
     ):
         init = jax.nn.initializers.normal(init_std)
         self.kernel = param(init(rngs.params(), (in_features, out_features), param_dtype), axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
         self.dtype = dtype
-        self.dot_general = dot_general
+        self.gemm = gemm
+        state = gemm.init_state()
+        self.fp8_history = state.get("fp8_history")
+        self.fp8_probe = state.get("fp8_probe")
+        self._uses = 0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)
-        contract = (((x.ndim - 1,), (0,)), ((), ()))
-        y = self.dot_general(x, self.kernel[...].astype(self.dtype), contract)
+    def __call__(self, x: jax.Array, fp8_enabled: jax.Array | None = None) -> jax.Array:
+        lead, width = x.shape[:-1], x.shape[-1]
+        x2d = x.reshape(-1, width).astype(self.dtype)  # [tokens, in]
+        state = {}
+        if self.fp8_history is not None:
+            state = {"fp8_history": self.fp8_history[...], "fp8_probe": self.fp8_probe[...]}
+        use = self._uses
+        if self.gemm.stateful:
+            self._uses += 1
+        kernel = self.kernel[...].astype(self.dtype)
+        y = self.gemm(x2d, kernel, state, use=use, enabled=fp8_enabled)
+        y = y.reshape(*lead, kernel.shape[1])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infir2_jax.fp8.recipes import Gemm
 from infir2_jax.model.attention import Attention
 from infir2_jax.model.config import ModelConfig
-from infir2_jax.model.layers import DotGeneral, Embedding, Linear, RMSNorm
+from infir2_jax.model.layers import BF16, Embedding, Linear, RMSNorm
 from infir2_jax.model.loss import chunked_cross_entropy
 from infir2_jax.model.mlp import MLP
 from infir2_jax.model.rope import rope_tables
@@ -23,18 +24,22 @@ _REMAT_POLICIES = {
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)). Names mirror HF's."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dot_general: DotGeneral):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, gemm: Gemm):
         norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, rngs=rngs, dot_general=dot_general)
+        self.self_attn = Attention(cfg, rngs=rngs, gemm=gemm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg, rngs=rngs, dot_general=dot_general)
+        self.mlp = MLP(cfg, rngs=rngs, gemm=gemm)
 
     def __call__(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        segment_ids: jax.Array,
+        fp8_enabled: jax.Array | None = None,
     ) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids, fp8_enabled)
+        return x + self.mlp(self.post_attention_layernorm(x), fp8_enabled)
 
 
 class Qwen2(nnx.Module):
@@ -49,9 +54,12 @@ class Qwen2(nnx.Module):
         cfg: ModelConfig,
         *,
         rngs: nnx.Rngs,
-        dot_general: DotGeneral = jax.lax.dot_general,
+        gemm: Gemm = BF16,
     ):
+        """`gemm`: the matmul policy of the seven projections of every decoder layer (an FP8
+        recipe from `infir2_jax.fp8.make_gemm`); embedding and lm_head always stay BF16."""
         self.config = cfg
+        self.fp8_layer_mask = gemm.layer_mask(cfg.num_layers)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed_tokens = Embedding(
             cfg.vocab_size,
@@ -65,7 +73,7 @@ class Qwen2(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, rngs=rngs, dot_general=dot_general)
+            return DecoderLayer(cfg, rngs=rngs, gemm=gemm)
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(
@@ -107,12 +115,15 @@ class Qwen2(nnx.Module):
 
         graphdef, stacked = nnx.split(self.layers)
 
-        def apply_layer(x: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer_state)(x, rope, segment_ids), None
+        def apply_layer(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+            layer_state, fp8_enabled = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, rope, segment_ids, fp8_enabled), None
 
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat])
-        x, _ = jax.lax.scan(apply_layer, x, stacked)
+        mask = self.fp8_layer_mask
+        x, _ = jax.lax.scan(apply_layer, x, (stacked, None if mask is None else jnp.asarray(mask)))
         return self.norm(x)
 
     def unembedding(self) -> jax.Array:

@@ -20,6 +20,7 @@ from infir2_jax.model import ModelConfig
 from infir2_jax.train.state import TrainState
 
 OPT_STATE = "opt_state"
+FP8_STATE = "fp8_state"  # only for stateful FP8 recipes (Orbax rejects empty items)
 META = "meta"
 
 
@@ -42,35 +43,35 @@ class TrainCheckpointer:
         if step % self._every and not force:
             return False
         # The cadence is decided here (Orbax's own interval logic also saves the first step).
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS: ocp.args.StandardSave(state.params),
-                    OPT_STATE: ocp.args.StandardSave(state.opt_state),
-                    MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(model_cfg)),
-                    META: ocp.args.JsonSave({"step": step}),
-                }
-            ),
-            force=True,
-        )
+        items = {
+            PARAMS: ocp.args.StandardSave(state.params),
+            OPT_STATE: ocp.args.StandardSave(state.opt_state),
+            MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(model_cfg)),
+            META: ocp.args.JsonSave({"step": step}),
+        }
+        if state.fp8:
+            items[FP8_STATE] = ocp.args.StandardSave(state.fp8)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: TrainState) -> TrainState:
         """Restores step `step` into the shapes, dtypes and shardings of `abstract_state`."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS: ocp.args.StandardRestore(abstract_state.params),
-                    OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
-                    META: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        items = {
+            PARAMS: ocp.args.StandardRestore(abstract_state.params),
+            OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
+            META: ocp.args.JsonRestore(),
+        }
+        if abstract_state.fp8:
+            items[FP8_STATE] = ocp.args.StandardRestore(abstract_state.fp8)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if restored[META]["step"] != step:
             raise ValueError(f"checkpoint {step}: meta says step {restored[META]['step']}")
         step_array = jax.device_put(np.int32(step), abstract_state.step.sharding)
-        return TrainState(step=step_array, params=restored[PARAMS], opt_state=restored[OPT_STATE])
+        return TrainState(
+            step=step_array,
+            params=restored[PARAMS],
+            opt_state=restored[OPT_STATE],
+            fp8=restored[FP8_STATE] if abstract_state.fp8 else {},
+        )
 
     def close(self) -> None:
         self._manager.wait_until_finished()

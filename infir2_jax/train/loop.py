@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from flax import traverse_util
 
 from infir2_jax.config import ConfigError, RunConfig, dump_config, parse_config
 from infir2_jax.data import build_dataset
+from infir2_jax.fp8 import make_gemm
 from infir2_jax.parallel import batch_sharding, make_mesh, replicated
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
@@ -24,10 +24,8 @@ from infir2_jax.train.state import (
     init_params,
     init_state,
     make_train_step,
-    model_graphdef,
+    split_model,
 )
-
-log = logging.getLogger("infir2_jax.train")
 
 
 def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -45,17 +43,19 @@ def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
     path.write_text(dump_config(cfg))
 
 
-def _initial_params(cfg: RunConfig) -> Params:
+def _initial_params(cfg: RunConfig, gemm) -> tuple[Params, dict]:
+    """(params, FP8 histories): random, or the weights of `train.init_from`."""
+    params, fp8 = init_params(cfg.model, cfg.train.seed, gemm)
     source = cfg.train.init_from
     if source is None:
-        return init_params(cfg.model, cfg.train.seed)
+        return params, fp8
     mismatch = cfg.model.architecture_mismatch(read_config(source))
     if mismatch:
         raise ConfigError(
             f"train.init_from: {source} has a different {mismatch} than model.{mismatch}="
             f"{getattr(cfg.model, mismatch)}"
         )
-    return traverse_util.unflatten_dict(dict(load_params(source, cfg.model)))
+    return traverse_util.unflatten_dict(dict(load_params(source, cfg.model))), fp8
 
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
@@ -65,11 +65,17 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     _write_run_config(run_dir, cfg)
 
     mesh = make_mesh(cfg.parallel)
-    if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % (data_parallel * cfg.train.micro_batches):
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} does not divide over "
-            f"{mesh.shape['data']} data-parallel devices"
+            f"train.batch_size={cfg.train.batch_size} does not split into "
+            f"train.micro_batches={cfg.train.micro_batches} × {data_parallel} data-parallel devices"
         )
+    try:
+        gemm = make_gemm(cfg.fp8)
+        gemm.layer_mask(cfg.model.num_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     dataset = build_dataset(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -79,9 +85,11 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     )
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef = model_graphdef(cfg.model)
+    parts = split_model(cfg.model, gemm)
 
-    abstract = jax.eval_shape(lambda: init_state(init_params(cfg.model, cfg.train.seed), optimizer))
+    abstract = jax.eval_shape(
+        lambda: init_state(*init_params(cfg.model, cfg.train.seed, gemm), optimizer)
+    )
     state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)  # parameters replicated
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
@@ -94,12 +102,15 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
     else:
         start = 0
-        params = _initial_params(cfg)
-        state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_sharding)(params)
+        params, fp8 = _initial_params(cfg, gemm)
+        state = jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=state_sharding)(
+            params, fp8
+        )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(
         f"model: {n_params:,} parameters | mesh {dict(mesh.shape)} | "
-        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} | steps {start}->{cfg.train.steps}",
+        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} | fp8 {cfg.fp8.recipe} | "
+        f"steps {start}->{cfg.train.steps}",
         file=out,
         flush=True,
     )
@@ -109,7 +120,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         return []
 
     step_fn = jax.jit(
-        make_train_step(graphdef, optimizer, schedule),
+        make_train_step(parts, optimizer, schedule, cfg.train.micro_batches),
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,

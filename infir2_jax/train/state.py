@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import nnx, struct, traverse_util
 
+from infir2_jax.fp8 import Fp8History, Fp8Probe, Gemm, roll_history
 from infir2_jax.model import ModelConfig, Qwen2
 
 Batch = dict[str, jax.Array]
@@ -21,51 +23,112 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Params
     opt_state: optax.OptState
+    fp8: dict[str, Any]  # delayed-scaling amax histories ({} for stateless recipes)
 
 
-def model_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
-    """The static structure of the model (no arrays), merged with params inside jit."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
-    return graphdef
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """The model split by role: structure, parameters, FP8 histories, FP8 probes."""
+
+    graphdef: nnx.GraphDef
+    params: Params  # abstract (ShapeDtypeStruct leaves)
+    fp8: dict[str, Any]
+    probes: dict[str, Any]
 
 
-def init_params(cfg: ModelConfig, seed: int) -> Params:
-    return nnx.to_pure_dict(nnx.state(Qwen2(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+def split_model(cfg: ModelConfig, gemm: Gemm) -> ModelParts:
+    """Abstract split of the model (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), gemm=gemm))
+    graphdef, params, fp8, probes = nnx.split(abstract, nnx.Param, Fp8History, Fp8Probe)
+    pure = [nnx.to_pure_dict(s) for s in (params, fp8, probes)]
+    return ModelParts(graphdef, *pure)
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+def init_params(cfg: ModelConfig, seed: int, gemm: Gemm) -> tuple[Params, dict[str, Any]]:
+    """Random parameters and zeroed FP8 histories."""
+    model = Qwen2(cfg, rngs=nnx.Rngs(seed), gemm=gemm)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(
+        nnx.state(model, Fp8History)
+    )
+
+
+def init_state(
+    params: Params, fp8: dict[str, Any], optimizer: optax.GradientTransformation
+) -> TrainState:
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), fp8=fp8
+    )
+
+
+def update_fp8_histories(fp8: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
+    """Rolls each GEMM's history with the amaxes its probe observed this step."""
+    if not fp8:
+        return fp8
+    histories = traverse_util.flatten_dict(fp8)
+    probes = traverse_util.flatten_dict(observed)
+    return traverse_util.unflatten_dict(
+        {path: roll_history(h, probes[(*path[:-1], "fp8_probe")]) for path, h in histories.items()}
     )
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef,
+    parts: ModelParts,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    micro_batches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    def loss_fn(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, params)
-        total, tokens = model.loss(
+    """The step: gradients summed over `micro_batches` slices of the batch (FP8 amaxes
+    max-combined), the loss normalised per token over the whole global batch, one optimizer
+    update, and one FP8 history update."""
+
+    def summed_loss(params: Params, probes: dict, fp8: dict, batch: Batch):
+        model = nnx.merge(parts.graphdef, params, fp8, probes)
+        return model.loss(
             batch["input_ids"],
             batch["labels"],
             batch["loss_mask"],
             batch["positions"],
             batch["segment_ids"],
         )
-        # Per-token mean over the whole global batch (the recipe's normalisation).
-        return total / jnp.maximum(tokens, 1.0), tokens
+
+    grad_fn = jax.value_and_grad(summed_loss, argnums=(0, 1), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
+
+        def accumulate(carry, micro_batch: Batch):
+            total, tokens, grads, observed = carry
+            (t, n), (g, o) = grad_fn(state.params, probes, state.fp8, micro_batch)
+            grads = jax.tree.map(jnp.add, grads, g)
+            observed = jax.tree.map(jnp.maximum, observed, o)  # amaxes combine by max
+            return (total + t, tokens + n, grads, observed), None
+
+        # Strided split (row j goes to micro-batch j % M): with the batch sharded over
+        # data-parallel devices, every device contributes to every micro-batch.
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(
+                0, 1
+            ),
+            batch,
+        )
+        zeros = jax.tree.map(jnp.zeros_like, (state.params, probes))
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), *zeros)
+        (total, tokens, grads, observed), _ = jax.lax.scan(accumulate, init, micro)
+        denom = jnp.maximum(tokens, 1.0)  # per-token mean over the global batch
+        grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            fp8=update_fp8_histories(state.fp8, observed),
+        )
         metrics = {
-            "loss": loss,
+            "loss": total / denom,
             "grad_norm": optax.tree.norm(grads),  # before clipping
             "lr": schedule(state.step),
             "loss_tokens": tokens,
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return new_state, metrics
 
     return train_step

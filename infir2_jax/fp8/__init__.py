@@ -1,0 +1,49 @@
+"""FP8 recipes: quantizers, scaled matmuls with custom VJPs, and the recipe registry."""
+
+from infir2_jax.fp8.dots import (
+    Fp8Spec,
+    blockwise_dot,
+    current_scaling_dot,
+    delayed_scaling_dot,
+    rowwise_dot,
+)
+from infir2_jax.fp8.quantize import (
+    E4M3,
+    E5M2,
+    Fp8Format,
+    dequantize_blocks,
+    finite_amax,
+    quantize_blocks,
+    scale_from_amax,
+)
+from infir2_jax.fp8.recipes import (
+    RECIPES,
+    DelayedGemm,
+    Fp8History,
+    Fp8Probe,
+    Gemm,
+    make_gemm,
+    roll_history,
+)
+
+__all__ = [
+    "E4M3",
+    "E5M2",
+    "RECIPES",
+    "DelayedGemm",
+    "Fp8Format",
+    "Fp8History",
+    "Fp8Probe",
+    "Fp8Spec",
+    "Gemm",
+    "blockwise_dot",
+    "current_scaling_dot",
+    "delayed_scaling_dot",
+    "dequantize_blocks",
+    "finite_amax",
+    "make_gemm",
+    "quantize_blocks",
+    "roll_history",
+    "rowwise_dot",
+    "scale_from_amax",
+]

@@ -1,0 +1,205 @@
+"""Scaled FP8 matmuls y = x @ w with custom VJPs: fprop, dgrad and wgrad all in FP8.
+
+x: [tokens, in], w: [in, out] (callers flatten leading dims). The three GEMMs:
+  fprop  y  = x · w        (contract `in`)
+  dgrad  dx = g · wᵀ       (contract `out`)
+  wgrad  dw = xᵀ · g       (contract `tokens`)
+An operand's scale may vary only along dimensions that are not contracted, so a scaled
+product factors as  (q_a · q_b) ⊙ (s_a ⊗ s_b): one FP8 dot with unit scales, then an FP32
+rescale. That is what XLA maps to a cuBLASLt FP8 GEMM on Hopper (per-tensor scales fold into
+the GEMM's alpha; row/column scales are an epilogue multiply).
+
+Per-tensor (`current`, `delayed`) and `rowwise` really run `dot_general(f8, f8)`.
+`blockwise` (InfiR2's 1×128 / 128×128) is an emulation: its scales vary along the
+contracted dimension, which no XLA GEMM supports on Hopper, so it quantizes, dequantizes to
+FP32 and runs an FP32 dot — the same arithmetic as a blockwise kernel with FP32 accumulation,
+not its speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from infir2_jax.fp8.quantize import (
+    Fp8Format,
+    dequantize_blocks,
+    finite_amax,
+    quantize_blocks,
+    quantize_with_scale,
+    scale_from_amax,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Spec:
+    """Static numerics of one recipe (hashable: a `nondiff_argnums` argument)."""
+
+    fwd: Fp8Format  # activations and weights
+    bwd: Fp8Format  # output gradients
+    margin: int = 0
+    power_of_two: bool = False
+    block: int = 128  # blockwise: 1×block tiles, block×block weight blocks
+
+
+def _f8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """dot_general of two FP8 operands with FP32 output (unit scales)."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _f32_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(
+        a, b, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+
+
+def _dtype_token(x: jax.Array) -> jax.Array:
+    """A zero-size array carrying x's dtype through custom_vjp residuals."""
+    return jnp.zeros((0,), x.dtype)
+
+
+# --------------------------------------------------------------------------- per-tensor
+def _per_tensor_fwd(x, w, sx, sw, spec: Fp8Spec):
+    qx = quantize_with_scale(x, sx, spec.fwd)
+    qw = quantize_with_scale(w, sw, spec.fwd)
+    y = (_f8_dot(qx, qw, (1, 0)) * (sx * sw)).astype(x.dtype)
+    return y, (qx, qw)
+
+
+def _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec: Fp8Spec, x_dtype, w_dtype):
+    qg = quantize_with_scale(g, sg, spec.bwd)
+    dx = (_f8_dot(qg, qw, (1, 1)) * (sg * sw)).astype(x_dtype)
+    dw = (_f8_dot(qx, qg, (0, 0)) * (sx * sg)).astype(w_dtype)
+    return dx, dw
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def current_scaling_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
+    """Per-tensor scales from this step's amax of x, w (forward) and g (backward)."""
+    return _current_fwd(x, w, spec)[0]
+
+
+def _current_fwd(x, w, spec):
+    sx = scale_from_amax(finite_amax(x), spec.fwd, margin=spec.margin)
+    sw = scale_from_amax(finite_amax(w), spec.fwd, margin=spec.margin)
+    y, (qx, qw) = _per_tensor_fwd(x, w, sx, sw, spec)
+    return y, (qx, qw, sx, sw, _dtype_token(x), _dtype_token(w))
+
+
+def _current_bwd(spec, residuals, g):
+    qx, qw, sx, sw, xt, wt = residuals
+    sg = scale_from_amax(finite_amax(g), spec.bwd, margin=spec.margin)
+    return _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
+
+
+current_scaling_dot.defvjp(_current_fwd, _current_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def delayed_scaling_dot(
+    x: jax.Array, w: jax.Array, history: jax.Array, probe: jax.Array, spec: Fp8Spec
+) -> jax.Array:
+    """Per-tensor scales from an amax history [3, H] (rows: x, w, g; scale = max of row).
+
+    `probe` [3] is a zero input whose cotangent reports this application's amaxes of x, w, g;
+    the caller rolls them into the history once per optimizer step (never through the
+    optimizer). The history's own cotangent is zero.
+    """
+    return _delayed_fwd(x, w, history, probe, spec)[0]
+
+
+def _history_scales(history: jax.Array, spec: Fp8Spec) -> tuple[jax.Array, ...]:
+    amax = jnp.max(history, axis=-1)
+    fmts = (spec.fwd, spec.fwd, spec.bwd)
+    return tuple(scale_from_amax(amax[i], fmts[i], margin=spec.margin) for i in range(3))
+
+
+def _delayed_fwd(x, w, history, probe, spec):
+    sx, sw, sg = _history_scales(history, spec)
+    y, (qx, qw) = _per_tensor_fwd(x, w, sx, sw, spec)
+    observed = jnp.stack([finite_amax(x), finite_amax(w)])
+    residuals = (qx, qw, sx, sw, sg, observed, _dtype_token(x), _dtype_token(w), history, probe)
+    return y, residuals
+
+
+def _delayed_bwd(spec, residuals, g):
+    qx, qw, sx, sw, sg, observed, xt, wt, history, probe = residuals
+    dx, dw = _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
+    d_probe = jnp.concatenate([observed, finite_amax(g)[None]]).astype(probe.dtype)
+    return dx, dw, jnp.zeros_like(history), d_probe
+
+
+delayed_scaling_dot.defvjp(_delayed_fwd, _delayed_bwd)
+
+
+# --------------------------------------------------------------------------- rowwise
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rowwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
+    """Scales per token for x and g, per output channel for w (fprop); in dgrad and wgrad
+    each operand is scaled along its non-contracted dimension (w per input channel, x and g
+    per channel over tokens), so every GEMM stays a unit-scale FP8 dot plus a rescale."""
+    return _rowwise_fwd(x, w, spec)[0]
+
+
+def _rowwise_fwd(x, w, spec):
+    t, k = x.shape
+    n = w.shape[1]
+    qx, sx = quantize_blocks(x, (1, k), spec.fwd, margin=spec.margin)  # sx [t, 1]
+    qw, sw = quantize_blocks(w, (k, 1), spec.fwd, margin=spec.margin)  # sw [1, n]
+    y = (_f8_dot(qx, qw, (1, 0)) * sx * sw).astype(x.dtype)
+    # Operands of the backward GEMMs, scaled along their non-contracted dimension.
+    qx_c, sx_c = quantize_blocks(x, (t, 1), spec.fwd, margin=spec.margin)  # [1, k]
+    qw_r, sw_r = quantize_blocks(w, (1, n), spec.fwd, margin=spec.margin)  # [k, 1]
+    return y, (qx_c, sx_c, qw_r, sw_r, _dtype_token(x), _dtype_token(w))
+
+
+def _rowwise_bwd(spec, residuals, g):
+    qx_c, sx_c, qw_r, sw_r, xt, wt = residuals
+    t, n = g.shape
+    qg_r, sg_r = quantize_blocks(g, (1, n), spec.bwd, margin=spec.margin)  # [t, 1]
+    dx = (_f8_dot(qg_r, qw_r, (1, 1)) * sg_r * sw_r.T).astype(xt.dtype)
+    qg_c, sg_c = quantize_blocks(g, (t, 1), spec.bwd, margin=spec.margin)  # [1, n]
+    dw = (_f8_dot(qx_c, qg_c, (0, 0)) * sx_c.T * sg_c).astype(wt.dtype)
+    return dx, dw
+
+
+rowwise_dot.defvjp(_rowwise_fwd, _rowwise_bwd)
+
+
+# --------------------------------------------------------------------------- blockwise
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def blockwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
+    """InfiR2 / TE Float8BlockScaling numerics (emulated): x and g in 1×B tiles along the
+    contracted dimension, w in B×B blocks (reused transposed for dgrad), and for wgrad x and g
+    in B×1 tiles along tokens."""
+    return _blockwise_fwd(x, w, spec)[0]
+
+
+def _blockwise_quant(a, block, fmt, spec):
+    q, s = quantize_blocks(a, block, fmt, power_of_two=spec.power_of_two, margin=spec.margin)
+    return dequantize_blocks(q, s, block)
+
+
+def _blockwise_fwd(x, w, spec):
+    b = spec.block
+    w_deq = _blockwise_quant(w, (b, b), spec.fwd, spec)
+    y = _f32_dot(_blockwise_quant(x, (1, b), spec.fwd, spec), w_deq, (1, 0)).astype(x.dtype)
+    # FP32 here stands for "FP8 values times their scales", so residual memory is not FP8's.
+    x_tokens = _blockwise_quant(x, (b, 1), spec.fwd, spec)
+    return y, (w_deq, x_tokens, _dtype_token(x), _dtype_token(w))
+
+
+def _blockwise_bwd(spec, residuals, g):
+    w_deq, x_tokens, xt, wt = residuals
+    b = spec.block
+    dx = _f32_dot(_blockwise_quant(g, (1, b), spec.bwd, spec), w_deq, (1, 1)).astype(xt.dtype)
+    dw = _f32_dot(x_tokens, _blockwise_quant(g, (b, 1), spec.bwd, spec), (0, 0)).astype(wt.dtype)
+    return dx, dw
+
+
+blockwise_dot.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -1,0 +1,202 @@
+"""The FP8 recipe registry: `fp8.recipe` -> a GEMM policy injected into the projections.
+
+A policy is what a `Linear` calls instead of a plain matmul. Stateless policies are pure
+functions of (x, w); the `delayed` policy also owns per-GEMM state (an amax history and a
+probe, see `Fp8History` / `Fp8Probe`) that the Linear creates through `init_state`. Layers
+never branch on the recipe: they call `policy(x, w, state)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infir2_jax.fp8.dots import (
+    Fp8Spec,
+    blockwise_dot,
+    current_scaling_dot,
+    delayed_scaling_dot,
+    rowwise_dot,
+)
+from infir2_jax.fp8.quantize import E4M3, E5M2
+
+
+class Fp8History(nnx.Variable):
+    """Delayed scaling's amax history [3, H] (rows x, w, g; column 0 newest). Not a parameter:
+    no optimizer, weight decay, clipping or averaging ever sees it; it is rolled once per
+    optimizer step with the amaxes the probes report."""
+
+
+class Fp8Probe(nnx.Variable):
+    """Zeros [uses, 3]; the gradient w.r.t. row k is the amax of (x, w, g) observed by the
+    k-th application of the layer in one step, so a layer applied twice is counted once
+    (the update takes the max over rows, never a sum)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """BF16 (no FP8): y = x @ w in the compute dtype. Base of every policy."""
+
+    name: str = "none"
+    bf16_layers: tuple[int, ...] = ()  # decoder layers that stay BF16 (negative: from the end)
+
+    @property
+    def stateful(self) -> bool:
+        return False
+
+    @property
+    def is_fp8(self) -> bool:
+        return False
+
+    def init_state(self) -> dict[str, nnx.Variable]:
+        return {}
+
+    def fp8_dot(self, x: jax.Array, w: jax.Array, state: dict[str, jax.Array], use: int):
+        raise AssertionError("the BF16 policy has no FP8 path")
+
+    def __call__(
+        self,
+        x: jax.Array,
+        w: jax.Array,
+        state: dict[str, jax.Array] | None = None,
+        *,
+        use: int = 0,
+        enabled: jax.Array | None = None,
+    ) -> jax.Array:
+        """x [tokens, in] @ w [in, out]. `enabled` (a traced bool) selects BF16 per layer."""
+        if not self.is_fp8:
+            return jnp.dot(x, w)
+        if enabled is None:
+            return self.fp8_dot(x, w, state or {}, use)
+        return jax.lax.cond(
+            enabled,
+            lambda: self.fp8_dot(x, w, state or {}, use),
+            lambda: jnp.dot(x, w),
+        )
+
+    def layer_mask(self, num_layers: int) -> tuple[bool, ...] | None:
+        """Per layer, False for BF16 layers; None when every layer uses FP8 (no branch)."""
+        if not self.is_fp8 or not self.bf16_layers:
+            return None
+        mask = [True] * num_layers
+        for i in self.bf16_layers:
+            if not -num_layers <= i < num_layers:
+                raise ValueError(
+                    f"fp8.bf16_layers: {i} is not a layer of a {num_layers}-layer model"
+                )
+            mask[i] = False
+        return tuple(mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatelessFp8(Gemm):
+    spec: Fp8Spec = Fp8Spec(E4M3, E5M2)
+    dot: Callable = current_scaling_dot
+
+    @property
+    def is_fp8(self) -> bool:
+        return True
+
+    def fp8_dot(self, x, w, state, use):
+        return self.dot(x, w, self.spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class DelayedGemm(Gemm):
+    spec: Fp8Spec = Fp8Spec(E4M3, E5M2)
+    history: int = 1024
+    max_uses: int = 2
+
+    @property
+    def stateful(self) -> bool:
+        return True
+
+    @property
+    def is_fp8(self) -> bool:
+        return True
+
+    def init_state(self) -> dict[str, nnx.Variable]:
+        return {
+            "fp8_history": Fp8History(jnp.zeros((3, self.history), jnp.float32)),
+            "fp8_probe": Fp8Probe(jnp.zeros((self.max_uses, 3), jnp.float32)),
+        }
+
+    def fp8_dot(self, x, w, state, use):
+        if use >= self.max_uses:
+            raise ValueError(
+                f"a delayed-scaling layer was applied {use + 1} times in one step; "
+                f"raise fp8.max_uses (now {self.max_uses})"
+            )
+        return delayed_scaling_dot(x, w, state["fp8_history"], state["fp8_probe"][use], self.spec)
+
+
+def roll_history(history: jax.Array, probe_grad: jax.Array) -> jax.Array:
+    """history [..., 3, H] <- this step's amaxes: the max over the probe rows [..., uses, 3]
+    (uses of the layer, micro-batches already max-combined) enters at column 0."""
+    observed = jnp.max(probe_grad, axis=-2)  # [..., 3]
+    rolled = jnp.roll(history, 1, axis=-1)
+    return rolled.at[..., 0].set(observed)
+
+
+def _formats(fmt: str | None, default: str) -> tuple:
+    choice = fmt or default
+    return (E4M3, E5M2) if choice == "hybrid" else (E4M3, E4M3)
+
+
+def _te(name: str) -> Callable[..., Gemm]:
+    def build(cfg) -> Gemm:
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError(
+                f"fp8.recipe={name} needs TransformerEngine-JAX (package transformer_engine, "
+                "`pip install transformer_engine[jax]`, built against a CUDA toolkit); "
+                "it is not installed. Use fp8.recipe=delayed or current for the XLA path."
+            )
+        raise ValueError(
+            f"fp8.recipe={name}: TransformerEngine is installed, but the TE backend is not "
+            "wired into infir2-jax yet; use fp8.recipe=delayed or current"
+        )
+
+    return build
+
+
+def _spec(cfg, default_formats: str, power_of_two: bool = False) -> Fp8Spec:
+    fwd, bwd = _formats(cfg.format, default_formats)
+    return Fp8Spec(fwd, bwd, margin=cfg.margin, power_of_two=power_of_two, block=cfg.block_size)
+
+
+RECIPES: dict[str, Callable[..., Gemm]] = {
+    "none": lambda cfg: Gemm(),
+    "current": lambda cfg: _StatelessFp8(
+        "current", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), current_scaling_dot
+    ),
+    "rowwise": lambda cfg: _StatelessFp8(
+        "rowwise", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), rowwise_dot
+    ),
+    "blockwise": lambda cfg: _StatelessFp8(
+        "blockwise",
+        tuple(cfg.bf16_layers),
+        _spec(cfg, "e4m3", power_of_two=cfg.power_of_two_scales),
+        blockwise_dot,
+    ),
+    "delayed": lambda cfg: DelayedGemm(
+        "delayed",
+        tuple(cfg.bf16_layers),
+        _spec(cfg, "hybrid"),
+        history=cfg.amax_history,
+        max_uses=cfg.max_uses,
+    ),
+    "te_delayed": _te("te_delayed"),
+    "te_current": _te("te_current"),
+}
+
+
+def make_gemm(cfg) -> Gemm:
+    """The GEMM policy for an `FP8Config` (fp8.* keys)."""
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"fp8.recipe: {cfg.recipe!r} is not one of {sorted(RECIPES)}")
+    return RECIPES[cfg.recipe](cfg)

@@ -1,0 +1,176 @@
+"""Scaled FP8 matmuls: gradients against FP32, blockwise against a numpy reference, the HLO
+really holding FP8 dots, BF16 layers, and the recipe registry's errors."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from infir2_jax.config import FP8Config, load_config
+from infir2_jax.fp8 import make_gemm
+from infir2_jax.model import Qwen2, preset
+from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from infir2_jax.train.state import init_params, init_state, make_train_step, split_model
+
+# Unit roundoff of each format: 2^-(mantissa bits + 1).
+U = {"e4m3": 2.0**-4, "e5m2": 2.0**-3}
+# (fwd operand format, bwd gradient format) per recipe with its default "format".
+FORMATS = {
+    "current": ("e4m3", "e5m2"),
+    "delayed": ("e4m3", "e5m2"),
+    "rowwise": ("e4m3", "e5m2"),
+    "blockwise": ("e4m3", "e4m3"),
+}
+
+
+def _bound(a: str, b: str) -> float:
+    """Relative Frobenius error allowed for a product of operands rounded to formats a, b.
+
+    Each element carries a relative rounding error δ with |δ| <= u (uniform-ish, so
+    E[δ²] <= u²/3); the errors of a and b add, and summing many products with random signs
+    keeps the relative norm error near sqrt(E[(δa+δb)²]) = sqrt((ua²+ub²)/3). We allow √3
+    times that, sqrt(ua² + ub²), which real FP8 arithmetic stays well inside."""
+    return float(np.hypot(U[a], U[b]))
+
+
+def _linear_fn(recipe: str, grad_amax: float = 1.0):
+    gemm = make_gemm(FP8Config(recipe=recipe))
+    if not gemm.stateful:
+        return lambda x, w: gemm(x, w)
+    # Delayed: a history holding this data's amaxes (as after a step on the same data).
+    state = gemm.init_state()
+    probe = state["fp8_probe"][...]
+
+    def f(x, w):
+        history = jnp.zeros_like(state["fp8_history"][...])
+        amax = jnp.stack([jnp.max(jnp.abs(x)), jnp.max(jnp.abs(w)), grad_amax])
+        history = history.at[:, 0].set(jax.lax.stop_gradient(amax))
+        return gemm(x, w, {"fp8_history": history, "fp8_probe": probe})
+
+    return f
+
+
+@pytest.mark.parametrize("recipe", sorted(FORMATS))
+def test_gradients_match_float32_within_format_bound(recipe):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(150, 200)), jnp.float32)  # not multiples of 128
+    w = jnp.asarray(rng.normal(size=(200, 130)) * 0.05, jnp.float32)
+    r = jnp.asarray(rng.normal(size=(150, 130)), jnp.float32)  # the output gradient g
+    f = _linear_fn(recipe, grad_amax=float(jnp.max(jnp.abs(r))))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+    y = f(x, w)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * r), (0, 1))(x, w)
+    fwd, bwd = FORMATS[recipe]
+    for got, want, formats in (
+        (y, x @ w, (fwd, fwd)),
+        (dx, r @ w.T, (bwd, fwd)),
+        (dw, x.T @ r, (fwd, bwd)),
+    ):
+        error = rel(got, want)
+        assert error <= _bound(*formats), (recipe, formats, error)
+        assert error > 1e-3, "no quantization happened"  # FP32 would give ~1e-7
+
+
+def _numpy_block_quant(a: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """Independent reference: dequantized E4M3 with power-of-two block scales."""
+    out = np.empty_like(a, dtype=np.float64)
+    for i in range(0, a.shape[0], block[0]):
+        for j in range(0, a.shape[1], block[1]):
+            tile = a[i : i + block[0], j : j + block[1]].astype(np.float32)
+            amax = np.abs(tile).max()
+            s = 2.0 ** np.ceil(np.log2(amax / 448.0)) if amax > 0 else 1.0
+            q = np.clip(tile / np.float32(s), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+            out[i : i + block[0], j : j + block[1]] = q.astype(np.float64) * s
+    return out
+
+
+def test_blockwise_equals_numpy_reference_in_all_three_gemms():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(140, 260)).astype(np.float32) * rng.uniform(0.1, 10, size=(140, 1)).astype(
+        np.float32
+    )
+    w = (rng.normal(size=(260, 200)) * 0.05).astype(np.float32)
+    g = rng.normal(size=(140, 200)).astype(np.float32)
+    f = _linear_fn("blockwise")
+    y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    w_blocks = _numpy_block_quant(w, (128, 128))
+    expected_y = _numpy_block_quant(x, (1, 128)) @ w_blocks  # fprop: 1x128 tiles along K
+    expected_dx = _numpy_block_quant(g, (1, 128)) @ w_blocks.T  # dgrad: same weight blocks
+    expected_dw = _numpy_block_quant(x, (128, 1)).T @ _numpy_block_quant(g, (128, 1))  # wgrad
+    for got, want in ((y, expected_y), (dx, expected_dx), (dw, expected_dw)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def _f8_dot_count(text: str) -> int:
+    """dot_general ops whose two operands are FP8 tensors, in StableHLO text."""
+    count = 0
+    for line in text.splitlines():
+        if "stablehlo.dot_general" in line:
+            operands = re.search(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)", line)
+            if operands and all("f8E" in t for t in operands.groups()):
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "recipe,expected",
+    [("delayed", 21), ("current", 21), ("rowwise", 21), ("none", 0), ("blockwise", 0)],
+)
+def test_train_step_hlo_has_21_fp8_dots_per_layer(recipe, expected):
+    """7 projections × (fprop, dgrad, wgrad). Layers are scanned, so the lowered step holds
+    the layer body once: 21 FP8 dots in total, whatever the depth."""
+    cfg = load_config("tiny_cpt", [f"fp8.recipe={recipe}", "model.remat=none"])
+    gemm = make_gemm(cfg.fp8)
+    optimizer = make_optimizer(cfg.optim, 10)
+    step = make_train_step(
+        split_model(cfg.model, gemm), optimizer, learning_rate_schedule(cfg.optim, 10)
+    )
+    state = jax.eval_shape(lambda: init_state(*init_params(cfg.model, 0, gemm), optimizer))
+    batch = {
+        k: jax.ShapeDtypeStruct((2, 64), jnp.int32)
+        for k in ("input_ids", "labels", "positions", "segment_ids", "loss_mask")
+    }
+    assert _f8_dot_count(jax.jit(step).lower(state, batch).as_text()) == expected
+
+
+def test_bf16_layers_run_without_fp8():
+    cfg = preset("tiny").replace(dtype="float32", num_layers=3)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 40)))
+    reference = Qwen2(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(reference, nnx.Param)
+
+    def logits(fp8: FP8Config):
+        model = Qwen2(cfg, rngs=nnx.Rngs(0), gemm=make_gemm(fp8))
+        nnx.update(model, state)
+        return np.asarray(model(ids))
+
+    bf16 = np.asarray(reference(ids))
+    all_fp8 = logits(FP8Config(recipe="current"))
+    assert np.abs(all_fp8 - bf16).max() > 1e-3
+    np.testing.assert_allclose(
+        logits(FP8Config(recipe="current", bf16_layers=(0, 1, -1))), bf16, atol=1e-5
+    )
+    partial = logits(FP8Config(recipe="current", bf16_layers=(0, -1)))
+    assert 0 < np.abs(partial - bf16).max() < np.abs(all_fp8 - bf16).max() * 2
+    with pytest.raises(ValueError, match="bf16_layers"):
+        make_gemm(FP8Config(recipe="current", bf16_layers=(5,))).layer_mask(3)
+
+
+@pytest.mark.parametrize("recipe", ["te_delayed", "te_current"])
+def test_transformer_engine_recipes_name_the_missing_package(recipe):
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed")
+    with pytest.raises(ValueError, match="transformer_engine"):
+        make_gemm(FP8Config(recipe=recipe))
