@@ -1,4 +1,4 @@
-"""Basic layers: Linear (with an injectable dot_general), Embedding, RMSNorm.
+"""Basic layers: Linear (with an injected GEMM policy: BF16 or an FP8 recipe), Embedding, RMSNorm.
 
 Every parameter carries logical axis names (`out_sharding` metadata); mapping them to mesh
 axes is the job of a rules table outside the model, so model code never names a mesh axis.
