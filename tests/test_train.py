@@ -114,13 +114,16 @@ def test_init_from_hf_directory(tmp_path):
     assert history[0]["loss"] < scratch[0]["loss"]  # starts from the trained weights
 
 
-def test_data_parallel_matches_single_device(tmp_path):
-    """8 fake CPU devices (batch split 8 ways) give the same losses as one device."""
+@pytest.mark.parametrize("recipe", ["none", "delayed"])
+def test_data_parallel_matches_single_device(tmp_path, recipe):
+    """8 fake CPU devices (batch split 8 ways) give the same losses as one device; with
+    delayed scaling the amax histories are global (else steps 2-3 would differ)."""
     script = (
         "import io, sys, json\n"
         "from infir2_jax.config import load_config\n"
         "from infir2_jax.train import train\n"
-        f"cfg = load_config('tiny_cpt', {SHORT!r} + ['train.batch_size=8', 'train.steps=3', "
+        f"cfg = load_config('tiny_cpt', {SHORT!r} + ['train.batch_size=16', 'train.steps=3', "
+        f"'fp8.recipe={recipe}', 'train.micro_batches=2', "
         "'train.run_dir=' + sys.argv[1], 'parallel.data=' + sys.argv[2]])\n"
         "print(json.dumps([m['loss'] for m in train(cfg, out=io.StringIO())]))\n"
     )
@@ -133,4 +136,7 @@ def test_data_parallel_matches_single_device(tmp_path):
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         losses[devices] = json.loads(r.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+    # Cross-device gradient sums round differently in the last bit; with FP8 such a bit can
+    # flip a weight's FP8 rounding at the next step, hence the looser bound for delayed.
+    # (Per-device amax histories would give different scales: errors of 1e-2, not 1e-5.)
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5 if recipe == "none" else 1e-4)
