@@ -140,3 +140,44 @@ def test_data_parallel_matches_single_device(tmp_path, recipe):
     # flip a weight's FP8 rounding at the next step, hence the looser bound for delayed.
     # (Per-device amax histories would give different scales: errors of 1e-2, not 1e-5.)
     np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5 if recipe == "none" else 1e-4)
+
+
+def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
+    """SLURM pre-emption: SIGTERM mid-run saves the finished step and exits 143; the same
+    command then resumes and reproduces the uninterrupted run."""
+    import signal
+
+    overrides = [*SHORT, "train.steps=200", "checkpoint.every=1000"]
+    cmd = [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt",
+           "--set", f"train.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step   2/200"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 143, "".join(lines)
+    stopped = [x for x in lines if x.startswith("stopped by SIGTERM after step")]
+    assert stopped, "".join(lines)
+    k = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert 2 <= k < 200
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [str(k)]
+
+    resumed = train(
+        load_config("tiny_cpt", [*overrides, f"train.run_dir={tmp_path / 'run'}"]),
+        out=io.StringIO(),
+    )
+    full = train(
+        load_config("tiny_cpt", [*overrides, f"train.run_dir={tmp_path / 'full'}"]),
+        out=io.StringIO(),
+    )
+    assert resumed[0]["step"] == k + 1
+    full_losses = {m["step"]: m["loss"] for m in full}
+    for m in resumed:
+        np.testing.assert_allclose(m["loss"], full_losses[m["step"]], rtol=1e-6)

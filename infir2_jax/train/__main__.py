@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.config import ConfigError, load_config
 from infir2_jax.data import DataError
+from infir2_jax.train.loop import train
+from infir2_jax.train.preemption import Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        from infir2_jax.train.loop import train  # imports JAX; keep config errors fast
-
         train(cfg)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted:
+        return 128 + signal.SIGTERM  # the conventional status of a SIGTERM'd job
     return 0
 
 

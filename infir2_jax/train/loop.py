@@ -19,6 +19,7 @@ from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from infir2_jax.train.preemption import Preempted, StopRequest
 from infir2_jax.train.state import (
     Params,
     init_params,
@@ -129,8 +130,18 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     history = []
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     last_time, last_step = time.perf_counter(), start
+    stop = StopRequest()
     try:
         for step in range(start, cfg.train.steps):
+            if stop.requested:  # SLURM pre-emption: checkpoint this step and leave cleanly
+                checkpointer.save(state, cfg.model, force=True)
+                print(
+                    f"stopped by {stop.requested} after step {step}; checkpoint saved, "
+                    "re-run the same command to resume",
+                    file=out,
+                    flush=True,
+                )
+                raise Preempted(step)
             batch = jax.device_put(dataset.batch(step), batch_sharding(mesh))
             state, metrics = step_fn(state, batch)
             done = step + 1
@@ -143,6 +154,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
                 history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
             checkpointer.save(state, cfg.model, force=done == cfg.train.steps)
     finally:
+        stop.restore()
         checkpointer.close()
         logger.close()
     print(f"done: {cfg.train.steps} steps, checkpoints in {run_dir / 'checkpoints'}", file=out)
