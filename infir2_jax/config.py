@@ -36,6 +36,8 @@ class TrainConfig:
     log_every: int = 1
     # Gradient accumulation: the batch is processed in this many slices per optimizer step.
     micro_batches: int = 1
+    # A step with a non-finite loss or gradient is skipped; this many in a row stop the run.
+    max_nonfinite_streak: int = 10
     # Initialise parameters from an HF directory or Orbax checkpoint instead of randomly.
     init_from: str | None = None
 

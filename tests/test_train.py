@@ -181,3 +181,26 @@ def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
     full_losses = {m["step"]: m["loss"] for m in full}
     for m in resumed:
         np.testing.assert_allclose(m["loss"], full_losses[m["step"]], rtol=1e-6)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+    """An exploding run: non-finite steps leave the weights alone; N in a row stop the run
+    (exit 3, naming the setting) without saving, the last checkpoint holding finite weights."""
+    run = tmp_path / "run"
+    overrides = [*SHORT, f"train.run_dir={run}", "optim.lr=1e9", "optim.warmup_steps=0",
+                 "train.max_nonfinite_streak=3", "checkpoint.every=2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt"]
+    for o in overrides:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "non-finite for 3 steps in a row" in r.stderr and "max_nonfinite_streak" in r.stderr
+    assert "SKIPPED" in r.stdout
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["skipped"] == 0.0 and records[-1]["nonfinite_streak"] == 3
+    # The latest checkpoint holds the (huge but finite) weights of the last finite step: the
+    # skipped steps did not write NaN into them.
+    from infir2_jax.checkpoint import read_model_config, restore_params
+
+    params = restore_params(run, read_model_config(run))
+    assert all(np.isfinite(np.asarray(v)).all() for v in params.values())

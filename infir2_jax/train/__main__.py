@@ -10,7 +10,7 @@ from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.config import ConfigError, load_config
 from infir2_jax.data import DataError
 from infir2_jax.train.loop import train
-from infir2_jax.train.preemption import Preempted
+from infir2_jax.train.stopping import NonFiniteLoss, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except Preempted:
         return 128 + signal.SIGTERM  # the conventional status of a SIGTERM'd job
     return 0

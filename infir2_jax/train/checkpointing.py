@@ -34,20 +34,25 @@ class TrainCheckpointer:
         )
         self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
+    def due(self, step: int) -> bool:
+        return step % self._every == 0
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, state: TrainState, model_cfg: ModelConfig, *, force: bool = False) -> bool:
         """Saves if the step is due (every N) or `force`; returns whether a save started."""
         step = int(state.step)
-        if step % self._every and not force:
+        if not (force or self.due(step)):
             return False
         # The cadence is decided here (Orbax's own interval logic also saves the first step).
         items = {
             PARAMS: ocp.args.StandardSave(state.params),
             OPT_STATE: ocp.args.StandardSave(state.opt_state),
             MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(model_cfg)),
-            META: ocp.args.JsonSave({"step": step}),
+            META: ocp.args.JsonSave(
+                {"step": step, "nonfinite_streak": int(state.nonfinite_streak)}
+            ),
         }
         if state.fp8:
             items[FP8_STATE] = ocp.args.StandardSave(state.fp8)
@@ -65,12 +70,18 @@ class TrainCheckpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if restored[META]["step"] != step:
             raise ValueError(f"checkpoint {step}: meta says step {restored[META]['step']}")
-        step_array = jax.device_put(np.int32(step), abstract_state.step.sharding)
+
+        def scalar(value: int, like: jax.ShapeDtypeStruct) -> jax.Array:
+            return jax.device_put(np.int32(value), like.sharding)
+
         return TrainState(
-            step=step_array,
+            step=scalar(step, abstract_state.step),
             params=restored[PARAMS],
             opt_state=restored[OPT_STATE],
             fp8=restored[FP8_STATE] if abstract_state.fp8 else {},
+            nonfinite_streak=scalar(
+                restored[META].get("nonfinite_streak", 0), abstract_state.nonfinite_streak
+            ),
         )
 
     def close(self) -> None:

@@ -19,7 +19,6 @@ from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from infir2_jax.train.preemption import Preempted, StopRequest
 from infir2_jax.train.state import (
     Params,
     init_params,
@@ -27,6 +26,16 @@ from infir2_jax.train.state import (
     make_train_step,
     split_model,
 )
+from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
+
+
+def _check_streak(streak: int, step: int, cfg: RunConfig, checkpointer: TrainCheckpointer):
+    if streak >= cfg.train.max_nonfinite_streak:
+        raise NonFiniteLoss(
+            f"the loss or gradient was non-finite for {streak} steps in a row (up to step "
+            f"{step}; train.max_nonfinite_streak={cfg.train.max_nonfinite_streak}); stopped "
+            f"without saving; the latest checkpoint (step {checkpointer.latest_step()}) is intact"
+        )
 
 
 def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -152,7 +161,10 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
                 last_time, last_step = now, done
                 logger.log(done, metrics, rate)
                 history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
-            checkpointer.save(state, cfg.model, force=done == cfg.train.steps)
+                _check_streak(int(metrics["nonfinite_streak"]), done, cfg, checkpointer)
+            if checkpointer.due(done) or done == cfg.train.steps:
+                _check_streak(int(state.nonfinite_streak), done, cfg, checkpointer)
+                checkpointer.save(state, cfg.model, force=True)
     finally:
         stop.restore()
         checkpointer.close()

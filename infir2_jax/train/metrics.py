@@ -53,10 +53,12 @@ class MetricsLogger:
             eta = per_step * (self.total_steps - step)
         width = len(str(self.total_steps))
         eta_text = "--" if eta != eta else _duration(eta)
+        streak = int(record.get("nonfinite_streak", 0))
+        skipped = f" | SKIPPED (non-finite, {streak} in a row)" if streak else ""
         print(
             f"step {step:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
             f"lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f} | "
-            f"{_rate(tokens_per_sec)} tok/s | ETA {eta_text}",
+            f"{_rate(tokens_per_sec)} tok/s | ETA {eta_text}{skipped}",
             file=self.out,
             flush=True,
         )

@@ -24,6 +24,7 @@ class TrainState:
     params: Params
     opt_state: optax.OptState
     fp8: dict[str, Any]  # delayed-scaling amax histories ({} for stateless recipes)
+    nonfinite_streak: jax.Array  # int32: consecutive steps skipped for a non-finite loss/grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,11 @@ def init_state(
     params: Params, fp8: dict[str, Any], optimizer: optax.GradientTransformation
 ) -> TrainState:
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), fp8=fp8
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        fp8=fp8,
+        nonfinite_streak=jnp.zeros((), jnp.int32),
     )
 
 
@@ -79,7 +84,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The step: gradients summed over `micro_batches` slices of the batch (FP8 amaxes
     max-combined), the loss normalised per token over the whole global batch, one optimizer
-    update, and one FP8 history update."""
+    update, and one FP8 history update. A non-finite loss or gradient norm skips the update
+    (parameters, optimizer and FP8 state unchanged; the step counter and data move on) and
+    extends `nonfinite_streak`; the run loop decides when a streak is fatal."""
 
     def summed_loss(params: Params, probes: dict, fp8: dict, batch: Batch):
         model = nnx.merge(parts.graphdef, params, fp8, probes)
@@ -116,18 +123,28 @@ def make_train_step(
         (total, tokens, grads, observed), _ = jax.lax.scan(accumulate, init, micro)
         denom = jnp.maximum(tokens, 1.0)  # per-token mean over the global batch
         grads = jax.tree.map(lambda g: g / denom, grads)
+        loss, grad_norm = total / denom, optax.tree.norm(grads)  # norm before clipping
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            fp8=update_fp8_histories(state.fp8, observed),
+        updated = (
+            optax.apply_updates(state.params, updates),
+            opt_state,
+            update_fp8_histories(state.fp8, observed),
         )
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state, fp8 = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            updated,
+            (state.params, state.opt_state, state.fp8),
+        )
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1).astype(jnp.int32)
+        new_state = TrainState(state.step + 1, params, opt_state, fp8, streak)
         metrics = {
-            "loss": total / denom,
-            "grad_norm": optax.tree.norm(grads),  # before clipping
+            "loss": loss,
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "loss_tokens": tokens,
+            "skipped": 1.0 - finite.astype(jnp.float32),
+            "nonfinite_streak": streak,
         }
         return new_state, metrics
 

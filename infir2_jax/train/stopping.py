@@ -1,10 +1,18 @@
-"""SIGTERM (SLURM pre-emption, `scancel`) as a request the training loop honours between steps:
-it checkpoints the step it has finished, then raises `Preempted`; the CLI exits with 143."""
+"""How a run stops early.
+
+- SIGTERM (SLURM pre-emption, `scancel`) is a request the loop honours between steps: it
+  checkpoints the step it has finished, then raises `Preempted`; the CLI exits with 143.
+- Too many consecutive non-finite steps raise `NonFiniteLoss` without saving; exit 3.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+
+
+class NonFiniteLoss(Exception):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
 
 
 class Preempted(Exception):
