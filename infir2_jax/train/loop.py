@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
+import numpy as np
 import yaml
 from flax import traverse_util
 
@@ -20,6 +21,7 @@ from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.state import (
+    ModelParts,
     Params,
     init_params,
     init_state,
@@ -53,18 +55,19 @@ def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
     path.write_text(dump_config(cfg))
 
 
-def _initial_params(cfg: RunConfig, gemm) -> tuple[Params, dict]:
-    """(params, FP8 histories): random, or the weights of `train.init_from`."""
-    params, fp8 = init_params(cfg.model, cfg.train.seed, gemm)
+def _initial_params(cfg: RunConfig, gemm, parts: ModelParts) -> tuple[Params, dict]:
+    """(params, FP8 histories): random, or the weights of `train.init_from` (then nothing is
+    randomly initialised)."""
     source = cfg.train.init_from
     if source is None:
-        return params, fp8
+        return init_params(cfg.model, cfg.train.seed, gemm)
     mismatch = cfg.model.architecture_mismatch(read_config(source))
     if mismatch:
         raise ConfigError(
             f"train.init_from: {source} has a different {mismatch} than model.{mismatch}="
             f"{getattr(cfg.model, mismatch)}"
         )
+    fp8 = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), parts.fp8)
     return traverse_util.unflatten_dict(dict(load_params(source, cfg.model))), fp8
 
 
@@ -112,7 +115,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
     else:
         start = 0
-        params, fp8 = _initial_params(cfg, gemm)
+        params, fp8 = _initial_params(cfg, gemm, parts)
         state = jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=state_sharding)(
             params, fp8
         )
