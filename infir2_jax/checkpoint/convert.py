@@ -39,7 +39,7 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = 
     `dtype` ("auto": as stored in the HF files) plus the largest tensor."""
     cfg = read_hf_config(hf_dir)
     np_dtype = stored_hf_dtype(hf_dir) if dtype == "auto" else np.dtype(dtype)
-    if Path(out).exists():
+    if Path(out).exists():  # fail before reading the weights, not after
         raise FileExistsError(f"{out}: already exists; refusing to overwrite")
     params = read_hf_params(hf_dir, cfg, dtype=np_dtype)
     return save_model_checkpoint(out, params, cfg)

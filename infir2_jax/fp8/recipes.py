@@ -71,13 +71,10 @@ class Gemm:
         """x [tokens, in] @ w [in, out]. `enabled` (a traced bool) selects BF16 per layer."""
         if not self.is_fp8:
             return jnp.dot(x, w)
+        state = state or {}
         if enabled is None:
-            return self.fp8_dot(x, w, state or {}, use)
-        return jax.lax.cond(
-            enabled,
-            lambda: self.fp8_dot(x, w, state or {}, use),
-            lambda: jnp.dot(x, w),
-        )
+            return self.fp8_dot(x, w, state, use)
+        return jax.lax.cond(enabled, lambda: self.fp8_dot(x, w, state, use), lambda: jnp.dot(x, w))
 
     def layer_mask(self, num_layers: int) -> tuple[bool, ...] | None:
         """Per layer, False for BF16 layers; None when every layer uses FP8 (no branch)."""
