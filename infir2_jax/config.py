@@ -40,6 +40,14 @@ class TrainConfig:
     max_nonfinite_streak: int = 10
     # Initialise parameters from an HF directory or Orbax checkpoint instead of randomly.
     init_from: str | None = None
+    # Continue another run's training checkpoint (a step directory or a run/checkpoints
+    # directory): weights, optimizer state, FP8 state, step and (if `resume_data`) the data
+    # position; the schedule is this config's. Used by the decay configs. A checkpoint in
+    # this run's own directory takes precedence (re-running resumes this run).
+    resume_from: str | None = None
+    resume_data: bool = True
+    eval_every: int = 0  # validation loss every N steps (0: never); needs data.split[1] > 0
+    eval_batches: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,7 @@ class OptimConfig:
     lr: float
     min_lr: float = 0.0
     warmup_steps: int = 0
+    warmup_fraction: float | None = None  # instead of warmup_steps: a fraction of train.steps
     decay_start: int | None = None
     decay_steps: int | None = None
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
@@ -66,6 +75,17 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Besides the console and metrics.jsonl (always): TensorBoard event files under
+    `run_dir/tensorboard`, and Weights & Biases if enabled and the package is installed."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "infir2-jax"
+    wandb_name: str | None = None  # default: the run directory's name
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 1000  # save every N optimizer steps (and always at the last step)
     keep: int = 3  # keep the K most recent checkpoints
@@ -74,18 +94,39 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where training tokens come from.
+    """Where training tokens come from and how they become packed rows (data/pipeline.py).
 
-    `synthetic`: a generated arithmetic-text corpus with a byte tokenizer (the tiny default;
-    needs nothing on disk). `jsonl`: documents from `path` (one JSON object per line, text in
-    `text_field`), tokenized with the HF tokenizer at `tokenizer`, joined with EOS and packed.
+    kind: `cpt` (documents joined with EOS, cut into rows) or `sft` (chat `messages`, loss on
+    assistant turns only, whole samples packed first-fit into rows).
+    source: `synthetic` (generated arithmetic text, byte tokens; the tiny default), `jsonl`,
+    `parquet`, `arrayrecord` (records are JSON objects) — `path` is a file, a directory or a
+    glob — or `prepared` (token shards written by `python -m infir2_jax.prepare`).
     """
 
-    source: Literal["synthetic", "jsonl"] = "synthetic"
+    kind: Literal["cpt", "sft"] = "cpt"
+    source: Literal["synthetic", "jsonl", "parquet", "arrayrecord", "prepared"] = "synthetic"
     path: str | None = None
-    text_field: str = "text"
-    tokenizer: str | None = None
+    text_field: str = "text"  # cpt: the document text
+    tokens_field: str | None = None  # cpt: pre-tokenized ids (used as given) instead of text
+    messages_field: str = "messages"  # sft: [{"role": ..., "content": ...}, ...]
+    tokenizer: str | None = None  # local HF tokenizer directory
+    chat_template: str | None = None  # sft: "qwen2.5" (built in) or a Jinja file to use instead
+    # of the tokenizer's own template
+    end_of_turn: str = "<|im_end|>"  # sft: closes an assistant turn (in the loss)
+    overlong: Literal["truncate", "drop"] = "truncate"  # sft samples over seq_len + 1 tokens
+    split: tuple[float, ...] = (1.0, 0.0, 0.0)  # train/val/test fractions by document index
+    pack_bins: int = 64  # sft: rows filled first-fit at a time (more: less padding)
+    workers: int = 0  # grain worker processes (0: read in the training process)
+    record_samples: bool = False  # write each step's sample ids to samples.jsonl
     synthetic_documents: int = 20000
+
+    def __post_init__(self):
+        if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
+            raise ValueError(
+                f"split: expected three fractions (train, val, test), got {self.split}"
+            )
+        if self.split[0] <= 0:
+            raise ValueError("split: the train fraction must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +169,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     fp8: FP8Config = FP8Config()
     parallel: ParallelConfig = ParallelConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe values (tuples become lists)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,19 +13,21 @@ import numpy as np
 import yaml
 from flax import traverse_util
 
+from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config, parse_config
-from infir2_jax.data import build_dataset
+from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.fp8 import make_gemm
 from infir2_jax.parallel import batch_sharding, make_mesh, replicated
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
-from infir2_jax.train.metrics import MetricsLogger
+from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.state import (
     ModelParts,
     Params,
     init_params,
     init_state,
+    make_eval_step,
     make_train_step,
     split_model,
 )
@@ -71,11 +74,42 @@ def _initial_params(cfg: RunConfig, gemm, parts: ModelParts) -> tuple[Params, di
     return traverse_util.unflatten_dict(dict(load_params(source, cfg.model))), fp8
 
 
+MODEL_INPUTS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
+
+
+def _resume_source(cfg: RunConfig) -> tuple[Path, int]:
+    """(checkpoints root, step) of `train.resume_from`, checked to be a compatible training
+    checkpoint."""
+    try:
+        step_dir = resolve_checkpoint_dir(cfg.train.resume_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.resume_from: {e}") from None
+    if not (step_dir / "opt_state").is_dir():
+        raise ConfigError(
+            f"train.resume_from: {step_dir} holds weights but no optimizer state (a converted "
+            "model, not a training checkpoint); use train.init_from to start from weights"
+        )
+    mismatch = cfg.model.architecture_mismatch(read_config(step_dir))
+    if mismatch:
+        raise ConfigError(
+            f"train.resume_from: {step_dir} has a different {mismatch} than "
+            f"model.{mismatch}={getattr(cfg.model, mismatch)}"
+        )
+    return step_dir.parent, int(step_dir.name)
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """This host's rows -> global arrays sharded over the data-parallel devices."""
+    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in MODEL_INPUTS}
+
+
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) training to `train.steps`; returns the metrics logged by this call."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_run_config(run_dir, cfg)
+    if cfg.train.init_from is not None and cfg.train.resume_from is not None:
+        raise ConfigError("train.init_from and train.resume_from: set one, not both")
 
     mesh = make_mesh(cfg.parallel)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -87,16 +121,19 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     try:
         gemm = make_gemm(cfg.fp8)
         gemm.layer_mask(cfg.model.num_layers)
+        schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    dataset = build_dataset(
+    pipeline = DataPipeline(
         cfg.data,
         seq_len=cfg.train.seq_len,
-        batch_size=cfg.train.batch_size,
+        global_batch=cfg.train.batch_size,
         seed=cfg.train.seed,
-        vocab_size=cfg.model.vocab_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    data = pipeline.train_iterator()
+    eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     parts = split_model(cfg.model, gemm)
 
@@ -110,20 +147,34 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
 
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = checkpointer.latest_step()
+    meta: dict[str, Any] = {}
     if start is not None:
-        state = checkpointer.restore(start, abstract)
+        state, meta = checkpointer.restore(start, abstract, data)
         print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
+    elif cfg.train.resume_from is not None:
+        root, start = _resume_source(cfg)
+        source = TrainCheckpointer(root, cfg.checkpoint, read_only=True)
+        state, meta = source.restore(start, abstract, data if cfg.train.resume_data else None)
+        source.close()
+        position = "its data position" if cfg.train.resume_data else "fresh data order"
+        print(
+            f"continuing {root / str(start)} (weights, optimizer and FP8 state, {position}) "
+            "with this config's schedule",
+            file=out,
+            flush=True,
+        )
     else:
         start = 0
         params, fp8 = _initial_params(cfg, gemm, parts)
         state = jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=state_sharding)(
             params, fp8
         )
+    counters = {k: int(meta.get(k, 0)) for k in ("truncated_samples", "dropped_samples")}
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(
         f"model: {n_params:,} parameters | mesh {dict(mesh.shape)} | "
-        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} | fp8 {cfg.fp8.recipe} | "
-        f"steps {start}->{cfg.train.steps}",
+        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} ({cfg.data.kind}, {cfg.data.source}) | "
+        f"fp8 {cfg.fp8.recipe} | steps {start}->{cfg.train.steps}",
         file=out,
         flush=True,
     )
@@ -138,15 +189,37 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
-    logger = MetricsLogger(run_dir / "metrics.jsonl", cfg.train.steps, start, out)
+    eval_fn = jax.jit(
+        make_eval_step(parts, cfg.train.micro_batches),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
+    primary = jax.process_index() == 0
+    logger = MetricsLogger(
+        run_dir / "metrics.jsonl",
+        cfg.train.steps,
+        start,
+        out,
+        sinks=make_sinks(cfg, run_dir, start, out) if primary else [],
+    )
+    samples_file = (
+        open_jsonl_for_resume(run_dir / "samples.jsonl", start)
+        if cfg.data.record_samples and primary
+        else None
+    )
     history = []
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     last_time, last_step = time.perf_counter(), start
     stop = StopRequest()
+
+    def save() -> None:
+        _check_streak(int(state.nonfinite_streak), int(state.step), cfg, checkpointer)
+        checkpointer.save(state, cfg.model, data, counters)
+
     try:
         for step in range(start, cfg.train.steps):
             if stop.requested:  # SLURM pre-emption: checkpoint this step and leave cleanly
-                checkpointer.save(state, cfg.model, force=True)
+                save()
                 print(
                     f"stopped by {stop.requested} after step {step}; checkpoint saved, "
                     "re-run the same command to resume",
@@ -154,23 +227,42 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
                     flush=True,
                 )
                 raise Preempted(step)
-            batch = jax.device_put(dataset.batch(step), batch_sharding(mesh))
-            state, metrics = step_fn(state, batch)
+            local = next(data)
+            check_vocab(local, cfg.model.vocab_size)
             done = step + 1
+            if samples_file is not None:
+                samples_file.write(json.dumps({"step": done, "samples": sample_ids(local)}) + "\n")
+            if cfg.data.kind == "sft":
+                for name, count in overlong_counts(local).items():
+                    counters[f"{name}_samples"] += count
+            state, metrics = step_fn(state, _global_batch(local, batch_sharding(mesh)))
             if done == 1 or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
                 rate = tokens_per_step * (done - last_step) / (now - last_time)
                 last_time, last_step = now, done
+                if cfg.data.kind == "sft":
+                    metrics = {**metrics, **counters}
                 logger.log(done, metrics, rate)
                 history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
                 _check_streak(int(metrics["nonfinite_streak"]), done, cfg, checkpointer)
+            if eval_batches and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                loss_sum, tokens = 0.0, 0.0
+                for batch in eval_batches:
+                    result = jax.device_get(
+                        eval_fn(state, _global_batch(batch, batch_sharding(mesh)))
+                    )
+                    loss_sum += float(result["loss_sum"])
+                    tokens += float(result["tokens"])
+                logger.log_eval(done, loss_sum / max(tokens, 1.0), tokens)
+                history.append({"step": done, "eval_loss": loss_sum / max(tokens, 1.0)})
             if checkpointer.due(done) or done == cfg.train.steps:
-                _check_streak(int(state.nonfinite_streak), done, cfg, checkpointer)
-                checkpointer.save(state, cfg.model, force=True)
+                save()
     finally:
         stop.restore()
         checkpointer.close()
         logger.close()
+        if samples_file is not None:
+            samples_file.close()
     print(f"done: {cfg.train.steps} steps, checkpoints in {run_dir / 'checkpoints'}", file=out)
     return history

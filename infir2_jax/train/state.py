@@ -76,6 +76,57 @@ def update_fp8_histories(fp8: dict[str, Any], observed: dict[str, Any]) -> dict[
     )
 
 
+def _summed_loss_fn(parts: ModelParts):
+    """(params, probes, fp8, batch) -> (summed token loss, token count)."""
+
+    def summed_loss(params: Params, probes: dict, fp8: dict, batch: Batch):
+        model = nnx.merge(parts.graphdef, params, fp8, probes)
+        return model.loss(
+            batch["input_ids"],
+            batch["labels"],
+            batch["loss_mask"],
+            batch["positions"],
+            batch["segment_ids"],
+        )
+
+    return summed_loss
+
+
+def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    # Strided split (row j goes to micro-batch j % M): with the batch sharded over
+    # data-parallel devices, every device contributes to every micro-batch.
+    return jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(
+            0, 1
+        ),
+        batch,
+    )
+
+
+def make_eval_step(
+    parts: ModelParts, micro_batches: int = 1
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Validation: the summed loss and token count of a batch, nothing updated (FP8 delayed
+    scaling reads its histories; the amaxes it would observe are discarded)."""
+    summed_loss = _summed_loss_fn(parts)
+
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
+
+        def accumulate(carry, micro_batch: Batch):
+            total, tokens = carry
+            t, n = summed_loss(state.params, probes, state.fp8, micro_batch)
+            return (total + t, tokens + n), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (total, tokens), _ = jax.lax.scan(
+            accumulate, (zero, zero), _split_micro_batches(batch, micro_batches)
+        )
+        return {"loss_sum": total, "tokens": tokens}
+
+    return eval_step
+
+
 def make_train_step(
     parts: ModelParts,
     optimizer: optax.GradientTransformation,
@@ -88,17 +139,7 @@ def make_train_step(
     (parameters, optimizer and FP8 state unchanged; the step counter and data move on) and
     extends `nonfinite_streak`; the run loop decides when a streak is fatal."""
 
-    def summed_loss(params: Params, probes: dict, fp8: dict, batch: Batch):
-        model = nnx.merge(parts.graphdef, params, fp8, probes)
-        return model.loss(
-            batch["input_ids"],
-            batch["labels"],
-            batch["loss_mask"],
-            batch["positions"],
-            batch["segment_ids"],
-        )
-
-    grad_fn = jax.value_and_grad(summed_loss, argnums=(0, 1), has_aux=True)
+    grad_fn = jax.value_and_grad(_summed_loss_fn(parts), argnums=(0, 1), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
@@ -110,14 +151,7 @@ def make_train_step(
             observed = jax.tree.map(jnp.maximum, observed, o)  # amaxes combine by max
             return (total + t, tokens + n, grads, observed), None
 
-        # Strided split (row j goes to micro-batch j % M): with the batch sharded over
-        # data-parallel devices, every device contributes to every micro-batch.
-        micro = jax.tree.map(
-            lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(
-                0, 1
-            ),
-            batch,
-        )
+        micro = _split_micro_batches(batch, micro_batches)
         zeros = jax.tree.map(jnp.zeros_like, (state.params, probes))
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), *zeros)
         (total, tokens, grads, observed), _ = jax.lax.scan(accumulate, init, micro)

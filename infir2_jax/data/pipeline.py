@@ -1,0 +1,202 @@
+"""The grain pipeline: records -> examples -> packed rows -> this host's share of each batch.
+
+    source --split (train/val/test by index ranges)--> this host's slice (index % hosts)
+      --shuffle(seed), new order every epoch, endless (train only)--> examples (tokenize, mask)
+      --pack to seq_len--> rows --batch(global batch / hosts)--> [worker processes]
+
+Packing: CPT concatenates documents and cuts rows (a long document continues in the next row;
+nothing is padded or dropped); SFT packs whole samples first-fit into `data.pack_bins` rows at
+a time and pads the rest (a sample is never split). Inside a row, `segment_ids` number the
+samples from 1 (0 = padding) and `positions` restart at 0 for each, so attention never crosses
+samples. The training iterator is a stateful grain iterator; its state goes into every
+checkpoint, so a resumed run reads exactly the next batch (with the same `data.workers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from infir2_jax.config import DataConfig
+from infir2_jax.data.examples import DROPPED, TRUNCATED, CptExamples, SftExamples
+from infir2_jax.data.records import (
+    ArrayRecordJsonSource,
+    DataError,
+    InMemorySource,
+    JsonlSource,
+    ParquetSource,
+    PreparedSource,
+    expand_paths,
+)
+from infir2_jax.data.synthetic import arithmetic_documents
+from infir2_jax.data.tokenizer import LazyTokenizer
+
+FEATURES = ("input_ids", "labels", "loss_mask", "doc_ids", "overlong")
+Batch = dict[str, np.ndarray]
+
+
+def open_source(cfg: DataConfig):
+    """The configured record source (raises DataError for missing or malformed input)."""
+    field = cfg.messages_field if cfg.kind == "sft" else (cfg.tokens_field or cfg.text_field)
+    if cfg.source == "synthetic":
+        if cfg.kind == "sft":
+            raise DataError("data.source=synthetic only provides pre-training text (kind: cpt)")
+        return InMemorySource(arithmetic_documents(cfg.synthetic_documents), "synthetic")
+    if cfg.source == "jsonl":
+        return JsonlSource(expand_paths(cfg.path, (".jsonl", ".json")), field)
+    if cfg.source == "parquet":
+        return ParquetSource(expand_paths(cfg.path, (".parquet",)), field)
+    if cfg.source == "arrayrecord":
+        return ArrayRecordJsonSource(expand_paths(cfg.path, (".array_record",)), field)
+    source = PreparedSource(cfg.path)
+    if source.info["kind"] != cfg.kind:
+        raise DataError(
+            f"data.path: {cfg.path} was prepared for kind={source.info['kind']}, "
+            f"not data.kind={cfg.kind}"
+        )
+    return source
+
+
+def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) index ranges for train/val/test (Megatron's split)."""
+    edges = np.round(np.cumsum([0.0, *fractions]) / sum(fractions) * n).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+class _WithIndex:
+    """(source index, record): the index is the sample id carried into every batch."""
+
+    def __call__(self, index: int, record):
+        return index, record
+
+
+class _Apply:
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self, item):
+        index, record = item
+        return self.make(index, record)
+
+
+def _model_inputs(row: dict[str, np.ndarray]) -> Batch:
+    out = {name: row[name] for name in FEATURES}
+    out["positions"] = row["input_ids_positions"]
+    out["segment_ids"] = row["input_ids_segment_ids"]
+    return out
+
+
+@dataclasses.dataclass
+class DataPipeline:
+    cfg: DataConfig
+    seq_len: int
+    global_batch: int
+    seed: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.global_batch % self.process_count:
+            raise DataError(
+                f"train.batch_size={self.global_batch} does not split over "
+                f"{self.process_count} hosts"
+            )
+        self.host_batch = self.global_batch // self.process_count
+        self.source = open_source(self.cfg)
+        self.bounds = dict(
+            zip(
+                ("train", "val", "test"),
+                split_bounds(len(self.source), self.cfg.split),
+                strict=True,
+            )
+        )
+        lo, hi = self.bounds["train"]
+        if hi - lo < self.process_count:
+            raise DataError(
+                f"data: the train split has {hi - lo} documents (of {len(self.source)}, "
+                f"data.split={list(self.cfg.split)}), fewer than the {self.process_count} hosts"
+            )
+        tokenizer = LazyTokenizer(self.cfg.tokenizer, self.cfg.chat_template)
+        if self.cfg.source != "prepared" and (self.cfg.kind == "sft" or not self.cfg.tokens_field):
+            if self.cfg.source != "synthetic":
+                tokenizer.get()  # a missing or broken tokenizer fails now, not in a worker
+        if self.cfg.kind == "sft":
+            self.examples = SftExamples(
+                tokenizer, self.cfg.messages_field, self.cfg.end_of_turn, self.seq_len,
+                self.cfg.overlong,
+            )  # fmt: skip
+        else:
+            self.examples = CptExamples(tokenizer, self.cfg.text_field, self.cfg.tokens_field)
+
+    def _rows(self, split: str, *, train: bool) -> grain.IterDataset:
+        lo, hi = self.bounds[split]
+        ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex())[lo:hi]
+        ds = ds[self.process_index :: self.process_count]
+        if train:
+            ds = ds.shuffle(seed=self.seed).repeat()
+        ds = ds.map(_Apply(self.examples)).to_iter_dataset()
+        lengths = dict.fromkeys(FEATURES, self.seq_len)
+        if self.cfg.kind == "sft":
+            ds = grain.experimental.FirstFitPackIterDataset(
+                ds, length_struct=lengths, num_packing_bins=self.cfg.pack_bins, seed=self.seed
+            )
+        else:
+            ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
+        return ds.map(_model_inputs)
+
+    def train_iterator(self) -> grain.DatasetIterator:
+        """Endless iterator of this host's batches; `get_state`/`set_state` checkpoint it."""
+        ds = self._rows("train", train=True).batch(self.host_batch, drop_remainder=True)
+        if self.cfg.workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.workers))
+        return iter(ds)
+
+    def eval_batches(self, count: int) -> list[Batch]:
+        """The first `count` batches of the validation split (the same ones every time)."""
+        lo, hi = self.bounds["val"]
+        if hi - lo < self.process_count:
+            raise DataError(
+                f"data.split={list(self.cfg.split)} leaves {hi - lo} validation documents; "
+                "train.eval_every needs a validation split"
+            )
+        ds = self._rows("val", train=False).batch(self.host_batch, drop_remainder=True)
+        batches = []
+        for batch in ds:
+            batches.append(batch)
+            if len(batches) == count:
+                break
+        if not batches:
+            raise DataError("data: the validation split holds less than one batch")
+        return batches
+
+
+def sample_ids(batch: Batch) -> list[list[int]]:
+    """Per row, the source indices of the samples it holds, in order."""
+    out = []
+    for row in batch["doc_ids"]:
+        ids = row[row > 0]
+        keep = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else ids.astype(bool)
+        out.append([int(i) - 1 for i in ids[keep]])
+    return out
+
+
+def overlong_counts(batch: Batch) -> dict[str, int]:
+    return {
+        "truncated": int(np.sum(batch["overlong"] == TRUNCATED)),
+        "dropped": int(np.sum(batch["overlong"] == DROPPED)),
+    }
+
+
+def check_vocab(batch: Batch, vocab_size: int) -> None:
+    """Token ids past the embedding table would be silently clamped by the gather; refuse."""
+    bad = (batch["input_ids"] >= vocab_size) | (batch["labels"] >= vocab_size)
+    if bad.any():
+        rows = np.nonzero(bad.any(-1))[0]
+        top = int(max(batch["input_ids"].max(), batch["labels"].max()))
+        samples = sample_ids({"doc_ids": batch["doc_ids"][rows]})
+        raise DataError(
+            f"data: token id {top} does not fit model.vocab_size={vocab_size} "
+            f"(in samples {sorted({i for row in samples for i in row})})"
+        )

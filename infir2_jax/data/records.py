@@ -1,0 +1,196 @@
+"""Random-access record sources: JSONL, Parquet, ArrayRecord, prepared token shards, synthetic.
+
+Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whose items are
+`Record(where, value)`: `where` names the file and line/row so that a bad record deep inside a
+pipeline (possibly in a worker process) still produces an error a person can act on.
+Sources hold no open file handles across pickling, so grain can ship them to worker processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+PREPARED_INFO = "prepared.json"  # written by `python -m infir2_jax.prepare`
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line or row)."""
+
+
+class Record(typing.NamedTuple):
+    where: str  # "file:line", "file:row N", "shard#N": where the record came from
+    value: typing.Any  # a JSON object (dict), or a token array for prepared/synthetic data
+
+
+def expand_paths(path: str | None, suffixes: Sequence[str], key: str = "data.path") -> list[Path]:
+    """A file, a directory (its files with one of `suffixes`, sorted) or a glob pattern."""
+    if path is None:
+        raise DataError(f"{key}: required for this data source")
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(tuple(suffixes)))
+    elif p.is_file():
+        files = [p]
+    else:
+        files = [Path(f) for f in sorted(glob.glob(path)) if Path(f).is_file()]
+        if not files:
+            raise DataError(f"{key}: {path}: data file not found")
+    if not files:
+        raise DataError(f"{key}: {path}: no {'/'.join(suffixes)} files in this directory")
+    return files
+
+
+class JsonlSource:
+    """One JSON object per line over one or more files. Opening indexes the byte offset of
+    every non-empty line and checks that it parses and holds `field`, so a malformed line is
+    reported (file:line) before training starts, not hours in."""
+
+    def __init__(self, files: Sequence[Path], field: str):
+        self.files, self.field = [str(f) for f in files], field
+        file_index, offsets, sizes, lines = [], [], [], []
+        for i, path in enumerate(self.files):
+            offset = 0
+            with open(path, "rb") as f:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        _parse_json_record(line, f"{path}:{number}", field)
+                        file_index.append(i)
+                        offsets.append(offset)
+                        sizes.append(len(line))
+                        lines.append(number)
+                    offset += len(line)
+        if not offsets:
+            raise DataError(f"{', '.join(self.files)}: no documents")
+        self._file = np.asarray(file_index, np.int32)
+        self._offset = np.asarray(offsets, np.int64)
+        self._size = np.asarray(sizes, np.int64)
+        self._line = np.asarray(lines, np.int64)
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def __getitem__(self, index: int) -> Record:
+        i = int(self._file[index])
+        if i not in self._fds:  # one descriptor per file and process, shared by grain's threads
+            self._fds.setdefault(i, os.open(self.files[i], os.O_RDONLY))
+        # pread: positional, so concurrent reads from grain's thread pool do not race on a seek.
+        line = os.pread(self._fds[i], int(self._size[index]), int(self._offset[index]))
+        where = f"{self.files[i]}:{int(self._line[index])}"
+        return Record(where, _parse_json_record(line, where, self.field))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fds": {}}
+
+
+class ParquetSource:
+    """Rows of Parquet files; only the needed column is read (kept as Arrow buffers)."""
+
+    def __init__(self, files: Sequence[Path], field: str):
+        import pyarrow.parquet as pq
+
+        self.files, self.field = [str(f) for f in files], field
+        columns, starts = [], [0]
+        for path in self.files:
+            try:
+                schema = pq.read_schema(path)
+            except Exception as e:  # pyarrow raises several types for a bad file
+                raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+            if field not in schema.names:
+                raise DataError(f"{path}: missing field {field!r} (columns: {schema.names})")
+            column = pq.read_table(path, columns=[field]).column(field)
+            columns.append(column)
+            starts.append(starts[-1] + len(column))
+        if starts[-1] == 0:
+            raise DataError(f"{', '.join(self.files)}: no documents")
+        self._columns, self._starts = columns, np.asarray(starts)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> Record:
+        i = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = int(index - self._starts[i])
+        return Record(f"{self.files[i]}:row {row}", {self.field: self._columns[i][row].as_py()})
+
+
+class ArrayRecordJsonSource:
+    """ArrayRecord files whose records are UTF-8 JSON objects (one JSONL line per record)."""
+
+    def __init__(self, files: Sequence[Path], field: str):
+        import grain
+
+        self.files, self.field = [str(f) for f in files], field
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self.files)
+        except Exception as e:  # array_record raises RuntimeError/ValueError for bad files
+            raise DataError(f"{', '.join(self.files)}: not readable as ArrayRecord ({e})") from None
+        if len(self._source) == 0:
+            raise DataError(f"{', '.join(self.files)}: no documents")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Record:
+        where = f"{','.join(self.files)}#{index}"
+        return Record(where, _parse_json_record(self._source[index], where, self.field))
+
+
+class PreparedSource:
+    """Token shards written by `prepare`: records are int32 arrays ([tokens] for CPT,
+    [2, length] tokens + loss mask for SFT)."""
+
+    def __init__(self, directory: str | None):
+        import grain
+
+        if directory is None:
+            raise DataError("data.path: required for data.source=prepared")
+        info_path = Path(directory) / PREPARED_INFO
+        if not info_path.is_file():
+            raise DataError(f"data.path: {directory}: no {PREPARED_INFO} (run the prepare command)")
+        self.info = json.loads(info_path.read_text())
+        self.files = [str(Path(directory) / name) for name in self.info["shards"]]
+        self._source = grain.sources.ArrayRecordDataSource(self.files)
+        if len(self._source) == 0:
+            raise DataError(f"{directory}: no documents")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Record:
+        tokens = np.frombuffer(self._source[index], dtype=np.int32)
+        if self.info["kind"] == "sft":
+            tokens = tokens.reshape(2, -1)
+        return Record(f"{self.files[0]}…#{index}", tokens)
+
+
+class InMemorySource:
+    """Token arrays held in memory (the synthetic corpus, tests)."""
+
+    def __init__(self, documents: Sequence[np.ndarray], name: str = "memory"):
+        if not documents:
+            raise DataError(f"{name}: no documents")
+        self._documents, self._name = list(documents), name
+
+    def __len__(self) -> int:
+        return len(self._documents)
+
+    def __getitem__(self, index: int) -> Record:
+        return Record(f"{self._name}#{index}", self._documents[index])
+
+
+def _parse_json_record(line: bytes | str, where: str, field: str) -> dict:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(record, dict) or field not in record:
+        raise DataError(f"{where}: missing field {field!r}")
+    return record

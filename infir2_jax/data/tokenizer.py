@@ -1,0 +1,66 @@
+"""A local Hugging Face tokenizer, loaded once per process (grain pickles transforms into
+worker processes; the path travels, the loaded tokenizer does not)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from infir2_jax.data.records import DataError
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def chat_template_path(name: str) -> Path:
+    """A built-in template by name (e.g. "qwen2.5", templates/*.jinja) or a Jinja file path."""
+    builtin = TEMPLATES / f"{name}.jinja"
+    if builtin.is_file():
+        return builtin
+    if not Path(name).is_file():
+        known = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+        raise DataError(f"data.chat_template: {name}: not a file nor a built-in ({known})")
+    return Path(name)
+
+
+def load_tokenizer(path: str | None, chat_template: str | None = None):
+    """The tokenizer at `path` (a local directory); `chat_template` (see `chat_template_path`)
+    replaces the tokenizer's own template."""
+    from transformers import AutoTokenizer
+
+    if path is None:
+        raise DataError("data.tokenizer: a local tokenizer directory is required for text data")
+    if not Path(path).is_dir():
+        raise DataError(f"data.tokenizer: {path}: tokenizer directory not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.tokenizer: {path}: cannot load a tokenizer ({e})") from None
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template_path(chat_template).read_text()
+    return tokenizer
+
+
+class LazyTokenizer:
+    """Loaded on first use, once per process; grain maps records on a thread pool, hence the
+    lock (concurrent first imports of transformers fail)."""
+
+    def __init__(self, path: str | None, chat_template: str | None = None):
+        self.path, self.chat_template = path, chat_template
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._tokenizer is None:
+                # Workers and threads tokenize in parallel already; nested pools only contend.
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+                self._tokenizer = load_tokenizer(self.path, self.chat_template)
+        return self._tokenizer
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

@@ -1,0 +1,152 @@
+"""Pre-tokenize a corpus once into ArrayRecord shards that training reads with no tokenizer.
+
+    python -m infir2_jax.prepare --config cpt_7b --out data/cpt_prepared [--set ...]
+    # then train with: --set data.source=prepared --set data.path=data/cpt_prepared
+
+It reads the run config's `data` section (source, path, fields, tokenizer, template, kind) and
+writes every document in source order (so `data.split` selects the same documents from the
+prepared shards as from the raw files): CPT records are int32 token ids with EOS appended;
+SFT records are [2, length] int32 (tokens, assistant loss mask). Over-long SFT samples are
+kept whole (truncation or dropping depends on `train.seq_len`, applied when training).
+The output directory appears only once complete (written under a temporary name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from infir2_jax.checkpoint.hf_io import CheckpointError, atomic_output_dir
+from infir2_jax.config import ConfigError, DataConfig, load_config
+from infir2_jax.data.examples import CptExamples, SftExamples
+from infir2_jax.data.pipeline import open_source
+from infir2_jax.data.records import PREPARED_INFO, DataError
+from infir2_jax.data.tokenizer import LazyTokenizer
+
+CHUNK = 256  # documents per task handed to a worker
+
+_worker: dict = {}
+
+
+def _init_worker(cfg: DataConfig, source) -> None:
+    # The opened source (its line index) travels once per worker, not once per task.
+    _worker["cfg"], _worker["source"] = cfg, source
+
+
+def _encode_range(bounds: tuple[int, int]) -> list[bytes]:
+    start, stop = bounds
+    cfg: DataConfig = _worker["cfg"]
+    source = _worker["source"]
+    tokenizer = LazyTokenizer(cfg.tokenizer, cfg.chat_template)
+    out = []
+    if cfg.kind == "sft":
+        examples = SftExamples(tokenizer, cfg.messages_field, cfg.end_of_turn, 0, "truncate")
+        for i in range(start, stop):
+            tokens, mask = examples.tokens_and_mask(source[i])
+            out.append(np.stack([tokens, mask]).astype(np.int32).tobytes())
+    else:
+        examples = CptExamples(tokenizer, cfg.text_field, cfg.tokens_field)
+        for i in range(start, stop):
+            out.append(examples.tokens(source[i]).astype(np.int32).tobytes())
+    return out
+
+
+def _encoded(cfg: DataConfig, source, workers: int) -> Iterator[bytes]:
+    tasks = [(s, min(s + CHUNK, len(source))) for s in range(0, len(source), CHUNK)]
+    if workers <= 1:
+        _init_worker(cfg, source)
+        for task in tasks:
+            yield from _encode_range(task)
+        return
+    # spawn, not fork: the parent may hold threads (tokenizers, JAX) that fork would break.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(cfg, source)) as pool:
+        for records in pool.imap(_encode_range, tasks):  # in order
+            yield from records
+
+
+def prepare(
+    cfg: DataConfig,
+    out_dir: str | os.PathLike,
+    *,
+    docs_per_shard: int = 100_000,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Writes the prepared shards and `prepared.json`; returns the summary."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tqdm import tqdm
+
+    if cfg.source in ("synthetic", "prepared"):
+        raise DataError(f"data.source={cfg.source}: nothing to prepare (already tokens)")
+    source = open_source(cfg)  # validates the files (JSONL lines) before any work
+    if cfg.kind == "sft" or cfg.tokens_field is None:
+        LazyTokenizer(cfg.tokenizer, cfg.chat_template).get()  # a missing tokenizer fails now
+    started = time.perf_counter()
+    shards, tokens, loss_tokens, writer = [], 0, 0, None
+    with atomic_output_dir(Path(out_dir)) as tmp:
+        bar = tqdm(total=len(source), unit="doc", disable=not progress, file=sys.stderr)
+        for i, record in enumerate(_encoded(cfg, source, workers)):
+            if i % docs_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                shards.append(f"shard-{len(shards):05d}.array_record")
+                writer = ArrayRecordWriter(str(tmp / shards[-1]), "group_size:1")
+            writer.write(record)
+            array = np.frombuffer(record, np.int32)
+            if cfg.kind == "sft":
+                tokens += len(array) // 2
+                loss_tokens += int(array[len(array) // 2 :].sum())
+            else:
+                tokens += len(array)
+            bar.update(1)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        summary = {
+            "kind": cfg.kind,
+            "documents": len(source),
+            "tokens": tokens,
+            **({"loss_tokens": loss_tokens} if cfg.kind == "sft" else {}),
+            "shards": shards,
+            "source": cfg.source,
+            "path": cfg.path,
+            "tokenizer": cfg.tokenizer,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / PREPARED_INFO).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infir2_jax.prepare", description=__doc__)
+    parser.add_argument("--config", required=True, help="a run config (its data section)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    parser.add_argument("--docs-per-shard", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set).data
+        summary = prepare(cfg, args.out, docs_per_shard=args.docs_per_shard, workers=args.workers)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    extra = f", {summary['loss_tokens']:,} in the loss" if cfg.kind == "sft" else ""
+    print(
+        f"prepared {summary['documents']:,} documents, {summary['tokens']:,} tokens{extra} "
+        f"in {len(summary['shards'])} shards -> {args.out} ({summary['seconds']} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
