@@ -25,7 +25,10 @@ from infir2_jax.train.optimizer import learning_rate_schedule
 
 def test_all_configs_parse_and_round_trip():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert {"tiny_cpt", "cpt_7b", "cpt_1p5b"} <= set(names)
+    assert {
+        "tiny_cpt", "tiny_sft", "cpt_7b", "cpt_7b_decay", "cpt_1p5b", "cpt_1p5b_decay",
+        "sft_7b_stage1", "sft_7b_stage2", "sft_1p5b_stage1", "sft_1p5b_stage2",
+    } <= set(names)  # fmt: skip
     for name in names:
         cfg = load_config(name)
         assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
@@ -53,6 +56,43 @@ def test_wsd_schedule_has_the_recipe_values():
     assert float(schedule(40000)) == pytest.approx(1e-5)
     cosine = learning_rate_schedule(OptimConfig(lr=2e-5, min_lr=2e-6, warmup_steps=50), 1000)
     assert float(cosine(50)) == pytest.approx(2e-5) and float(cosine(1000)) == pytest.approx(2e-6)
+
+
+@pytest.mark.parametrize("size", ["7b", "1p5b"])
+def test_decay_configs_continue_the_stable_phase(size):
+    stable, decay = load_config(f"cpt_{size}"), load_config(f"cpt_{size}_decay")
+    assert decay.model == stable.model and decay.data == stable.data
+    assert decay.train.resume_from == f"{stable.train.run_dir}/checkpoints/35000"
+    assert decay.train.init_from is None and decay.optim.warmup_steps == 0
+    schedule = learning_rate_schedule(decay.optim, decay.train.steps)
+    assert float(schedule(35000)) == pytest.approx(1e-4)
+    assert float(schedule(37500)) == pytest.approx(5.5e-5)
+    assert float(schedule(40000)) == pytest.approx(1e-5)
+    assert stable.data.split == (0.90, 0.05, 0.05) and stable.train.eval_every == 100
+
+
+@pytest.mark.parametrize("size,lr", [("7b", 2e-5), ("1p5b", 5e-5)])
+def test_sft_configs_have_the_recipe_numbers(size, lr):
+    one, two = load_config(f"sft_{size}_stage1"), load_config(f"sft_{size}_stage2")
+    assert one.train.init_from == f"runs/cpt_{size}_decay"  # the CPT output
+    assert two.train.init_from == one.train.run_dir  # stage 2 starts from stage 1
+    for cfg, samples in ((one, 72_000), (two, 165_000)):
+        assert cfg.data.kind == "sft" and cfg.data.chat_template == "qwen2.5"
+        assert (cfg.train.batch_size, cfg.train.seq_len, cfg.model.remat) == (64, 32768, "full")
+        assert cfg.train.steps == -(-5 * samples // 64)  # 5 epochs of one sample per row
+        steps = cfg.train.steps
+        schedule = learning_rate_schedule(cfg.optim, steps)
+        warmup = round(0.05 * steps)
+        assert float(schedule(warmup // 2)) == pytest.approx(lr * (warmup // 2) / warmup)
+        assert float(schedule(warmup)) == pytest.approx(lr)
+        assert float(schedule(steps)) == pytest.approx(lr / 10)
+        mid = (warmup + steps) // 2
+        assert float(schedule(mid)) == pytest.approx(lr / 10 + 0.45 * lr, rel=1e-3)
+
+
+def test_warmup_fraction_and_steps_are_exclusive():
+    with pytest.raises(ValueError, match="set one, not both"):
+        learning_rate_schedule(OptimConfig(lr=1.0, warmup_steps=5, warmup_fraction=0.1), 100)
 
 
 def test_overrides_are_typed():

@@ -1,89 +1,208 @@
-"""Packing, the synthetic corpus, JSONL input errors, deterministic batches."""
+"""Pre-training data: sources, packing, epochs, seeds, splits, prepared shards, input errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
 
 from infir2_jax.config import DataConfig
-from infir2_jax.data import DataError, PackedDataset, build_dataset, pack_documents
+from infir2_jax.data import DataError, DataPipeline, check_vocab, sample_ids, split_bounds
+from infir2_jax.data.records import InMemorySource
 from infir2_jax.data.synthetic import EOS_ID, arithmetic_documents, decode
+from infir2_jax.prepare import prepare
 
 
-def test_packing_keeps_every_token_and_marks_documents():
-    docs = [np.arange(n) + 100 * i for i, n in enumerate([5, 9, 3, 12, 4])]
-    rows = pack_documents(docs, seq_len=7)  # rows of 8 tokens; 33 tokens -> 4 rows
-    assert rows.tokens.shape == (4, 8)
-    np.testing.assert_array_equal(rows.tokens.reshape(-1), np.concatenate(docs)[:32])
-    # Row 0: doc0 (5 tokens) then doc1 starts.
-    np.testing.assert_array_equal(rows.segment_ids[0], [1, 1, 1, 1, 1, 2, 2, 2])
-    np.testing.assert_array_equal(rows.positions[0], [0, 1, 2, 3, 4, 0, 1, 2])
-    # Row 1 continues doc1 (restarting positions at the row start), then doc2.
-    np.testing.assert_array_equal(rows.segment_ids[1], [1, 1, 1, 1, 1, 1, 2, 2])
-    np.testing.assert_array_equal(rows.positions[1], [0, 1, 2, 3, 4, 5, 0, 1])
-    batch = rows.batch(np.array([0]))
-    np.testing.assert_array_equal(batch["labels"][0], rows.tokens[0, 1:])
-    # The label that would jump from doc0's last token into doc1 does not count.
-    np.testing.assert_array_equal(batch["loss_mask"][0], [1, 1, 1, 1, 0, 1, 1])
+def _pipeline(cfg: DataConfig, seq_len=16, batch=2, seed=0, documents=None, **kwargs):
+    pipeline = DataPipeline(cfg, seq_len=seq_len, global_batch=batch, seed=seed, **kwargs)
+    if documents is not None:  # swap in a hand-made corpus
+        pipeline.source = InMemorySource(documents)
+        pipeline.bounds = dict(
+            zip(("train", "val", "test"), split_bounds(len(documents), cfg.split), strict=True)
+        )
+    return pipeline
+
+
+def _batches(iterator, count):
+    return [next(iterator) for _ in range(count)]
 
 
 def test_synthetic_corpus_is_deterministic_text():
     a, b = arithmetic_documents(5, seed=3), arithmetic_documents(5, seed=3)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert all(d[-1] == EOS_ID for d in a)
-    text = decode(a[0])
-    lhs, rhs = text.splitlines()[0].split(" = ")
+    lhs, rhs = decode(a[0]).splitlines()[0].split(" = ")
     assert eval(lhs) == int(rhs)
 
 
-def test_batches_depend_only_on_seed_and_step():
-    rows = pack_documents(arithmetic_documents(300), seq_len=32)
-    first, second = PackedDataset(rows, 4, seed=7), PackedDataset(rows, 4, seed=7)
-    steps = [0, 5, len(rows) // 4 + 1]  # the last one is in the second epoch
-    for step in steps:
-        np.testing.assert_array_equal(first.row_indices(step), second.row_indices(step))
-    epoch = np.concatenate([first.row_indices(s) for s in range(len(rows) // 4)])
-    assert len(set(epoch.tolist())) == len(epoch)  # no row repeated within an epoch
-    assert not np.array_equal(PackedDataset(rows, 4, seed=8).row_indices(0), first.row_indices(0))
+def test_cpt_epoch_keeps_every_token_once_in_seeded_order():
+    docs = [np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(range(3, 40, 2))]
+    cfg = DataConfig()
+    batches = _batches(_pipeline(cfg, documents=docs, seed=5).train_iterator(), 30)
+    ids = np.concatenate([b["doc_ids"].reshape(-1) for b in batches])
+    inputs = np.concatenate([b["input_ids"].reshape(-1) for b in batches])
+    labels = np.concatenate([b["labels"].reshape(-1) for b in batches])
+    per_epoch = sum(len(d) - 1 for d in docs)
+    assert len(ids) > per_epoch  # the batches reach into the second epoch
+    # The first epoch is every document once (in a shuffled order), token for token.
+    first = ids[:per_epoch]
+    order = [int(i) - 1 for i in first[np.r_[True, first[1:] != first[:-1]]]]
+    assert sorted(order) == list(range(len(docs))) and order != sorted(order)
+    expected = np.concatenate([docs[i][:-1] for i in order])
+    np.testing.assert_array_equal(inputs[:per_epoch], expected)
+    np.testing.assert_array_equal(labels[:per_epoch], np.concatenate([docs[i][1:] for i in order]))
+    # Rows mark their documents: segment ids number them, positions restart with each.
+    row = batches[0]
+    for r in range(row["doc_ids"].shape[0]):
+        starts = np.r_[True, row["doc_ids"][r, 1:] != row["doc_ids"][r, :-1]]
+        np.testing.assert_array_equal(row["segment_ids"][r], np.cumsum(starts))
+        assert (row["positions"][r][starts] == 0).all()
+    # The same seed gives the same batches; another seed another order; epoch 2 reshuffles.
+    again = _batches(_pipeline(cfg, documents=docs, seed=5).train_iterator(), 30)
+    for x, y in zip(batches, again, strict=True):
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+    other = _batches(_pipeline(cfg, documents=docs, seed=6).train_iterator(), 1)[0]
+    assert not np.array_equal(other["doc_ids"], batches[0]["doc_ids"])
+    second = ids[per_epoch : 2 * per_epoch]
+    assert not np.array_equal(first, second[: len(first)])
 
 
-def test_jsonl_errors_name_file_and_line(tmp_path):
-    path = tmp_path / "corpus.jsonl"
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    cfg = DataConfig(source="jsonl", path=str(path), tokenizer=str(tok))
-    kwargs = dict(seq_len=16, batch_size=1, seed=0, vocab_size=1000)
+def test_packed_rows_do_not_attend_across_documents():
+    """A packed row's logits equal each of its documents run alone."""
+    import jax.numpy as jnp
+    from flax import nnx
 
-    path.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"corpus.jsonl:2: invalid JSON"):
-        build_dataset(cfg, **kwargs)
-    path.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"corpus.jsonl:1: missing field 'text'"):
-        build_dataset(cfg, **kwargs)
-    path.write_text("\n")
-    with pytest.raises(DataError, match="corpus.jsonl: no documents"):
-        build_dataset(cfg, **kwargs)
-    with pytest.raises(DataError, match="not found"):
-        build_dataset(DataConfig(source="jsonl", path=str(tmp_path / "nope.jsonl")), **kwargs)
+    from infir2_jax.model import Qwen2, preset
+
+    model = Qwen2(preset("tiny").replace(vocab_size=257, dtype="float32"), rngs=nnx.Rngs(0))
+    docs = arithmetic_documents(30, seed=1)
+    batch = _batches(_pipeline(DataConfig(), seq_len=96, documents=docs).train_iterator(), 1)[0]
+    row = {k: jnp.asarray(v[:1]) for k, v in batch.items()}
+    packed = np.asarray(model(row["input_ids"], row["positions"], row["segment_ids"]))[0]
+    seg = batch["segment_ids"][0]
+    for s in np.unique(seg)[1:-1]:  # documents wholly inside the row
+        where = np.nonzero(seg == s)[0]
+        alone = np.asarray(model(row["input_ids"][:, where]))[0]
+        np.testing.assert_allclose(packed[where], alone, atol=2e-5)
 
 
-def test_jsonl_with_a_real_qwen_tokenizer(tmp_path, qwen_tokenizer_dir):
+def test_hosts_read_disjoint_shards():
+    docs = [np.full(5, i, np.int32) for i in range(40)]
+    seen = []
+    for host in range(2):
+        p = _pipeline(DataConfig(), documents=docs, batch=4, process_index=host, process_count=2)
+        assert p.host_batch == 2
+        batches = _batches(p.train_iterator(), 3)
+        seen.append({i for b in batches for row in sample_ids(b) for i in row})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert all(i % 2 == 0 for i in seen[0]) and all(i % 2 == 1 for i in seen[1])
+
+
+def test_split_bounds_and_validation_batches():
+    assert split_bounds(1000, (0.9, 0.05, 0.05)) == [(0, 900), (900, 950), (950, 1000)]
+    docs = [np.arange(12, dtype=np.int32) + 100 * i for i in range(40)]
+    p = _pipeline(DataConfig(split=(0.9, 0.05, 0.05)), documents=docs)
+    val = p.eval_batches(100)
+    val_ids = {i for b in val for row in sample_ids(b) for i in row}
+    assert val_ids <= set(range(36, 38))  # never a training document
+    assert [sample_ids(b) for b in p.eval_batches(100)] == [sample_ids(b) for b in val]
+    train = _batches(p.train_iterator(), 40)
+    assert {i for b in train for row in sample_ids(b) for i in row} == set(range(36))
+    with pytest.raises(DataError, match="validation split"):
+        _pipeline(DataConfig(), documents=docs).eval_batches(1)
+
+
+def _gsm8k_texts(tmp_path, n=40):
+    lines = (SHARED_DATA / "gsm8k_test.jsonl").read_text().splitlines()[:n]
+    return [json.loads(x)["question"] for x in lines]
+
+
+def test_jsonl_parquet_arrayrecord_and_prepared_agree(tmp_path, qwen_tokenizer_dir):
+    """The same documents from every source give the same batches; prepared shards record
+    the token counts; the text comes back from the tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
     from transformers import AutoTokenizer
 
-    lines = (SHARED_DATA / "gsm8k_test.jsonl").read_text().splitlines()[:40]
-    corpus = tmp_path / "gsm8k.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": json.loads(x)["question"]}) for x in lines))
-    cfg = DataConfig(source="jsonl", path=str(corpus), tokenizer=str(qwen_tokenizer_dir))
-    data = build_dataset(cfg, seq_len=64, batch_size=2, seed=0, vocab_size=151936)
+    texts = _gsm8k_texts(tmp_path)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"body": texts}), tmp_path / "c.parquet")
+    writer = ArrayRecordWriter(str(tmp_path / "c.array_record"), "group_size:1")
+    for t in texts:
+        writer.write(json.dumps({"body": t}).encode())
+    writer.close()
+    common = dict(text_field="body", tokenizer=str(qwen_tokenizer_dir))
+    configs = {
+        name: DataConfig(source=name, path=str(tmp_path / f"c.{ext}"), **common)
+        for name, ext in (
+            ("jsonl", "jsonl"),
+            ("parquet", "parquet"),
+            ("arrayrecord", "array_record"),
+        )
+    }
+    summary = prepare(configs["jsonl"], tmp_path / "prepared", docs_per_shard=15, progress=False)
+    assert summary["documents"] == 40 and len(summary["shards"]) == 3
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
-    eos = tokenizer.eos_token_id
-    stream = data.rows.tokens.reshape(-1)
-    first_question = json.loads(lines[0])["question"]
-    first_doc = stream[: list(stream).index(eos)]
-    assert tokenizer.decode(first_doc) == first_question
-    assert (data.rows.tokens == eos).sum() >= len(data.rows) // 2
-    with pytest.raises(DataError, match="does not fit model.vocab_size"):
-        build_dataset(cfg, seq_len=64, batch_size=2, seed=0, vocab_size=1000)
+    expected = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # + EOS each
+    assert summary["tokens"] == expected
+    configs["prepared"] = DataConfig(source="prepared", path=str(tmp_path / "prepared"))
+
+    results = {
+        name: _batches(_pipeline(cfg, seq_len=64, batch=2).train_iterator(), 4)
+        for name, cfg in configs.items()
+    }
+    for name, batches in results.items():
+        for x, y in zip(results["jsonl"], batches, strict=True):
+            for key in ("input_ids", "labels", "segment_ids", "doc_ids"):
+                np.testing.assert_array_equal(x[key], y[key], err_msg=f"{name} {key}")
+    row = results["jsonl"][0]
+    first = sample_ids(row)[0][0]
+    tokens = row["input_ids"][0][row["doc_ids"][0] == first + 1]
+    assert texts[first].startswith(tokenizer.decode(tokens[: min(len(tokens), 10)]))
+    check_vocab(row, 151936)
+    with pytest.raises(DataError, match=r"token id \d+ does not fit model.vocab_size=1000"):
+        check_vocab(row, 1000)
+
+
+def test_bad_input_names_the_file_and_line(tmp_path, qwen_tokenizer_dir):
+    path = tmp_path / "corpus.jsonl"
+    cfg = DataConfig(source="jsonl", path=str(path), tokenizer=str(qwen_tokenizer_dir))
+    path.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"corpus.jsonl:2: invalid JSON"):
+        _pipeline(cfg)
+    path.write_text(json.dumps({"text": "ok"}) + "\n\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"corpus.jsonl:3: missing field 'text'"):
+        _pipeline(cfg)
+    path.write_text("\n")
+    with pytest.raises(DataError, match="corpus.jsonl: no documents"):
+        _pipeline(cfg)
+    with pytest.raises(DataError, match="nope.jsonl: data file not found"):
+        _pipeline(DataConfig(source="jsonl", path=str(tmp_path / "nope.jsonl")))
+    path.write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(DataError, match=r"corpus.jsonl:1: field 'text' is not a string"):
+        _batches(_pipeline(cfg).train_iterator(), 1)
+    path.write_text(json.dumps({"text": "ok"}) + "\n")
+    with pytest.raises(DataError, match=r"data.tokenizer: .*missing_tok: tokenizer directory"):
+        _pipeline(
+            DataConfig(source="jsonl", path=str(path), tokenizer=str(tmp_path / "missing_tok"))
+        )
+    (tmp_path / "t.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="t.parquet: not a readable Parquet file"):
+        _pipeline(DataConfig(source="parquet", path=str(tmp_path / "t.parquet")))
+
+
+def test_training_cli_reports_a_malformed_line_and_exits_2(tmp_path, qwen_tokenizer_dir):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "cut' + "\n")
+    cmd = [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt"]
+    for setting in (f"train.run_dir={tmp_path / 'run'}", "data.source=jsonl", f"data.path={path}",
+                    f"data.tokenizer={qwen_tokenizer_dir}"):  # fmt: skip
+        cmd += ["--set", setting]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"error: {path}:2: invalid JSON" in r.stderr

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 
 import infir2_jax
 from infir2_jax.checkpoint.convert import orbax_to_hf
@@ -147,7 +147,7 @@ def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
     command then resumes and reproduces the uninterrupted run."""
     import signal
 
-    overrides = [*SHORT, "train.steps=200", "checkpoint.every=1000"]
+    overrides = [*SHORT, "train.steps=200", "checkpoint.every=1000", "data.record_samples=true"]
     cmd = [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt",
            "--set", f"train.run_dir={tmp_path / 'run'}"]  # fmt: skip
     for o in overrides:
@@ -181,6 +181,10 @@ def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
     full_losses = {m["step"]: m["loss"] for m in full}
     for m in resumed:
         np.testing.assert_allclose(m["loss"], full_losses[m["step"]], rtol=1e-6)
+    # The same samples, step for step: the data position was restored, not recomputed.
+    samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert samples == (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in samples] == list(range(1, 201))
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
@@ -204,3 +208,113 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 
     params = restore_params(run, read_model_config(run))
     assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
+
+
+def test_decay_run_continues_a_stable_checkpoint_with_its_optimizer_state(tmp_path):
+    """The recipe's decay job: resume a stable-phase checkpoint of another run with warmup 0
+    and a new schedule; with Adam moments, FP8 state and data position carried over, it
+    matches the one-job WSD run step for step (a reset optimizer would not)."""
+    wsd = ["optim.warmup_steps=2", "optim.decay_start=8", "optim.decay_steps=4",
+           "optim.decay_style=cosine", "optim.min_lr=1e-4", "fp8.recipe=delayed"]  # fmt: skip
+    full = train(_config(tmp_path / "full", *wsd), out=io.StringIO())
+    train(_config(tmp_path / "stable", *wsd, "train.steps=8"), out=io.StringIO())
+    decay = [
+        f"train.resume_from={tmp_path / 'stable' / 'checkpoints' / '8'}",
+        "optim.warmup_steps=0",
+        "optim.decay_start=8",
+        "optim.decay_steps=4",
+        "optim.min_lr=1e-4",
+        "fp8.recipe=delayed",
+    ]
+    out = io.StringIO()
+    resumed = train(_config(tmp_path / "decay", *decay), out=out)
+    assert "continuing" in out.getvalue() and "with this config's schedule" in out.getvalue()
+    assert [m["step"] for m in resumed] == [9, 10, 11, 12]
+    reference = {m["step"]: m for m in full}
+    for m in resumed:
+        np.testing.assert_allclose(m["loss"], reference[m["step"]]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m["lr"], reference[m["step"]]["lr"], rtol=1e-6)
+    assert resumed[-1]["lr"] < resumed[0]["lr"]
+
+    fresh = train(_config(tmp_path / "fresh", *decay, "train.resume_from=null",
+                          f"train.init_from={tmp_path / 'stable'}"), out=io.StringIO())  # fmt: skip
+    assert abs(fresh[1]["loss"] - reference[10]["loss"]) > 1e-4  # new Adam state differs
+
+    # A converted model has weights only: resume_from refuses it, naming init_from instead.
+    from infir2_jax.checkpoint.convert import hf_to_orbax
+
+    orbax_to_hf(tmp_path / "stable", tmp_path / "hf", dtype="float32")
+    hf_to_orbax(tmp_path / "hf", tmp_path / "converted")
+    bad = _config(tmp_path / "bad", f"train.resume_from={tmp_path / 'converted'}")
+    with pytest.raises(ConfigError, match="no optimizer state.*train.init_from"):
+        train(bad, out=io.StringIO())
+
+
+def _tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Reads TensorBoard event files (TFRecord framing) with tensorboardX's protobufs."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_and_wandb_receive_the_metrics(tmp_path, monkeypatch):
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class FakeRun:
+        def log(self, values, step):
+            calls["log"].append((step, dict(values)))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    cfg = _config(tmp_path / "run", "train.steps=3", "logging.wandb=true",
+                  "logging.wandb_project=demo")  # fmt: skip
+    history = train(cfg, out=io.StringIO())
+    scalars = _tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert [step for step, _ in scalars["loss"]] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in scalars["loss"]], [m["loss"] for m in history],
+                               rtol=1e-6)  # fmt: skip
+    assert {"lr", "grad_norm", "tokens_per_sec"} <= set(scalars)
+    (init_kwargs,) = calls["init"]
+    assert init_kwargs["project"] == "demo" and init_kwargs["name"] == "run"
+    assert init_kwargs["config"]["train"]["steps"] == 3 and init_kwargs["resume"] == "allow"
+    assert [step for step, _ in calls["log"]] == [1, 2, 3] and calls["finish"] == 1
+    assert calls["log"][0][1]["loss"] == pytest.approx(history[0]["loss"])
+
+
+def test_tiny_sft_trains_on_assistant_tokens_with_validation(tmp_path, qwen_tokenizer_dir):
+    from infir2_jax.data.gsm8k import write_tiny_sft
+
+    data = write_tiny_sft(SHARED_DATA / "gsm8k_test.jsonl", tmp_path / "data", qwen_tokenizer_dir)
+    cfg = load_config("tiny_sft", [
+        f"train.run_dir={tmp_path / 'run'}", f"data.path={data / 'sft.jsonl'}",
+        f"data.tokenizer={data / 'tokenizer'}", "train.steps=4", "train.batch_size=2",
+        "train.seq_len=256", "train.eval_every=2", "train.log_every=1",
+        "model.num_layers=2"])  # fmt: skip
+    history = train(cfg, out=io.StringIO())
+    steps = [m for m in history if "loss" in m]
+    evals = [m for m in history if "eval_loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4] and [m["step"] for m in evals] == [2, 4]
+    assert all(np.isfinite(m["loss"]) for m in steps)
+    # The loss covers assistant tokens only: well under the 2 x 256 positions of a batch.
+    assert all(0 < m["loss_tokens"] < 0.8 * 2 * 256 for m in steps)
+    assert steps[-1]["truncated_samples"] > 0  # 256-token rows truncate some GSM8K pairs

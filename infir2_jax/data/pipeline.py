@@ -66,10 +66,14 @@ def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
 
 
 class _WithIndex:
-    """(source index, record): the index is the sample id carried into every batch."""
+    """(source index, record): the index is the sample id carried into every batch. Grain
+    passes indices past the end on later epochs (reading them modulo the length)."""
+
+    def __init__(self, length: int):
+        self.length = length
 
     def __call__(self, index: int, record):
-        return index, record
+        return index % self.length, record
 
 
 class _Apply:
@@ -132,7 +136,7 @@ class DataPipeline:
 
     def _rows(self, split: str, *, train: bool) -> grain.IterDataset:
         lo, hi = self.bounds[split]
-        ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex())[lo:hi]
+        ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex(len(self.source)))[lo:hi]
         ds = ds[self.process_index :: self.process_count]
         if train:
             ds = ds.shuffle(seed=self.seed).repeat()
