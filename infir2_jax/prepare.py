@@ -27,7 +27,7 @@ import numpy as np
 from infir2_jax.checkpoint.hf_io import CheckpointError, atomic_output_dir
 from infir2_jax.config import ConfigError, DataConfig, load_config
 from infir2_jax.data.examples import CptExamples, SftExamples
-from infir2_jax.data.pipeline import open_source
+from infir2_jax.data.pipeline import open_source, split_bounds
 from infir2_jax.data.records import PREPARED_INFO, DataError
 from infir2_jax.data.tokenizer import LazyTokenizer
 
@@ -73,15 +73,34 @@ def _encoded(cfg: DataConfig, source, workers: int) -> Iterator[bytes]:
             yield from records
 
 
+def first_fit_rows(lengths: list[int], seq_len: int, bins: int) -> int:
+    """Rows the SFT packer makes from samples of these lengths (grain's first-fit: fill up to
+    `bins` rows, emit them all when a sample fits none); over-long samples count as full."""
+    rows, free = 0, []
+    for n in lengths:
+        n = min(n, seq_len)
+        slot = next((i for i, room in enumerate(free) if room >= n), None)
+        if slot is None and len(free) == bins:
+            rows, free = rows + len(free), []
+        if slot is None:
+            free.append(seq_len - n)
+        else:
+            free[slot] -= n
+    return rows + len(free)
+
+
 def prepare(
     cfg: DataConfig,
     out_dir: str | os.PathLike,
     *,
+    seq_len: int | None = None,
     docs_per_shard: int = 100_000,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Writes the prepared shards and `prepared.json`; returns the summary."""
+    """Writes the prepared shards and `prepared.json`; returns the summary. For SFT with
+    `seq_len`, the summary includes the packed rows of one epoch of the train split (to size
+    `train.steps` for a number of epochs)."""
     from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm import tqdm
 
@@ -91,7 +110,7 @@ def prepare(
     if cfg.kind == "sft" or cfg.tokens_field is None:
         LazyTokenizer(cfg.tokenizer, cfg.chat_template).get()  # a missing tokenizer fails now
     started = time.perf_counter()
-    shards, tokens, loss_tokens, writer = [], 0, 0, None
+    shards, tokens, loss_tokens, writer, lengths = [], 0, 0, None, []
     with atomic_output_dir(Path(out_dir)) as tmp:
         bar = tqdm(total=len(source), unit="doc", disable=not progress, file=sys.stderr)
         for i, record in enumerate(_encoded(cfg, source, workers)):
@@ -105,6 +124,7 @@ def prepare(
             if cfg.kind == "sft":
                 tokens += len(array) // 2
                 loss_tokens += int(array[len(array) // 2 :].sum())
+                lengths.append(len(array) // 2 - 1)
             else:
                 tokens += len(array)
             bar.update(1)
@@ -122,6 +142,10 @@ def prepare(
             "tokenizer": cfg.tokenizer,
             "seconds": round(time.perf_counter() - started, 1),
         }
+        if cfg.kind == "sft" and seq_len is not None:
+            lo, hi = split_bounds(len(lengths), cfg.split)[0]
+            summary["seq_len"] = seq_len
+            summary["rows_per_epoch"] = first_fit_rows(lengths[lo:hi], seq_len, cfg.pack_bins)
         (tmp / PREPARED_INFO).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -135,8 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set).data
-        summary = prepare(cfg, args.out, docs_per_shard=args.docs_per_shard, workers=args.workers)
+        run = load_config(args.config, args.set)
+        cfg = run.data
+        summary = prepare(
+            cfg,
+            args.out,
+            seq_len=run.train.seq_len,
+            docs_per_shard=args.docs_per_shard,
+            workers=args.workers,
+        )
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -145,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         f"prepared {summary['documents']:,} documents, {summary['tokens']:,} tokens{extra} "
         f"in {len(summary['shards'])} shards -> {args.out} ({summary['seconds']} s)"
     )
+    if "rows_per_epoch" in summary:
+        rows, batch = summary["rows_per_epoch"], run.train.batch_size
+        print(
+            f"train split: ~{rows:,} packed rows of {summary['seq_len']:,} tokens per epoch = "
+            f"{rows / batch:,.1f} steps per epoch at train.batch_size={batch}"
+        )
     return 0
 
 

@@ -13,7 +13,7 @@ from infir2_jax.config import DataConfig
 from infir2_jax.data import DataError, DataPipeline, load_tokenizer, sample_ids
 from infir2_jax.data.chat import assistant_token_mask
 from infir2_jax.data.gsm8k import write_tiny_sft
-from infir2_jax.prepare import prepare
+from infir2_jax.prepare import first_fit_rows, prepare
 
 CONVERSATION = [
     {"role": "system", "content": "Please reason step by step."},
@@ -125,9 +125,13 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(sft_dir):
 
 def test_prepared_sft_shards_give_the_same_batches(sft_dir, tmp_path):
     cfg = _sft_config(sft_dir)
-    summary = prepare(cfg, tmp_path / "prep", docs_per_shard=200, progress=False)
+    summary = prepare(cfg, tmp_path / "prep", seq_len=512, docs_per_shard=200, progress=False)
     assert summary["kind"] == "sft" and summary["documents"] == 879
     assert 0 < summary["loss_tokens"] < summary["tokens"]
+    # Packed rows per epoch of the train split (half the samples): between the token count
+    # over the row length and one row per sample.
+    assert summary["tokens"] / 2 / 512 < summary["rows_per_epoch"] < 879 / 2
+    assert first_fit_rows([5, 5, 5, 5], 10, 4) == 2 and first_fit_rows([6, 6, 6], 10, 2) == 3
     prepared = _sft_config(sft_dir, source="prepared", path=str(tmp_path / "prep"))
     a = DataPipeline(cfg, seq_len=512, global_batch=2, seed=3).train_iterator()
     b = DataPipeline(prepared, seq_len=512, global_batch=2, seed=3).train_iterator()

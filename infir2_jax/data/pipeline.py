@@ -123,9 +123,9 @@ class DataPipeline:
                 f"data.split={list(self.cfg.split)}), fewer than the {self.process_count} hosts"
             )
         tokenizer = LazyTokenizer(self.cfg.tokenizer, self.cfg.chat_template)
-        if self.cfg.source != "prepared" and (self.cfg.kind == "sft" or not self.cfg.tokens_field):
-            if self.cfg.source != "synthetic":
-                tokenizer.get()  # a missing or broken tokenizer fails now, not in a worker
+        needs_tokenizer = self.cfg.kind == "sft" or not self.cfg.tokens_field
+        if needs_tokenizer and self.cfg.source not in ("prepared", "synthetic"):
+            tokenizer.get()  # a missing or broken tokenizer fails now, not in a worker
         if self.cfg.kind == "sft":
             self.examples = SftExamples(
                 tokenizer, self.cfg.messages_field, self.cfg.end_of_turn, self.seq_len,
@@ -136,7 +136,9 @@ class DataPipeline:
 
     def _rows(self, split: str, *, train: bool) -> grain.IterDataset:
         lo, hi = self.bounds[split]
-        ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex(len(self.source)))[lo:hi]
+        ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex(len(self.source)))[
+            lo:hi
+        ]
         ds = ds[self.process_index :: self.process_count]
         if train:
             ds = ds.shuffle(seed=self.seed).repeat()
@@ -154,6 +156,11 @@ class DataPipeline:
         """Endless iterator of this host's batches; `get_state`/`set_state` checkpoint it."""
         ds = self._rows("train", train=True).batch(self.host_batch, drop_remainder=True)
         if self.cfg.workers > 0:
+            from absl import flags
+
+            # grain's workers read absl flags; outside absl.app nothing has parsed them.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.workers))
         return iter(ds)
 

@@ -181,6 +181,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     if start >= cfg.train.steps:
         print(f"already at step {start} >= train.steps={cfg.train.steps}; nothing to do", file=out)
         checkpointer.close()
+        if hasattr(data, "close"):
+            data.close()
         return []
 
     step_fn = jax.jit(
@@ -262,6 +264,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         stop.restore()
         checkpointer.close()
         logger.close()
+        if hasattr(data, "close"):  # stops grain worker processes (data.workers > 0)
+            data.close()
         if samples_file is not None:
             samples_file.close()
     print(f"done: {cfg.train.steps} steps, checkpoints in {run_dir / 'checkpoints'}", file=out)
