@@ -27,7 +27,7 @@ import numpy as np
 from infir2_jax.checkpoint.hf_io import CheckpointError, atomic_output_dir
 from infir2_jax.config import ConfigError, DataConfig, load_config
 from infir2_jax.data.examples import CptExamples, SftExamples
-from infir2_jax.data.pipeline import open_source, split_bounds
+from infir2_jax.data.pipeline import needs_tokenizer, open_source, split_bounds
 from infir2_jax.data.records import PREPARED_INFO, DataError
 from infir2_jax.data.tokenizer import LazyTokenizer
 
@@ -107,7 +107,7 @@ def prepare(
     if cfg.source in ("synthetic", "prepared"):
         raise DataError(f"data.source={cfg.source}: nothing to prepare (already tokens)")
     source = open_source(cfg)  # validates the files (JSONL lines) before any work
-    if cfg.kind == "sft" or cfg.tokens_field is None:
+    if needs_tokenizer(cfg):
         LazyTokenizer(cfg.tokenizer, cfg.chat_template).get()  # a missing tokenizer fails now
     started = time.perf_counter()
     shards, tokens, loss_tokens, writer, lengths = [], 0, 0, None, []

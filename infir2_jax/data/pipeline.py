@@ -59,6 +59,13 @@ def open_source(cfg: DataConfig):
     return source
 
 
+def needs_tokenizer(cfg: DataConfig) -> bool:
+    """Whether records are text to tokenize (not token ids already)."""
+    if cfg.source in ("prepared", "synthetic"):
+        return False
+    return cfg.kind == "sft" or cfg.tokens_field is None
+
+
 def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
     """Contiguous [start, stop) index ranges for train/val/test (Megatron's split)."""
     edges = np.round(np.cumsum([0.0, *fractions]) / sum(fractions) * n).astype(int)
@@ -123,8 +130,7 @@ class DataPipeline:
                 f"data.split={list(self.cfg.split)}), fewer than the {self.process_count} hosts"
             )
         tokenizer = LazyTokenizer(self.cfg.tokenizer, self.cfg.chat_template)
-        needs_tokenizer = self.cfg.kind == "sft" or not self.cfg.tokens_field
-        if needs_tokenizer and self.cfg.source not in ("prepared", "synthetic"):
+        if needs_tokenizer(self.cfg):
             tokenizer.get()  # a missing or broken tokenizer fails now, not in a worker
         if self.cfg.kind == "sft":
             self.examples = SftExamples(

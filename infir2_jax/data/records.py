@@ -155,6 +155,7 @@ class PreparedSource:
         info_path = Path(directory) / PREPARED_INFO
         if not info_path.is_file():
             raise DataError(f"data.path: {directory}: no {PREPARED_INFO} (run the prepare command)")
+        self.directory = str(directory)
         self.info = json.loads(info_path.read_text())
         self.files = [str(Path(directory) / name) for name in self.info["shards"]]
         self._source = grain.sources.ArrayRecordDataSource(self.files)
@@ -168,7 +169,7 @@ class PreparedSource:
         tokens = np.frombuffer(self._source[index], dtype=np.int32)
         if self.info["kind"] == "sft":
             tokens = tokens.reshape(2, -1)
-        return Record(f"{self.files[0]}…#{index}", tokens)
+        return Record(f"{self.directory}#{index}", tokens)
 
 
 class InMemorySource:

@@ -196,6 +196,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
+    data_sharding = batch_sharding(mesh)
     primary = jax.process_index() == 0
     logger = MetricsLogger(
         run_dir / "metrics.jsonl",
@@ -237,7 +238,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             if cfg.data.kind == "sft":
                 for name, count in overlong_counts(local).items():
                     counters[f"{name}_samples"] += count
-            state, metrics = step_fn(state, _global_batch(local, batch_sharding(mesh)))
+            state, metrics = step_fn(state, _global_batch(local, data_sharding))
             if done == 1 or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
@@ -251,9 +252,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             if eval_batches and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 loss_sum, tokens = 0.0, 0.0
                 for batch in eval_batches:
-                    result = jax.device_get(
-                        eval_fn(state, _global_batch(batch, batch_sharding(mesh)))
-                    )
+                    result = jax.device_get(eval_fn(state, _global_batch(batch, data_sharding)))
                     loss_sum += float(result["loss_sum"])
                     tokens += float(result["tokens"])
                 logger.log_eval(done, loss_sum / max(tokens, 1.0), tokens)
