@@ -158,6 +158,12 @@ class ParallelConfig:
     fsdp: int = 1
     tensor: int = 1
     context: int = 1
+    # Logical-axis rules table (infir2_jax/parallel/rules.py): auto picks from the mesh —
+    # context > 1: tensor_sequence_context; tensor > 1: fsdp_tensor (fsdp > 1) or
+    # tensor_sequence; otherwise fsdp.
+    rules: Literal["auto", "fsdp", "tensor_sequence", "tensor_sequence_context", "fsdp_tensor"] = (
+        "auto"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

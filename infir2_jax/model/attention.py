@@ -3,20 +3,72 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from infir2_jax.fp8.recipes import Gemm
 from infir2_jax.model.config import ModelConfig
 from infir2_jax.model.layers import Linear, projection_options
 from infir2_jax.model.rope import apply_rope
+from infir2_jax.parallel.context import context_parallel_attention
+from infir2_jax.parallel.rules import constrain, current_layout
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[batch, 1, q, k] boolean: a token sees only tokens of its own packed document.
+def attention_mask(
+    q_index: jax.Array, k_index: jax.Array, q_segments: jax.Array, k_segments: jax.Array
+) -> jax.Array:
+    """[batch, 1, q, k] boolean: causal by original token index, and within one packed
+    document (segment). Indices rather than `is_causal` so a permuted (load-balanced) or
+    partial query block masks exactly like the whole row."""
+    causal = q_index[:, None] >= k_index[None, :]
+    same_document = q_segments[:, :, None] == k_segments[:, None, :]
+    return (causal[None] & same_document)[:, None]
 
-    Causality is added separately (`is_causal`); together they keep packed documents apart.
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_index: jax.Array,
+    k_index: jax.Array,
+    q_segments: jax.Array,
+    k_segments: jax.Array,
+    *,
+    implementation: str | None,
+    chunk_size: int,
+) -> jax.Array:
+    """Masked attention, q [batch, q, heads, dim] over k/v [batch, k, kv_heads, dim].
+
+    `implementation="chunked"` processes `chunk_size` queries at a time under remat, so only
+    [chunk, k] scores exist at once (forward and backward) instead of [q, k]: the pure-XLA way
+    to run 32k-token rows (and what the planner measures); otherwise one
+    `jax.nn.dot_product_attention` call (JAX broadcasts kv heads over their query group and
+    runs the softmax in FP32).
     """
-    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+    def block(q_blk, q_idx, q_seg):
+        mask = attention_mask(q_idx, k_index, q_seg, k_segments)
+        impl = "xla" if implementation == "chunked" else implementation
+        return jax.nn.dot_product_attention(q_blk, k, v, mask=mask, implementation=impl)
+
+    length = q.shape[1]
+    if implementation != "chunked" or length <= chunk_size:
+        return block(q, q_index, q_segments)
+    if length % chunk_size:
+        raise ValueError(
+            f"model.attention_chunk_size={chunk_size} must divide the per-device query "
+            f"length {length}"
+        )
+    n = length // chunk_size
+
+    def split(x, axis):  # [.., n·c, ..] -> [n, .., c, ..]
+        return jnp.moveaxis(
+            x.reshape(*x.shape[:axis], n, chunk_size, *x.shape[axis + 1 :]), axis, 0
+        )
+
+    blocks = (split(q, 1), split(q_index, 0), split(q_segments, 1))
+    out = jax.lax.map(lambda xs: jax.checkpoint(block)(*xs), blocks)  # [n, batch, c, heads, dim]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
 class Attention(nnx.Module):
@@ -24,6 +76,7 @@ class Attention(nnx.Module):
         dims = projection_options(cfg, rngs, gemm)
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         d = cfg.hidden_size
+        # Megatron layout: q/k/v column-parallel (output split over heads), o row-parallel.
         self.q_proj = Linear(d, q_width, axes=("embed", "heads"), use_bias=True, **dims)
         self.k_proj = Linear(d, kv_width, axes=("embed", "kv_heads"), use_bias=True, **dims)
         self.v_proj = Linear(d, kv_width, axes=("embed", "kv_heads"), use_bias=True, **dims)
@@ -34,27 +87,47 @@ class Attention(nnx.Module):
             cfg.head_dim,
         )
         self.implementation = cfg.attention_impl
+        self.chunk_size = cfg.attention_chunk_size
 
     def __call__(
         self,
         x: jax.Array,
         rope: tuple[jax.Array, jax.Array],
+        token_index: jax.Array,
         segment_ids: jax.Array,
         fp8_enabled: jax.Array | None = None,
     ) -> jax.Array:
+        """x [batch, seq, embed]; token_index [seq]: each position's index in the original
+        row (a permutation under context parallelism); segment_ids [batch, seq]."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x, fp8_enabled).reshape(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x, fp8_enabled).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, fp8_enabled).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+
+        def heads(proj: Linear, count: int, axis: str) -> jax.Array:
+            y = proj(x, fp8_enabled).reshape(batch, seq, count, self.head_dim)
+            return constrain(y, ("batch", "inner_seq", axis, None))
+
+        q = heads(self.q_proj, self.num_heads, "act_heads")
+        k = heads(self.k_proj, self.num_kv_heads, "act_kv_heads")
+        v = heads(self.v_proj, self.num_kv_heads, "act_kv_heads")
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # [batch, seq, heads, head_dim]; JAX broadcasts the kv heads over their query group and
-        # runs the softmax in FP32.
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=segment_mask(segment_ids),
-            is_causal=True,
-            implementation=self.implementation,
-        )
-        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim), fp8_enabled)
+
+        def local(q, k, v, q_index, k_index, q_segments, k_segments):
+            return attend(
+                q,
+                k,
+                v,
+                q_index,
+                k_index,
+                q_segments,
+                k_segments,
+                implementation=self.implementation,
+                chunk_size=self.chunk_size,
+            )
+
+        layout = current_layout()
+        if layout is not None and layout.size("context") > 1:
+            out = context_parallel_attention(layout, local, q, k, v, token_index, segment_ids)
+        else:
+            out = local(q, k, v, token_index, token_index, segment_ids, segment_ids)
+        out = constrain(out, ("batch", "inner_seq", "act_heads", None))
+        y = self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim), fp8_enabled)
+        return constrain(y, ("batch", "seq", None))

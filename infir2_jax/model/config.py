@@ -45,8 +45,11 @@ class ModelConfig:
     remat: RematPolicy = "full"
     # Tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at a time.
     loss_chunk_size: int = 2048
-    # None lets JAX pick (cuDNN flash attention on GPU when it applies, XLA otherwise).
-    attention_impl: Literal["xla", "cudnn"] | None = None
+    # None lets JAX pick (cuDNN flash attention on GPU when it applies, XLA otherwise);
+    # "chunked": XLA attention `attention_chunk_size` queries at a time under remat, so a
+    # 32k-token row never holds [seq, seq] scores (long-context runs; what the planner sizes).
+    attention_impl: Literal["xla", "cudnn", "chunked"] | None = None
+    attention_chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
@@ -63,6 +66,8 @@ class ModelConfig:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         if self.loss_chunk_size <= 0:
             raise ValueError("model.loss_chunk_size must be positive")
+        if self.attention_chunk_size <= 0:
+            raise ValueError("model.attention_chunk_size must be positive")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

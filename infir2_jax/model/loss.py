@@ -1,6 +1,6 @@
 """Chunked cross-entropy: never materialises [tokens, vocab] FP32 logits for the whole batch.
 
-Tokens are processed `chunk_size` at a time inside a `lax.scan`; each chunk's body is
+About `chunk_size` tokens are processed at a time inside a `lax.scan`; each chunk's body is
 rematerialised, so the backward pass recomputes that chunk's logits instead of storing them.
 Peak logit memory is chunk_size × vocab × 4 bytes (2048 × 152k ≈ 1.2 GiB) instead of
 batch × seq × vocab × 4 (a 32k sequence: 20 GiB).
@@ -10,6 +10,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from infir2_jax.parallel.rules import constrain
+
+
+def _chunk_count(batch: int, seq: int, chunk_size: int) -> int:
+    """Chunks per row: the fewest that keep ≤ chunk_size tokens of the batch per chunk, rounded
+    up to a divisor of the sequence length (rows split evenly, no padding)."""
+    count = min(seq, max(1, -(-batch * seq // chunk_size)))  # ≥ 1 position of each row
+    while seq % count:
+        count += 1
+    return count
 
 
 def chunked_cross_entropy(
@@ -26,31 +37,34 @@ def chunked_cross_entropy(
     integer targets; loss_mask: [batch, seq], 1 where a token counts. Returns FP32 scalars
     (sum of -log p(label) over masked-in tokens, number of masked-in tokens); the mean is their
     ratio, which callers take after summing over micro-batches and devices.
+
+    Chunk c holds positions c, c + C, c + 2C, ... of every row (a strided split), so the batch
+    and sequence shardings (data, context) carry over into every chunk unchanged, and the
+    logits of a chunk are split over the vocabulary (tensor): Megatron's vocab-parallel
+    cross-entropy, with GSPMD reducing the log-sum-exp and the target logit across shards.
     """
-    embed = hidden.shape[-1]
-    h = hidden.reshape(-1, embed)
-    y = labels.reshape(-1).astype(jnp.int32)
-    m = loss_mask.reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    chunk = min(chunk_size, n)
-    pad = (-n) % chunk
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-        m = jnp.pad(m, (0, pad))
-    chunks = (n + pad) // chunk
+    batch, seq, embed = hidden.shape
+    count = _chunk_count(batch, seq, chunk_size)
     w = unembed.astype(hidden.dtype)
+    vocab_ids = jnp.arange(w.shape[1], dtype=jnp.int32)
 
     @jax.checkpoint
     def chunk_loss(h_c: jax.Array, y_c: jax.Array, m_c: jax.Array) -> jax.Array:
-        logits = jnp.dot(h_c, w, preferred_element_type=jnp.float32)  # [chunk, vocab]
+        h_c = constrain(h_c, ("batch", "inner_seq", None))
+        logits = jnp.einsum("bte,ev->btv", h_c, w, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "inner_seq", "act_vocab"))
         log_z = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+        # The target logit by a masked sum, not a gather: stays local to each vocab shard.
+        target = jnp.sum(jnp.where(vocab_ids == y_c[..., None], logits, 0.0), axis=-1)
         return jnp.sum((log_z - target) * m_c)
 
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total + chunk_loss(*xs), None
 
-    xs = (h.reshape(chunks, chunk, embed), y.reshape(chunks, chunk), m.reshape(chunks, chunk))
+    def strided(x: jax.Array) -> jax.Array:  # [batch, seq, ...] -> [count, batch, seq/count, ...]
+        return jnp.moveaxis(x.reshape(batch, seq // count, count, *x.shape[2:]), 2, 0)
+
+    m = loss_mask.astype(jnp.float32)
+    xs = (strided(hidden), strided(labels.astype(jnp.int32)), strided(m))
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total, jnp.sum(m)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from infir2_jax.fp8.recipes import Gemm
@@ -13,12 +14,26 @@ from infir2_jax.model.layers import BF16, Embedding, Linear, RMSNorm
 from infir2_jax.model.loss import chunked_cross_entropy
 from infir2_jax.model.mlp import MLP
 from infir2_jax.model.rope import rope_tables
+from infir2_jax.parallel.context import load_balanced_order
+from infir2_jax.parallel.rules import constrain, current_layout
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# The residual stream between blocks: split over the sequence under sequence parallelism.
+RESIDUAL = ("batch", "seq", None)
+
+
+def _context_order(seq_len: int) -> np.ndarray | None:
+    """The load-balanced token order when tracing under context parallelism, else None."""
+    layout = current_layout()
+    if layout is None or layout.size("context") == 1:
+        return None
+    return load_balanced_order(seq_len, layout.size("context"))
 
 
 class DecoderLayer(nnx.Module):
@@ -35,11 +50,13 @@ class DecoderLayer(nnx.Module):
         self,
         x: jax.Array,
         rope: tuple[jax.Array, jax.Array],
+        token_index: jax.Array,
         segment_ids: jax.Array,
         fp8_enabled: jax.Array | None = None,
     ) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids, fp8_enabled)
-        return x + self.mlp(self.post_attention_layernorm(x), fp8_enabled)
+        attn = self.self_attn(self.input_layernorm(x), rope, token_index, segment_ids, fp8_enabled)
+        x = constrain(x + attn, RESIDUAL)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x), fp8_enabled), RESIDUAL)
 
 
 class Qwen2(nnx.Module):
@@ -103,22 +120,32 @@ class Qwen2(nnx.Module):
 
         positions: [batch, seq] RoPE positions (restart at 0 for each packed document);
         segment_ids: [batch, seq] document ids, tokens attend only within their document.
-        Both default to a single unpacked sequence.
+        Both default to a single unpacked sequence. Under context parallelism the rows come
+        back in the load-balanced order (see `parallel/context.py`); `__call__` and `loss`
+        handle that.
         """
         cfg = self.config
+        seq_len = input_ids.shape[1]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            positions = jnp.broadcast_to(jnp.arange(seq_len), input_ids.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
+        order = _context_order(seq_len)
+        token_index = jnp.arange(seq_len, dtype=jnp.int32)
+        if order is not None:
+            input_ids, positions, segment_ids = (
+                jnp.take(a, order, axis=1) for a in (input_ids, positions, segment_ids)
+            )
+            token_index = jnp.asarray(order, jnp.int32)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.embed_tokens(input_ids)  # [batch, seq, embed]
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, seq, embed]
 
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
             layer_state, fp8_enabled = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, rope, segment_ids, fp8_enabled), None
+            return layer(x, rope, token_index, segment_ids, fp8_enabled), None
 
         if cfg.remat != "none":
             apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat])
@@ -140,7 +167,11 @@ class Qwen2(nnx.Module):
     ) -> jax.Array:
         h = self.hidden_states(input_ids, positions, segment_ids)
         w = self.unembedding().astype(h.dtype)
-        return jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32)
+        order = _context_order(input_ids.shape[1])
+        if order is not None:  # back to the original token order
+            logits = jnp.take(logits, np.argsort(order), axis=1)
+        return logits
 
     def loss(
         self,
@@ -152,6 +183,9 @@ class Qwen2(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(summed next-token cross-entropy, token count) via the chunked loss."""
         h = self.hidden_states(input_ids, positions, segment_ids)
+        order = _context_order(input_ids.shape[1])
+        if order is not None:  # the loss is a sum over tokens: permute targets like the rows
+            labels, loss_mask = (jnp.take(a, order, axis=1) for a in (labels, loss_mask))
         return chunked_cross_entropy(
             h, self.unembedding(), labels, loss_mask, chunk_size=self.config.loss_chunk_size
         )

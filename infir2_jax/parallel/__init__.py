@@ -1,5 +1,25 @@
-"""Device mesh and shardings."""
+"""Device mesh, logical-axis rules, context-parallel attention, multi-host start-up."""
 
-from infir2_jax.parallel.mesh import MESH_AXES, batch_sharding, make_mesh, replicated
+from infir2_jax.parallel.mesh import (
+    MESH_AXES,
+    batch_sharding,
+    describe,
+    make_layout,
+    make_mesh,
+    replicated,
+)
+from infir2_jax.parallel.rules import RULES, Layout, activation_layout, constrain, logical_to_spec
 
-__all__ = ["MESH_AXES", "batch_sharding", "make_mesh", "replicated"]
+__all__ = [
+    "MESH_AXES",
+    "RULES",
+    "Layout",
+    "activation_layout",
+    "batch_sharding",
+    "constrain",
+    "describe",
+    "logical_to_spec",
+    "make_layout",
+    "make_mesh",
+    "replicated",
+]

@@ -1,8 +1,8 @@
-"""The device mesh from `parallel.*`.
+"""The device mesh and the sharding layout from `parallel.*`.
 
-Axes are always (data, fsdp, tensor, context). This foundation shards the batch over data
-(and fsdp) and replicates parameters; FSDP, tensor and context parallelism need the logical
-sharding rules that are not built yet, so sizes > 1 for them are rejected with that reason.
+Axes are always (data, fsdp, tensor, context), outermost first: `context` and `tensor` are the
+innermost so their collectives (per-layer all-gathers / reduce-scatters, every step) stay on
+the NVLink of one node, while data and fsdp cross nodes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from infir2_jax.config import ConfigError, ParallelConfig
+from infir2_jax.parallel.rules import RULES, Layout, auto_rules, mesh_axes_of
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
@@ -33,19 +34,37 @@ def mesh_shape(cfg: ParallelConfig, num_devices: int) -> tuple[int, ...]:
             f"parallel: data×fsdp×tensor×context = {int(np.prod(sizes))}, "
             f"but there are {num_devices} devices"
         )
-    for axis, size in zip(MESH_AXES[1:], sizes[1:], strict=True):
-        if size > 1:
-            raise ConfigError(
-                f"parallel.{axis}={size}: not supported yet (needs the logical sharding rules); "
-                "use parallel.data"
-            )
     return tuple(sizes)
 
 
 def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
+    # Hosts own contiguous device blocks (jax.devices() is ordered by process), so the outer
+    # axes span hosts and the inner ones stay within a host.
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def make_layout(cfg: ParallelConfig, devices: list | None = None) -> Layout:
+    """The mesh plus the rules table `parallel.rules` (auto: chosen from the mesh)."""
+    mesh = make_mesh(cfg, devices)
+    name = auto_rules(mesh.shape) if cfg.rules == "auto" else cfg.rules
+    if name not in RULES:
+        raise ConfigError(f"parallel.rules={cfg.rules!r}: known tables {['auto', *RULES]}")
+    unused = [a for a in MESH_AXES if mesh.shape[a] > 1 and a not in mesh_axes_of(RULES[name])]
+    if unused:
+        axis = unused[0]
+        raise ConfigError(
+            f"parallel.{axis}={mesh.shape[axis]} but the rules table {name!r} never splits "
+            f"anything over {axis!r}; pick a table that does (parallel.rules, e.g. auto)"
+        )
+    return Layout(mesh, RULES[name], name)
+
+
+def describe(layout: Layout) -> str:
+    sizes = " × ".join(f"{a}{layout.mesh.shape[a]}" for a in MESH_AXES)
+    hosts = jax.process_count()
+    return f"{sizes} ({layout.mesh.size} devices, {hosts} processes), rules {layout.name}"
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

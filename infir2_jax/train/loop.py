@@ -17,11 +17,16 @@ from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config, parse_config
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.fp8 import make_gemm
-from infir2_jax.parallel import batch_sharding, make_mesh, replicated
+from infir2_jax.parallel import batch_sharding, describe, make_layout, replicated
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from infir2_jax.train.sharding import (
+    check_layout,
+    state_shardings,
+    with_shardings,
+)
 from infir2_jax.train.state import (
     ModelParts,
     Params,
@@ -58,12 +63,23 @@ def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
     path.write_text(dump_config(cfg))
 
 
-def _initial_params(cfg: RunConfig, gemm, parts: ModelParts) -> tuple[Params, dict]:
-    """(params, FP8 histories): random, or the weights of `train.init_from` (then nothing is
-    randomly initialised)."""
+def _initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings):
+    """The step-0 state, created directly sharded: random parameters are generated on the
+    devices that own them (inside jit, sharding-invariant random bits); `train.init_from`
+    weights go from host memory straight to their shards."""
+    if cfg.train.init_from is None:
+        return jax.jit(
+            lambda: init_state(*init_params(cfg.model, cfg.train.seed, gemm), optimizer),
+            out_shardings=shardings,
+        )()
+    params, fp8 = _pretrained_params(cfg, parts)
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=shardings)(params, fp8)
+
+
+def _pretrained_params(cfg: RunConfig, parts: ModelParts) -> tuple[Params, dict]:
+    """(params, zeroed FP8 histories) from `train.init_from`, as host arrays."""
     source = cfg.train.init_from
-    if source is None:
-        return init_params(cfg.model, cfg.train.seed, gemm)
     mismatch = cfg.model.architecture_mismatch(read_config(source))
     if mismatch:
         raise ConfigError(
@@ -111,13 +127,11 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     if cfg.train.init_from is not None and cfg.train.resume_from is not None:
         raise ConfigError("train.init_from and train.resume_from: set one, not both")
 
-    mesh = make_mesh(cfg.parallel)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.train.batch_size % (data_parallel * cfg.train.micro_batches):
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} does not split into "
-            f"train.micro_batches={cfg.train.micro_batches} × {data_parallel} data-parallel devices"
-        )
+    layout = make_layout(cfg.parallel)
+    mesh = layout.mesh
+    check_layout(
+        layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
+    )
     try:
         gemm = make_gemm(cfg.fp8)
         gemm.layer_mask(cfg.model.num_layers)
@@ -140,10 +154,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     abstract = jax.eval_shape(
         lambda: init_state(*init_params(cfg.model, cfg.train.seed, gemm), optimizer)
     )
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)  # parameters replicated
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-    )
+    state_sharding = state_shardings(layout, parts, optimizer, abstract)
+    abstract = with_shardings(abstract, state_sharding)
 
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = checkpointer.latest_step()
@@ -165,14 +177,12 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         )
     else:
         start = 0
-        params, fp8 = _initial_params(cfg, gemm, parts)
-        state = jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=state_sharding)(
-            params, fp8
-        )
+        state = _initial_state(cfg, gemm, parts, optimizer, state_sharding)
     counters = {k: int(meta.get(k, 0)) for k in ("truncated_samples", "dropped_samples")}
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(f"mesh: {describe(layout)}", file=out, flush=True)
     print(
-        f"model: {n_params:,} parameters | mesh {dict(mesh.shape)} | "
+        f"model: {n_params:,} parameters | "
         f"batch {cfg.train.batch_size}×{cfg.train.seq_len} ({cfg.data.kind}, {cfg.data.source}) | "
         f"fp8 {cfg.fp8.recipe} | steps {start}->{cfg.train.steps}",
         file=out,
@@ -186,13 +196,13 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         return []
 
     step_fn = jax.jit(
-        make_train_step(parts, optimizer, schedule, cfg.train.micro_batches),
+        make_train_step(parts, optimizer, schedule, cfg.train.micro_batches, layout),
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        make_eval_step(parts, cfg.train.micro_batches),
+        make_eval_step(parts, cfg.train.micro_batches, layout),
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from flax import nnx, struct, traverse_util
 
 from infir2_jax.fp8 import Fp8History, Fp8Probe, Gemm, roll_history
 from infir2_jax.model import ModelConfig, Qwen2
+from infir2_jax.parallel.rules import Layout, activation_layout
 
 Batch = dict[str, jax.Array]
 Params = dict[str, Any]  # nested dict of FP32 master weights, as `nnx.to_pure_dict` gives
@@ -35,6 +37,7 @@ class ModelParts:
     params: Params  # abstract (ShapeDtypeStruct leaves)
     fp8: dict[str, Any]
     probes: dict[str, Any]
+    param_axes: dict[str, Any]  # like `params`, leaves: logical axis names (tuples)
 
 
 def split_model(cfg: ModelConfig, gemm: Gemm) -> ModelParts:
@@ -42,7 +45,8 @@ def split_model(cfg: ModelConfig, gemm: Gemm) -> ModelParts:
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), gemm=gemm))
     graphdef, params, fp8, probes = nnx.split(abstract, nnx.Param, Fp8History, Fp8Probe)
     pure = [nnx.to_pure_dict(s) for s in (params, fp8, probes)]
-    return ModelParts(graphdef, *pure)
+    axes = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(params)))
+    return ModelParts(graphdef, *pure, param_axes=axes)
 
 
 def init_params(cfg: ModelConfig, seed: int, gemm: Gemm) -> tuple[Params, dict[str, Any]]:
@@ -92,6 +96,21 @@ def _summed_loss_fn(parts: ModelParts):
     return summed_loss
 
 
+def _traced_under(layout: Layout | None):
+    """Runs the decorated step with `layout` active, so tracing it (inside `jax.jit`) sees the
+    activation sharding rules and the context-parallel attention."""
+
+    def wrap(step):
+        @functools.wraps(step)
+        def traced(*args):
+            with activation_layout(layout):
+                return step(*args)
+
+        return traced
+
+    return wrap
+
+
 def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     # Strided split (row j goes to micro-batch j % M): with the batch sharded over
     # data-parallel devices, every device contributes to every micro-batch.
@@ -104,12 +123,13 @@ def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
 
 
 def make_eval_step(
-    parts: ModelParts, micro_batches: int = 1
+    parts: ModelParts, micro_batches: int = 1, layout: Layout | None = None
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Validation: the summed loss and token count of a batch, nothing updated (FP8 delayed
     scaling reads its histories; the amaxes it would observe are discarded)."""
     summed_loss = _summed_loss_fn(parts)
 
+    @_traced_under(layout)
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
 
@@ -132,15 +152,20 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     micro_batches: int = 1,
+    layout: Layout | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The step: gradients summed over `micro_batches` slices of the batch (FP8 amaxes
     max-combined), the loss normalised per token over the whole global batch, one optimizer
     update, and one FP8 history update. A non-finite loss or gradient norm skips the update
     (parameters, optimizer and FP8 state unchanged; the step counter and data move on) and
-    extends `nonfinite_streak`; the run loop decides when a streak is fatal."""
+    extends `nonfinite_streak`; the run loop decides when a streak is fatal.
+
+    `layout`: the mesh and rules table the activations are constrained to while tracing
+    (None: no constraints, e.g. one device)."""
 
     grad_fn = jax.value_and_grad(_summed_loss_fn(parts), argnums=(0, 1), has_aux=True)
 
+    @_traced_under(layout)
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
 

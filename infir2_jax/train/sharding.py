@@ -1,0 +1,98 @@
+"""Where every piece of the train state lives on the mesh.
+
+Parameters follow their logical axes through the layout's rules table; Adam's moments mirror
+the parameter they belong to (ZeRO: under fsdp each device keeps only its slice of weights,
+gradients and moments); the step counter, FP8 histories and other scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+from infir2_jax.config import ConfigError
+from infir2_jax.parallel.rules import Layout
+from infir2_jax.train.state import ModelParts, Params, TrainState
+
+
+def param_shardings(layout: Layout, parts: ModelParts) -> Params:
+    """NamedSharding per parameter; a dimension that does not split evenly is an error naming
+    the parameter, its shape and the mesh axes."""
+    flat_axes = traverse_util.flatten_dict(parts.param_axes)
+    flat_params = traverse_util.flatten_dict(parts.params)
+    out = {}
+    for path, axes in flat_axes.items():
+        shape = flat_params[path].shape
+        spec = layout.spec(axes)
+        for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
+            if entry is None:
+                continue
+            mesh_axes = (entry,) if isinstance(entry, str) else entry
+            pieces = 1
+            for axis in mesh_axes:
+                pieces *= layout.mesh.shape[axis]
+            if size % pieces:
+                raise ConfigError(
+                    f"parameter {'/'.join(path)} {shape}: dimension {dim} ({axes[dim]}={size}) "
+                    f"does not split over {'×'.join(mesh_axes)} = {pieces} devices "
+                    f"(rules {layout.name}); change parallel.* or parallel.rules"
+                )
+        out[path] = NamedSharding(layout.mesh, spec)
+    return traverse_util.unflatten_dict(out)
+
+
+def state_shardings(
+    layout: Layout,
+    parts: ModelParts,
+    optimizer: optax.GradientTransformation,
+    abstract: TrainState,
+) -> TrainState:
+    """A TrainState of NamedShardings for `abstract` (from `jax.eval_shape` of the init)."""
+    replicated = NamedSharding(layout.mesh, PartitionSpec())
+    params = param_shardings(layout, parts)
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract.opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(
+        step=replicated,
+        params=params,
+        opt_state=opt_state,
+        fp8=jax.tree.map(lambda _: replicated, abstract.fp8),
+        nonfinite_streak=replicated,
+    )
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying their shardings (what Orbax restores into)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def check_layout(layout: Layout, model, seq_len: int, batch_size: int, micro_batches: int) -> None:
+    """Shapes the mesh must divide, checked before anything is compiled."""
+    data = layout.size("data") * layout.size("fsdp")
+    if batch_size % (data * micro_batches):
+        raise ConfigError(
+            f"train.batch_size={batch_size} does not split into train.micro_batches="
+            f"{micro_batches} × {data} data-parallel devices (parallel.data × parallel.fsdp)"
+        )
+    tensor, context = layout.size("tensor"), layout.size("context")
+    if seq_len % (2 * context * tensor):
+        raise ConfigError(
+            f"train.seq_len={seq_len} must be a multiple of 2 × parallel.context × "
+            f"parallel.tensor = {2 * context * tensor} (load-balanced context chunks, "
+            "sequence-parallel residuals)"
+        )
+    for name in ("num_heads", "num_kv_heads"):
+        if getattr(model, name) % tensor:
+            raise ConfigError(
+                f"model.{name}={getattr(model, name)} does not split over "
+                f"parallel.tensor={tensor}: each tensor-parallel rank needs whole heads"
+            )
