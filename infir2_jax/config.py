@@ -119,6 +119,10 @@ class DataConfig:
     workers: int = 0  # grain worker processes (0: read in the training process)
     record_samples: bool = False  # write each step's sample ids to samples.jsonl
     synthetic_documents: int = 20000
+    # Independent packed row streams making up the global batch (documents dealt round-robin);
+    # each host reads streams/hosts of them. Unset: one per host. Set it to a multiple of every
+    # host count you will use and the batches do not depend on the number of hosts.
+    streams: int | None = None
 
     def __post_init__(self):
         if len(self.split) != 3 or min(self.split) < 0 or sum(self.split) <= 0:
@@ -127,6 +131,8 @@ class DataConfig:
             )
         if self.split[0] <= 0:
             raise ValueError("split: the train fraction must be positive")
+        if self.streams is not None and self.streams <= 0:
+            raise ValueError(f"streams: must be positive, got {self.streams}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,10 +136,13 @@ def test_data_parallel_matches_single_device(tmp_path, recipe):
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         losses[devices] = json.loads(r.stdout.strip().splitlines()[-1])
-    # Cross-device gradient sums round differently in the last bit; with FP8 such a bit can
-    # flip a weight's FP8 rounding at the next step, hence the looser bound for delayed.
-    # (Per-device amax histories would give different scales: errors of 1e-2, not 1e-5.)
-    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5 if recipe == "none" else 1e-4)
+    # Cross-device gradient sums round differently in the last bit of BF16; Adam's first
+    # updates (m/√v ≈ ±1 per element) turn such bits into ±lr steps for tiny gradients, and
+    # with FP8 a bit can flip a weight's FP8 rounding at the next step. Steps 2-3 therefore
+    # agree to ~3e-5 (BF16) / 1e-4 (FP8), step 1 to 2e-6. (Per-device amax histories would
+    # give different scales: errors of 1e-2.)
+    np.testing.assert_allclose(losses[8][0], losses[1][0], rtol=5e-6)
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
 
 
 def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):

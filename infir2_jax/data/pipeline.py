@@ -115,6 +115,18 @@ class DataPipeline:
                 f"{self.process_count} hosts"
             )
         self.host_batch = self.global_batch // self.process_count
+        self.streams = self.cfg.streams or self.process_count
+        if self.streams % self.process_count or self.global_batch % self.streams:
+            raise DataError(
+                f"data.streams={self.streams} must be a multiple of the {self.process_count} "
+                f"hosts and divide train.batch_size={self.global_batch}"
+            )
+        # This host's streams: a contiguous block, so the hosts' rows concatenate (in
+        # process order) into the same global batch for any host count.
+        per_host = self.streams // self.process_count
+        self.host_streams = range(
+            self.process_index * per_host, (self.process_index + 1) * per_host
+        )
         self.source = open_source(self.cfg)
         self.bounds = dict(
             zip(
@@ -124,10 +136,11 @@ class DataPipeline:
             )
         )
         lo, hi = self.bounds["train"]
-        if hi - lo < self.process_count:
+        if hi - lo < self.streams:
             raise DataError(
                 f"data: the train split has {hi - lo} documents (of {len(self.source)}, "
-                f"data.split={list(self.cfg.split)}), fewer than the {self.process_count} hosts"
+                f"data.split={list(self.cfg.split)}), fewer than the {self.streams} streams "
+                "(data.streams, default: one per host)"
             )
         tokenizer = LazyTokenizer(self.cfg.tokenizer, self.cfg.chat_template)
         if needs_tokenizer(self.cfg):
@@ -140,12 +153,23 @@ class DataPipeline:
         else:
             self.examples = CptExamples(tokenizer, self.cfg.text_field, self.cfg.tokens_field)
 
-    def _rows(self, split: str, *, train: bool) -> grain.IterDataset:
+    def _batches(self, split: str, *, train: bool) -> grain.IterDataset:
+        """This host's batches: each of its streams batched, then concatenated row-wise."""
+        rows_per_stream = self.global_batch // self.streams
+        parts = [
+            self._rows(split, stream, train=train).batch(rows_per_stream, drop_remainder=True)
+            for stream in self.host_streams
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return grain.experimental.ZipIterDataset(parts).map(_concatenate_rows)
+
+    def _rows(self, split: str, stream: int, *, train: bool) -> grain.IterDataset:
         lo, hi = self.bounds[split]
         ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex(len(self.source)))[
             lo:hi
         ]
-        ds = ds[self.process_index :: self.process_count]
+        ds = ds[stream :: self.streams]
         if train:
             ds = ds.shuffle(seed=self.seed).repeat()
         ds = ds.map(_Apply(self.examples)).to_iter_dataset()
@@ -160,7 +184,7 @@ class DataPipeline:
 
     def train_iterator(self) -> grain.DatasetIterator:
         """Endless iterator of this host's batches; `get_state`/`set_state` checkpoint it."""
-        ds = self._rows("train", train=True).batch(self.host_batch, drop_remainder=True)
+        ds = self._batches("train", train=True)
         if self.cfg.workers > 0:
             from absl import flags
 
@@ -173,12 +197,12 @@ class DataPipeline:
     def eval_batches(self, count: int) -> list[Batch]:
         """The first `count` batches of the validation split (the same ones every time)."""
         lo, hi = self.bounds["val"]
-        if hi - lo < self.process_count:
+        if hi - lo < self.streams:
             raise DataError(
                 f"data.split={list(self.cfg.split)} leaves {hi - lo} validation documents; "
                 "train.eval_every needs a validation split"
             )
-        ds = self._rows("val", train=False).batch(self.host_batch, drop_remainder=True)
+        ds = self._batches("val", train=False)
         batches = []
         for batch in ds:
             batches.append(batch)
@@ -187,6 +211,10 @@ class DataPipeline:
         if not batches:
             raise DataError("data: the validation split holds less than one batch")
         return batches
+
+
+def _concatenate_rows(batches: tuple[Batch, ...]) -> Batch:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def sample_ids(batch: Batch) -> list[list[int]]:

@@ -9,6 +9,7 @@ import sys
 from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.config import ConfigError, load_config
 from infir2_jax.data import DataError
+from infir2_jax.parallel.distributed import DistributedError, initialize
 from infir2_jax.train.loop import train
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted
 
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        how = initialize()
+        print(f"processes: {how}", flush=True)
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -209,7 +209,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     data_sharding = batch_sharding(mesh)
     primary = jax.process_index() == 0
     logger = MetricsLogger(
-        run_dir / "metrics.jsonl",
+        run_dir / "metrics.jsonl" if primary else None,
         cfg.train.steps,
         start,
         out,

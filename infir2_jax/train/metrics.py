@@ -98,25 +98,27 @@ def make_sinks(cfg: RunConfig, run_dir: Path, resume_step: int, out: TextIO) -> 
 
 
 class MetricsLogger:
-    """Writes each logged step to metrics.jsonl, the console and the configured sinks."""
+    """Writes each logged step to metrics.jsonl, the console and the configured sinks
+    (`path` None: console only — the other hosts of a multi-host job)."""
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         total_steps: int,
         resume_step: int,
         out: TextIO = sys.stdout,
         sinks: list[Sink] = (),
     ):
         self.path, self.total_steps, self.out = path, total_steps, out
-        self._file = open_jsonl_for_resume(path, resume_step)
+        self._file = None if path is None else open_jsonl_for_resume(path, resume_step)
         self._sinks = list(sinks)
         self._start_step = resume_step
         self._start_time: float | None = None
 
     def _record(self, step: int, values: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **values}) + "\n")
+            self._file.flush()
         for sink in self._sinks:
             sink.write(step, values)
 
@@ -159,6 +161,7 @@ class MetricsLogger:
         )
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         for sink in self._sinks:
             sink.close()
