@@ -115,17 +115,6 @@ class Layout:
     def size(self, axis: str) -> int:
         return self.mesh.shape[axis]
 
-    def split_count(self, axes: tuple[str | None, ...], dim: int) -> int:
-        """How many pieces dimension `dim` of an array with these logical axes is cut into."""
-        entry = self.spec(axes)[dim] if dim < len(self.spec(axes)) else None
-        if entry is None:
-            return 1
-        entry = (entry,) if isinstance(entry, str) else entry
-        count = 1
-        for axis in entry:
-            count *= self.mesh.shape[axis]
-        return count
-
 
 _CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
 
