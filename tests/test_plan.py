@@ -57,4 +57,4 @@ def test_planner_reports_bad_layouts():
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 2
-    assert "model.num_kv_heads=4 does not split over parallel.tensor=8" in r.stderr
+    assert "model.num_heads=28 does not split over parallel.tensor=8" in r.stderr

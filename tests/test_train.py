@@ -139,10 +139,11 @@ def test_data_parallel_matches_single_device(tmp_path, recipe):
     # Cross-device gradient sums round differently in the last bit of BF16; Adam's first
     # updates (m/√v ≈ ±1 per element) turn such bits into ±lr steps for tiny gradients, and
     # with FP8 a bit can flip a weight's FP8 rounding at the next step. Steps 2-3 therefore
-    # agree to ~3e-5 (BF16) / 1e-4 (FP8), step 1 to 2e-6. (Per-device amax histories would
-    # give different scales: errors of 1e-2.)
-    np.testing.assert_allclose(losses[8][0], losses[1][0], rtol=5e-6)
-    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
+    # agree to ~3e-5 (BF16) / 2e-4 (FP8); step 1 to 2e-6 in BF16, 4e-5 with FP8 (a BF16 bit
+    # can flip an activation's FP8 rounding already in the first forward). (Per-device amax
+    # histories would give different scales: errors of 1e-2.)
+    np.testing.assert_allclose(losses[8][0], losses[1][0], rtol=5e-6 if recipe == "none" else 1e-4)
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4 if recipe == "none" else 5e-4)
 
 
 def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
