@@ -17,6 +17,8 @@ estimate within roughly ±20 %, the parameter and optimizer bytes as exact.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import sys
 import time
@@ -26,12 +28,7 @@ GiB = 1024**3
 
 def _device_count(cfg, requested: int | None) -> int:
     sizes = [cfg.parallel.data, cfg.parallel.fsdp, cfg.parallel.tensor, cfg.parallel.context]
-    if -1 not in sizes:
-        product = 1
-        for s in sizes:
-            product *= s
-        return product
-    return requested or 8
+    return (requested or 8) if -1 in sizes else math.prod(sizes)
 
 
 def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
@@ -41,10 +38,15 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
     import numpy as np
 
     from infir2_jax.fp8 import make_gemm
-    from infir2_jax.parallel import batch_sharding, describe, make_layout, replicated
+    from infir2_jax.parallel import describe, make_layout
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from infir2_jax.train.sharding import check_layout, state_shardings, with_shardings
-    from infir2_jax.train.state import init_params, init_state, make_train_step, split_model
+    from infir2_jax.train.sharding import (
+        check_layout,
+        jit_train_step,
+        state_shardings,
+        with_shardings,
+    )
+    from infir2_jax.train.state import new_state, split_model
 
     if jax.device_count() < devices:
         raise RuntimeError(
@@ -60,12 +62,12 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     parts = split_model(cfg.model, gemm)
     abstract = jax.eval_shape(
-        lambda: init_state(*init_params(cfg.model, cfg.train.seed, gemm), optimizer)
+        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
     )
     shardings = state_shardings(layout, parts, optimizer, abstract)
     abstract = with_shardings(abstract, shardings)
     rows, seq = cfg.train.batch_size, cfg.train.seq_len
-    data = batch_sharding(layout.mesh)
+    data = layout.batch_sharding()
     batch = {
         name: jax.ShapeDtypeStruct((rows, seq), dtype, sharding=data)
         for name, dtype in (
@@ -76,12 +78,7 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
             ("segment_ids", jnp.int32),
         )
     }
-    step = jax.jit(
-        make_train_step(parts, optimizer, schedule, cfg.train.micro_batches, layout),
-        in_shardings=(shardings, data),
-        out_shardings=(shardings, replicated(layout.mesh)),
-        donate_argnums=0,
-    )
+    step = jit_train_step(layout, shardings, parts, optimizer, schedule, cfg.train.micro_batches)
     began = time.perf_counter()
     compiled = step.lower(abstract, batch).compile()
     seconds = time.perf_counter() - began

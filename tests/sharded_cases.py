@@ -10,6 +10,7 @@ differences; tests/test_parallel.py asserts on them.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,12 +27,12 @@ from infir2_jax.config import FP8Config, ParallelConfig  # noqa: E402
 from infir2_jax.fp8 import make_gemm  # noqa: E402
 from infir2_jax.model import PRESETS, Qwen2  # noqa: E402
 from infir2_jax.parallel import activation_layout, make_layout  # noqa: E402
-from infir2_jax.train.sharding import state_shardings  # noqa: E402
+from infir2_jax.train.sharding import jit_train_step, state_shardings  # noqa: E402
 from infir2_jax.train.state import (  # noqa: E402
     _summed_loss_fn,
     init_params,
-    init_state,
     make_train_step,
+    new_state,
     split_model,
 )
 
@@ -77,27 +78,18 @@ def one_step(recipe: str, layout, batch):
     gemm = make_gemm(FP8Config(recipe=recipe))
     optimizer = optax.sgd(1.0)
     parts = split_model(MODEL, gemm)
-    init = lambda: init_state(*init_params(MODEL, 0, gemm), optimizer)  # noqa: E731
-    step = make_train_step(parts, optimizer, lambda _: 1.0, MICRO, layout)
+    init = functools.partial(new_state, MODEL, 0, gemm, optimizer)
     if layout is None:
         state = jax.jit(init)()
-        new_state, metrics = jax.jit(step)(state, batch)
+        step = jax.jit(make_train_step(parts, optimizer, lambda _: 1.0, MICRO))
     else:
-        abstract = jax.eval_shape(init)
-        shardings = state_shardings(layout, parts, optimizer, abstract)
+        shardings = state_shardings(layout, parts, optimizer, jax.eval_shape(init))
         state = jax.jit(init, out_shardings=shardings)()
-        data = jax.sharding.NamedSharding(layout.mesh, layout.spec(("batch", None)))
-        batch = jax.device_put(batch, data)
-        fn = jax.jit(
-            step,
-            in_shardings=(shardings, data),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        before = jax.device_get(state.params)  # the state is donated to the step
-        new_state, metrics = fn(state, batch)
-        return jax.device_get((metrics, new_state.params, new_state.fp8, before))
-    return jax.device_get((metrics, new_state.params, new_state.fp8, state.params))
+        batch = jax.device_put(batch, layout.batch_sharding())
+        step = jit_train_step(layout, shardings, parts, optimizer, lambda _: 1.0, MICRO)
+    before = jax.device_get(state.params)  # the state is donated to the sharded step
+    updated, metrics = step(state, batch)
+    return jax.device_get((metrics, updated.params, updated.fp8, before))
 
 
 def rel_diff(a, b) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -110,18 +112,9 @@ class Attention(nnx.Module):
         v = heads(self.v_proj, self.num_kv_heads, "act_kv_heads")
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        def local(q, k, v, q_index, k_index, q_segments, k_segments):
-            return attend(
-                q,
-                k,
-                v,
-                q_index,
-                k_index,
-                q_segments,
-                k_segments,
-                implementation=self.implementation,
-                chunk_size=self.chunk_size,
-            )
+        local = functools.partial(
+            attend, implementation=self.implementation, chunk_size=self.chunk_size
+        )
 
         layout = current_layout()
         if layout is not None and layout.size("context") > 1:

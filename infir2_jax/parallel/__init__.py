@@ -1,13 +1,6 @@
 """Device mesh, logical-axis rules, context-parallel attention, multi-host start-up."""
 
-from infir2_jax.parallel.mesh import (
-    MESH_AXES,
-    batch_sharding,
-    describe,
-    make_layout,
-    make_mesh,
-    replicated,
-)
+from infir2_jax.parallel.mesh import MESH_AXES, describe, make_layout, make_mesh
 from infir2_jax.parallel.rules import RULES, Layout, activation_layout, constrain, logical_to_spec
 
 __all__ = [
@@ -15,11 +8,9 @@ __all__ = [
     "RULES",
     "Layout",
     "activation_layout",
-    "batch_sharding",
     "constrain",
     "describe",
     "logical_to_spec",
     "make_layout",
     "make_mesh",
-    "replicated",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from infir2_jax.config import ConfigError, ParallelConfig
 from infir2_jax.parallel.rules import RULES, Layout, auto_rules, mesh_axes_of
@@ -65,12 +65,3 @@ def describe(layout: Layout) -> str:
     sizes = " × ".join(f"{a}{layout.mesh.shape[a]}" for a in MESH_AXES)
     hosts = jax.process_count()
     return f"{sizes} ({layout.mesh.size} devices, {hosts} processes), rules {layout.name}"
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[batch, ...] arrays split over the data-parallel axes."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

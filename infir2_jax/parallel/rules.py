@@ -115,6 +115,13 @@ class Layout:
     def size(self, axis: str) -> int:
         return self.mesh.shape[axis]
 
+    def batch_sharding(self) -> NamedSharding:
+        """[batch, seq] input arrays: rows split over the data-parallel axes."""
+        return self.sharding(("batch", None))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
 
 _CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
 

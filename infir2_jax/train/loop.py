@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -17,23 +18,23 @@ from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config, parse_config
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.fp8 import make_gemm
-from infir2_jax.parallel import batch_sharding, describe, make_layout, replicated
+from infir2_jax.parallel import describe, make_layout
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.sharding import (
     check_layout,
+    jit_eval_step,
+    jit_train_step,
     state_shardings,
     with_shardings,
 )
 from infir2_jax.train.state import (
     ModelParts,
     Params,
-    init_params,
     init_state,
-    make_eval_step,
-    make_train_step,
+    new_state,
     split_model,
 )
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
@@ -68,10 +69,8 @@ def _initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings
     devices that own them (inside jit, sharding-invariant random bits); `train.init_from`
     weights go from host memory straight to their shards."""
     if cfg.train.init_from is None:
-        return jax.jit(
-            lambda: init_state(*init_params(cfg.model, cfg.train.seed, gemm), optimizer),
-            out_shardings=shardings,
-        )()
+        init = functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
+        return jax.jit(init, out_shardings=shardings)()
     params, fp8 = _pretrained_params(cfg, parts)
     params = jax.device_put(params, shardings.params)
     return jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=shardings)(params, fp8)
@@ -128,7 +127,6 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         raise ConfigError("train.init_from and train.resume_from: set one, not both")
 
     layout = make_layout(cfg.parallel)
-    mesh = layout.mesh
     check_layout(
         layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
     )
@@ -152,7 +150,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     parts = split_model(cfg.model, gemm)
 
     abstract = jax.eval_shape(
-        lambda: init_state(*init_params(cfg.model, cfg.train.seed, gemm), optimizer)
+        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
     )
     state_sharding = state_shardings(layout, parts, optimizer, abstract)
     abstract = with_shardings(abstract, state_sharding)
@@ -195,18 +193,11 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             data.close()
         return []
 
-    step_fn = jax.jit(
-        make_train_step(parts, optimizer, schedule, cfg.train.micro_batches, layout),
-        in_shardings=(state_sharding, batch_sharding(mesh)),
-        out_shardings=(state_sharding, replicated(mesh)),
-        donate_argnums=0,
+    step_fn = jit_train_step(
+        layout, state_sharding, parts, optimizer, schedule, cfg.train.micro_batches
     )
-    eval_fn = jax.jit(
-        make_eval_step(parts, cfg.train.micro_batches, layout),
-        in_shardings=(state_sharding, batch_sharding(mesh)),
-        out_shardings=replicated(mesh),
-    )
-    data_sharding = batch_sharding(mesh)
+    eval_fn = jit_eval_step(layout, state_sharding, parts, cfg.train.micro_batches)
+    data_sharding = layout.batch_sharding()
     primary = jax.process_index() == 0
     logger = MetricsLogger(
         run_dir / "metrics.jsonl" if primary else None,

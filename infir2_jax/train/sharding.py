@@ -10,11 +10,17 @@ from __future__ import annotations
 import jax
 import optax
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from infir2_jax.config import ConfigError
 from infir2_jax.parallel.rules import Layout
-from infir2_jax.train.state import ModelParts, Params, TrainState
+from infir2_jax.train.state import (
+    ModelParts,
+    Params,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+)
 
 
 def param_shardings(layout: Layout, parts: ModelParts) -> Params:
@@ -50,7 +56,7 @@ def state_shardings(
     abstract: TrainState,
 ) -> TrainState:
     """A TrainState of NamedShardings for `abstract` (from `jax.eval_shape` of the init)."""
-    replicated = NamedSharding(layout.mesh, PartitionSpec())
+    replicated = layout.replicated()
     params = param_shardings(layout, parts)
     opt_state = optax.tree_map_params(
         optimizer,
@@ -65,6 +71,31 @@ def state_shardings(
         opt_state=opt_state,
         fp8=jax.tree.map(lambda _: replicated, abstract.fp8),
         nonfinite_streak=replicated,
+    )
+
+
+def jit_train_step(
+    layout: Layout,
+    shardings: TrainState,
+    parts: ModelParts,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    micro_batches: int,
+):
+    """The train step jitted for the mesh: explicit state/batch shardings, state donated."""
+    return jax.jit(
+        make_train_step(parts, optimizer, schedule, micro_batches, layout),
+        in_shardings=(shardings, layout.batch_sharding()),
+        out_shardings=(shardings, layout.replicated()),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(layout: Layout, shardings: TrainState, parts: ModelParts, micro_batches: int):
+    return jax.jit(
+        make_eval_step(parts, micro_batches, layout),
+        in_shardings=(shardings, layout.batch_sharding()),
+        out_shardings=layout.replicated(),
     )
 
 

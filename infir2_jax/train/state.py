@@ -57,6 +57,13 @@ def init_params(cfg: ModelConfig, seed: int, gemm: Gemm) -> tuple[Params, dict[s
     )
 
 
+def new_state(
+    cfg: ModelConfig, seed: int, gemm: Gemm, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """Step 0 from random parameters (under `jax.jit` with out_shardings: created sharded)."""
+    return init_state(*init_params(cfg, seed, gemm), optimizer)
+
+
 def init_state(
     params: Params, fp8: dict[str, Any], optimizer: optax.GradientTransformation
 ) -> TrainState:
