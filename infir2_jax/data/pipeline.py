@@ -44,6 +44,13 @@ def open_source(cfg: DataConfig):
         if cfg.kind == "sft":
             raise DataError("data.source=synthetic only provides pre-training text (kind: cpt)")
         return InMemorySource(arithmetic_documents(cfg.synthetic_documents), "synthetic")
+    if cfg.source == "gsm8k":
+        # Imported here: the package must not import the module `python -m` runs as its CLI.
+        from infir2_jax.data.gsm8k import gsm8k_source
+
+        if cfg.kind == "cpt" and cfg.tokens_field is not None:
+            raise DataError("data.tokens_field: data.source=gsm8k holds text, not token ids")
+        return gsm8k_source(cfg.kind, field, cfg.path)
     if cfg.source == "jsonl":
         return JsonlSource(expand_paths(cfg.path, (".jsonl", ".json")), field)
     if cfg.source == "parquet":

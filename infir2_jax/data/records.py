@@ -190,8 +190,17 @@ class InMemorySource:
 def _parse_json_record(line: bytes | str, where: str, field: str) -> dict:
     try:
         record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}:{e.colno}: invalid JSON: {_json_reason(e)}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: not UTF-8 ({e})") from None
     if not isinstance(record, dict) or field not in record:
         raise DataError(f"{where}: missing field {field!r}")
     return record
+
+
+def _json_reason(e: json.JSONDecodeError) -> str:
+    """json's reason as a whole sentence: some messages end in "at", expecting a position."""
+    reason = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else e.msg
+    found = repr(e.doc[e.pos]) if e.pos < len(e.doc) else "the end of the record"
+    return f"{reason} (found {found})"

