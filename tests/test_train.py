@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
 
 import infir2_jax
 from infir2_jax.checkpoint.convert import orbax_to_hf
@@ -102,6 +102,39 @@ def test_run_directory_contract_and_checkpoint_export(tmp_path):
     # Changing the model of an existing run is refused, naming the key.
     with pytest.raises(ConfigError, match="model.hidden_size"):
         train(_config(tmp_path / "run", "model.hidden_size=64"), out=io.StringIO())
+
+
+def test_a_longer_rerun_warns_how_the_learning_rate_changes(tmp_path):
+    """Raising train.steps of a finished run continues it under the new (longer) schedule; the
+    log says so with the learning rate before and after, instead of a silent jump."""
+    from infir2_jax.train.optimizer import learning_rate_schedule
+
+    train(_config(tmp_path / "run", "train.steps=6"), out=io.StringIO())
+    longer = _config(tmp_path / "run", "train.steps=12")
+    out = io.StringIO()
+    history = train(longer, out=out)
+    new = float(learning_rate_schedule(longer.optim, 12)(6))
+    old = float(learning_rate_schedule(longer.optim, 6)(6))
+    assert old != pytest.approx(new)
+    assert (
+        "warning: the LR schedule differs from the checkpoint's (train.steps 6 -> 12): this "
+        f"config's schedule applies from step 7 on, LR {new:.2e}; the checkpoint's would give "
+        f"{old:.2e}"
+    ) in out.getvalue()
+    assert history[0]["step"] == 7 and history[0]["lr"] == pytest.approx(new, rel=1e-6)
+    # The same command again: nothing changed, nothing to say.
+    out = io.StringIO()
+    train(_config(tmp_path / "run", "train.steps=12"), out=out)
+    assert "schedule" not in out.getvalue()
+
+
+def test_a_run_that_saved_nothing_does_not_tie_its_directory_to_a_model(tmp_path):
+    # Fails on its first batch (byte tokens do not fit a 100-token vocabulary), before saving.
+    with pytest.raises(ValueError, match="model.vocab_size=100"):
+        train(_config(tmp_path / "run", "model.vocab_size=100"), out=io.StringIO())
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    history = train(_config(tmp_path / "run", "train.steps=2"), out=io.StringIO())
+    assert [m["step"] for m in history] == [1, 2]
 
 
 def test_init_from_hf_directory(tmp_path):
@@ -233,6 +266,13 @@ def test_decay_run_continues_a_stable_checkpoint_with_its_optimizer_state(tmp_pa
     out = io.StringIO()
     resumed = train(_config(tmp_path / "decay", *decay), out=out)
     assert "continuing" in out.getvalue() and "with this config's schedule" in out.getvalue()
+    # The schedule change is expected here: said, with the rates, but not as a warning.
+    assert (
+        "the LR schedule differs from the checkpoint's (train.steps 8 -> 12, "
+        "optim.warmup_steps 2 -> 0)"
+        in out.getvalue()
+        and "warning" not in out.getvalue()
+    )
     assert [m["step"] for m in resumed] == [9, 10, 11, 12]
     reference = {m["step"]: m for m in full}
     for m in resumed:
@@ -305,13 +345,10 @@ def test_tensorboard_and_wandb_receive_the_metrics(tmp_path, monkeypatch):
     assert calls["log"][0][1]["loss"] == pytest.approx(history[0]["loss"])
 
 
-def test_tiny_sft_trains_on_assistant_tokens_with_validation(tmp_path, qwen_tokenizer_dir):
-    from infir2_jax.data.gsm8k import write_tiny_sft
-
-    data = write_tiny_sft(SHARED_DATA / "gsm8k_test.jsonl", tmp_path / "data", qwen_tokenizer_dir)
+def test_tiny_sft_trains_on_assistant_tokens_with_validation(tmp_path):
+    # The shipped config as it is (bundled GSM8K, built-in tokenizer), made shorter.
     cfg = load_config("tiny_sft", [
-        f"train.run_dir={tmp_path / 'run'}", f"data.path={data / 'sft.jsonl'}",
-        f"data.tokenizer={data / 'tokenizer'}", "train.steps=4", "train.batch_size=2",
+        f"train.run_dir={tmp_path / 'run'}", "train.steps=4", "train.batch_size=2",
         "train.seq_len=256", "train.eval_every=2", "train.log_every=1",
         "model.num_layers=2"])  # fmt: skip
     history = train(cfg, out=io.StringIO())

@@ -28,6 +28,7 @@ OPT_STATE = "opt_state"
 FP8_STATE = "fp8_state"  # only for stateful FP8 recipes (Orbax rejects empty items)
 META = "meta"
 DATA = "data"
+SCHEDULE_META = "schedule"  # meta key: the settings that shaped the LR schedule
 
 
 class _IteratorSnapshot:
@@ -64,9 +65,10 @@ class TrainCheckpointer:
         state: TrainState,
         model_cfg: ModelConfig,
         data: grain.DatasetIterator,
-        counters: dict[str, int],
+        meta: dict[str, Any],
     ) -> bool:
-        """Saves this step (the caller decides when; see `due`); returns whether it started."""
+        """Saves this step (the caller decides when; see `due`) with `meta` (JSON: counters,
+        the schedule) in its `meta` item; returns whether it started."""
         step = int(state.step)
         # The cadence is decided by the caller (Orbax's own interval logic also saves step 1).
         items = {
@@ -74,7 +76,7 @@ class TrainCheckpointer:
             OPT_STATE: ocp.args.StandardSave(state.opt_state),
             MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(model_cfg)),
             META: ocp.args.JsonSave(
-                {"step": step, "nonfinite_streak": int(state.nonfinite_streak), **counters}
+                {"step": step, "nonfinite_streak": int(state.nonfinite_streak), **meta}
             ),
             DATA: grain.checkpoint.CheckpointSave(_IteratorSnapshot(data)),
         }

@@ -11,18 +11,22 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
-import yaml
 from flax import traverse_util
 
 from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
-from infir2_jax.config import ConfigError, RunConfig, dump_config, parse_config
+from infir2_jax.config import ConfigError, RunConfig, dump_config
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.fp8 import make_gemm
 from infir2_jax.parallel import describe, make_layout
 from infir2_jax.pretrained import load_params, read_config
-from infir2_jax.train.checkpointing import TrainCheckpointer
+from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
-from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from infir2_jax.train.optimizer import (
+    learning_rate_schedule,
+    make_optimizer,
+    schedule_change,
+    schedule_settings,
+)
 from infir2_jax.train.sharding import (
     check_layout,
     jit_eval_step,
@@ -49,19 +53,20 @@ def _check_streak(streak: int, step: int, cfg: RunConfig, checkpointer: TrainChe
         )
 
 
-def _write_run_config(run_dir: Path, cfg: RunConfig) -> None:
-    """Saves the resolved config; a resumed run must keep the architecture it continues."""
-    path = run_dir / "config.yaml"
-    if path.exists():
-        previous = parse_config(yaml.safe_load(path.read_text())).model
-        mismatch = cfg.model.architecture_mismatch(previous)
-        if mismatch:
-            raise ConfigError(
-                f"{path}: this run directory holds a model with {mismatch}="
-                f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
-                f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
-            )
-    path.write_text(dump_config(cfg))
+def _check_run_model(checkpoints: Path, step: int | None, cfg: RunConfig) -> None:
+    """A run directory is tied to its model once it holds a checkpoint (not before: a run
+    that died before saving anything leaves nothing to continue)."""
+    if step is None:
+        return
+    step_dir = checkpoints / str(step)
+    previous = read_config(step_dir)
+    mismatch = cfg.model.architecture_mismatch(previous)
+    if mismatch:
+        raise ConfigError(
+            f"{step_dir}: this run directory holds a model with {mismatch}="
+            f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
+            f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
+        )
 
 
 def _initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings):
@@ -122,7 +127,6 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) training to `train.steps`; returns the metrics logged by this call."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_config(run_dir, cfg)
     if cfg.train.init_from is not None and cfg.train.resume_from is not None:
         raise ConfigError("train.init_from and train.resume_from: set one, not both")
 
@@ -157,8 +161,11 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
 
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = checkpointer.latest_step()
+    _check_run_model(checkpointer.directory, start, cfg)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     meta: dict[str, Any] = {}
-    if start is not None:
+    resumed = start is not None
+    if resumed:
         state, meta = checkpointer.restore(start, abstract, data)
         print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
     elif cfg.train.resume_from is not None:
@@ -176,6 +183,11 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     else:
         start = 0
         state = _initial_state(cfg, gemm, parts, optimizer, state_sharding)
+    schedule_meta = schedule_settings(cfg.optim, cfg.train.steps)
+    change = schedule_change(meta.get(SCHEDULE_META), schedule_meta, start)
+    if change:  # expected for a decay run (resume_from); a surprise when re-running a run
+        warning = "warning: " if resumed else ""
+        print(f"{warning}{change}", file=out, flush=True)
     counters = {k: int(meta.get(k, 0)) for k in ("truncated_samples", "dropped_samples")}
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"mesh: {describe(layout)}", file=out, flush=True)
@@ -218,7 +230,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
 
     def save() -> None:
         _check_streak(int(state.nonfinite_streak), int(state.step), cfg, checkpointer)
-        checkpointer.save(state, cfg.model, data, counters)
+        checkpointer.save(state, cfg.model, data, {**counters, SCHEDULE_META: schedule_meta})
 
     try:
         for step in range(start, cfg.train.steps):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
 
@@ -48,6 +50,44 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
             decays[cfg.decay_style](),
         ],
         boundaries=[warmup, decay_start],
+    )
+
+
+# The settings that shape the learning-rate schedule; checkpoints record them so that a
+# resume under other values can say what the learning rate does now.
+SCHEDULE_FIELDS = (
+    "lr", "min_lr", "warmup_steps", "warmup_fraction", "decay_start", "decay_steps", "decay_style",
+)  # fmt: skip
+
+
+def schedule_settings(cfg: OptimConfig, total_steps: int) -> dict[str, Any]:
+    return {"train.steps": total_steps, **{f"optim.{k}": getattr(cfg, k) for k in SCHEDULE_FIELDS}}
+
+
+def schedule_from_settings(settings: dict[str, Any]) -> optax.Schedule:
+    """The schedule that `schedule_settings` described (e.g. one a checkpoint recorded)."""
+    optim = {k.removeprefix("optim."): v for k, v in settings.items() if k.startswith("optim.")}
+    return learning_rate_schedule(OptimConfig(**optim), settings["train.steps"])
+
+
+def schedule_change(saved: dict[str, Any] | None, current: dict[str, Any], step: int):
+    """A sentence on what the learning rate does when a run saved under the schedule settings
+    `saved` continues after `step` under `current`; None if nothing changed or nothing was
+    saved. The new schedule is followed as configured (not stretched to resume from the old
+    rate): that is what a decay run or a longer run asks for, so the sentence gives both."""
+    if saved is None:
+        return None
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if not changed:
+        return None
+    new_lr = float(schedule_from_settings(current)(step))
+    try:
+        old = f"; the checkpoint's would give {float(schedule_from_settings(saved)(step)):.2e}"
+    except (KeyError, TypeError, ValueError):  # recorded by a version with other fields
+        old = ""
+    return (
+        f"the LR schedule differs from the checkpoint's ({', '.join(changed)}): this config's "
+        f"schedule applies from step {step + 1} on, LR {new_lr:.2e}{old}"
     )
 
 
