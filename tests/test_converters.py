@@ -32,6 +32,7 @@ def _convert(script: str, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         cwd=ROOT,
+        umask=0o022,
     )
 
 
@@ -41,15 +42,19 @@ def test_round_trip_is_bit_exact_in_float32(tmp_path, tied):
     (tmp_path / "hf" / "tokenizer.json").write_text("{}")  # copied verbatim by --tokenizer-dir
     r = _convert("hf_to_orbax.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ob"))
     assert r.returncode == 0, r.stderr
+    assert "WARNING" not in r.stderr, r.stderr  # no spurious absl/Orbax warnings
     r = _convert(
         "orbax_to_hf.py",
         "--checkpoint", str(tmp_path / "ob"),
         "--out", str(tmp_path / "hf2"),
-        "--dtype", "float32",
+        "--dtype", "auto",  # as stored: float32
         "--tokenizer-dir", str(tmp_path / "hf"),
         "--max-shard-gb", "0.0001",  # ~100 KB shards: exercises the sharded index
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert "WARNING" not in r.stderr and "note:" not in r.stdout, (r.stdout, r.stderr)
+    for out in ("ob", "hf2"):  # ordinary directories, not mkdtemp's private 0700
+        assert (tmp_path / out).stat().st_mode & 0o777 == 0o755
 
     original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "hf2")
     assert sorted(original) == sorted(back)
@@ -72,12 +77,12 @@ def test_bfloat16_export_loads_in_transformers(tmp_path):
         ).returncode
         == 0
     )
-    assert (
-        _convert(
-            "orbax_to_hf.py", "--checkpoint", str(tmp_path / "ob"), "--out", str(tmp_path / "bf")
-        ).returncode
-        == 0
+    r = _convert(
+        "orbax_to_hf.py", "--checkpoint", str(tmp_path / "ob"), "--out", str(tmp_path / "bf")
     )
+    assert r.returncode == 0, r.stderr
+    # The default is bfloat16, said when the checkpoint stores something else.
+    assert "note: the checkpoint stores float32; writing bfloat16" in r.stdout
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf")
     assert model.dtype == torch.bfloat16
     ids = torch.tensor([[1, 5, 9, 200]])

@@ -9,12 +9,18 @@ import numpy as np
 from safetensors import safe_open
 
 from infir2_jax.checkpoint.hf_io import (
+    CheckpointError,
     hf_weight_map,
     read_hf_config,
     read_hf_params,
     write_hf_checkpoint,
 )
-from infir2_jax.checkpoint.orbax_io import read_model_config, restore_params, save_model_checkpoint
+from infir2_jax.checkpoint.orbax_io import (
+    read_model_config,
+    restore_params,
+    save_model_checkpoint,
+    stored_param_dtype,
+)
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -53,9 +59,14 @@ def orbax_to_hf(
     copy_files_from: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
-    """Orbax model or training checkpoint -> HF directory. Peak host memory: the stored
+    """Orbax model or training checkpoint -> HF directory with weights in `dtype` ("auto": as
+    stored; training checkpoints store FP32 master weights). Peak host memory: the stored
     parameters once plus one output shard."""
     cfg = read_model_config(checkpoint)
+    if dtype == "auto":
+        dtype = stored_param_dtype(checkpoint)
+        if dtype == "mixed":
+            raise CheckpointError(f"{checkpoint}: parameters of several dtypes; choose a --dtype")
     params = restore_params(checkpoint, cfg)
     return write_hf_checkpoint(
         params,

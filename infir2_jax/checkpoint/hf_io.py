@@ -141,6 +141,9 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     check_fresh_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the output is a normal directory
     try:
         yield tmp
         if out_dir.exists():

@@ -61,7 +61,9 @@ def save_model_checkpoint(
         raise FileExistsError(f"{path}: already exists; refusing to overwrite")
     tree = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in params.items()})
     in_place = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        # Unused here, but Orbax warns at start-up when a registry lacks a jax.Array handler.
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
     writer = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, type_handler_registry=in_place)
     handlers = {PARAMS: writer, MODEL_CONFIG: ocp.JsonCheckpointHandler()}
@@ -108,6 +110,16 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
             step_dir, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
         )
     return model_config_from_json(restored[MODEL_CONFIG], str(step_dir / MODEL_CONFIG))
+
+
+def stored_param_dtype(path: str | os.PathLike) -> str:
+    """The dtype a checkpoint stores its parameters in ("float32" for training checkpoints,
+    whose master weights are FP32); "mixed" if they differ."""
+    step_dir = resolve_checkpoint_dir(path)
+    with _checkpointer() as ckptr:
+        tree = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
+    dtypes = {str(np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(tree)}
+    return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
 def restore_params(
