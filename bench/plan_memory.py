@@ -3,7 +3,7 @@
     python bench/plan_memory.py            # 8 fake CPU devices (one H100 node), ~2 minutes
 
 Prints a Markdown table for BENCHMARKS.md: parameters, optimizer state, XLA temporaries and
-their sum (peak) per device, next to InfiR2's published peaks (RECIPE.md).
+their sum (peak) per device, next to InfiR2's published peaks (docs/recipe.md).
 """
 
 from __future__ import annotations
