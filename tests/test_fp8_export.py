@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -68,7 +69,7 @@ def test_export_format_scales_and_values(tmp_path, scale_format):
                 for j in range(s.shape[1]):
                     block = value[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
                     exact = np.abs(block).max() / np.float32(448.0)
-                    want = exact if scale_format == "fp32" else 2.0 ** np.ceil(np.log2(exact))
+                    want = exact if scale_format == "fp32" else _pow2_ceiling(exact)
                     assert s[i, j] == np.float32(want), (name, i, j)
             deq = dequantize_weight_blocks(q, s)
             # E4M3 rounding: |error| <= 2^-4 relative for normal values, <= half the smallest
@@ -107,6 +108,42 @@ def test_block_quantizer_partial_blocks_and_zero_blocks():
     assert s[0, 1] == np.float32(3.0) / np.float32(448.0)
     assert s[1, 2] == np.float32(7.0) / np.float32(448.0)  # partial corner block
     assert q[129, 259].astype(np.float32) == 448.0
+
+
+def _pow2_ceiling(s: float) -> float:
+    """The least power of two >= s, by exact float arithmetic (no log rounding)."""
+    p = 2.0 ** math.floor(math.log2(s))
+    while p < s:
+        p *= 2.0
+    while p / 2.0 >= s:
+        p /= 2.0
+    return p
+
+
+def test_power_of_two_scales_round_up_even_a_hair_above_a_power_of_two():
+    """amax/448 a hair above 2^-13 (a typical weight scale): log2 in float32 rounds to -13.0,
+    so a log-based ceiling would round the scale *down* (and the block would overflow E4M3);
+    the exact ceiling is 2^-12."""
+    amax = np.float32(448.0 * 2.0**-13)
+    while amax / np.float32(448.0) <= 2.0**-13:
+        amax = np.nextafter(amax, np.float32(1.0))
+    scale = amax / np.float32(448.0)
+    assert scale > 2.0**-13 and np.float32(np.log2(scale)) == -13.0  # the trap is real
+    w = np.full((128, 128), 0.01, np.float32)
+    w[0, 0] = amax
+    q, s = quantize_weight_blocks(w, power_of_two=True)
+    assert s[0, 0] == 2.0**-12 == _pow2_ceiling(float(scale))
+    assert np.abs(q.astype(np.float32)).max() <= 448.0
+    # One quantizer: the export and the training quantizer agree bit for bit.
+    from infir2_jax.fp8.quantize import E4M3, quantize_blocks
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(300, 200)).astype(np.float32) * 0.02
+    for power_of_two in (False, True):
+        q, s = quantize_weight_blocks(w, power_of_two=power_of_two)
+        tq, ts = quantize_blocks(w, (128, 128), E4M3, power_of_two=power_of_two)
+        np.testing.assert_array_equal(s, np.asarray(ts))
+        np.testing.assert_array_equal(q.view(np.uint8), np.asarray(tq).view(np.uint8))
 
 
 def test_check_tp_names_the_projection(tmp_path):

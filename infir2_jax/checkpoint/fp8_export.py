@@ -3,18 +3,20 @@
 Each projection weight `X.weight` [out, in] of the decoder layers (q, k, v, o, gate, up, down)
 becomes float8_e4m3fn plus `X.weight_scale_inv` (float32, [ceil(out/128), ceil(in/128)]), the
 dequantization multiplier per 128×128 block: exactly amax/448 (`fp32`) or its power-of-two
-ceiling (`e8m0`). Embeddings, lm_head, norms and biases are copied unchanged. Works on numpy
-on the host (IEEE division, so scales are exactly amax/448), one input shard at a time.
+ceiling (`e8m0`). Embeddings, lm_head, norms and biases are copied unchanged. Quantizes with
+the training quantizer on the host CPU, one input shard at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import defaultdict
 from pathlib import Path
 
-import ml_dtypes
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -28,9 +30,9 @@ from infir2_jax.checkpoint.hf_io import (
     read_hf_config,
 )
 from infir2_jax.checkpoint.hf_mapping import RULES
+from infir2_jax.fp8.quantize import E4M3, dequantize_blocks, quantize_blocks
 from infir2_jax.model.config import ModelConfig, to_hf_config
 
-E4M3_MAX = 448.0
 BLOCK = 128
 # Projections (per-layer nn.Linear weights) and how tensor parallelism splits them:
 # column-parallel layers split the output dim, row-parallel ones the input dim.
@@ -43,29 +45,25 @@ def quantized_names(cfg: ModelConfig) -> set[str]:
     return {n for r in RULES if r.per_layer and r.transpose for n in r.hf_names(cfg)}
 
 
+@functools.partial(jax.jit, static_argnames=("power_of_two", "block"))
+def _quantize_weight(w: jax.Array, power_of_two: bool, block: int) -> tuple[jax.Array, jax.Array]:
+    return quantize_blocks(w, (block, block), E4M3, power_of_two=power_of_two)
+
+
 def quantize_weight_blocks(
     w: np.ndarray, *, power_of_two: bool, block: int = BLOCK
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(q float8_e4m3fn [out, in], scale_inv float32 [ceil(out/B), ceil(in/B)])."""
-    w = np.asarray(w, np.float32)
-    rows, cols = w.shape
-    br, bc = -(-rows // block), -(-cols // block)
-    padded = np.zeros((br * block, bc * block), np.float32)
-    padded[:rows, :cols] = w
-    amax = np.abs(padded.reshape(br, block, bc, block)).max(axis=(1, 3))
-    scale = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
-    if power_of_two:
-        scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
-    full = np.repeat(np.repeat(scale, block, axis=0), block, axis=1)[:rows, :cols]
-    q = np.clip(w / full, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return q, scale
+    """(q float8_e4m3fn [out, in], scale_inv float32 [ceil(out/B), ceil(in/B)]): the training
+    quantizer (fp8/quantize.py) on B×B blocks, so an export rounds exactly as training does,
+    power-of-two ceilings included."""
+    q, scale = _quantize_weight(jnp.asarray(w, jnp.float32), power_of_two, block)
+    return np.asarray(q), np.asarray(scale)
 
 
 def dequantize_weight_blocks(
     q: np.ndarray, scale_inv: np.ndarray, block: int = BLOCK
 ) -> np.ndarray:
-    full = np.repeat(np.repeat(scale_inv, block, axis=0), block, axis=1)
-    return q.astype(np.float32) * full[: q.shape[0], : q.shape[1]]
+    return np.asarray(dequantize_blocks(jnp.asarray(q), jnp.asarray(scale_inv), (block, block)))
 
 
 def tensor_parallel_problems(cfg: ModelConfig, ranks: int) -> list[str]:

@@ -49,7 +49,10 @@ def scale_from_amax(
 ) -> jax.Array:
     """Dequantization scale amax / fmt_max · 2^margin (1 where amax is 0)."""
     amax = amax.astype(jnp.float32)
-    s = amax / fmt.max * (2.0**margin)
+    # A true division: XLA rewrites `a / broadcast(c)` as `a * (1/c)`, 1 ulp off amax/fmt_max
+    # for most amaxes; the barrier keeps the divisor opaque (cheap: one value per block).
+    fmt_max = jax.lax.optimization_barrier(jnp.full(amax.shape, fmt.max, jnp.float32))
+    s = amax / fmt_max * (2.0**margin)
     s = jnp.where(amax > 0, s, 1.0)
     return round_up_pow2(s) if power_of_two else s
 
