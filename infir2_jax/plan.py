@@ -1,23 +1,31 @@
 """Memory and FLOPs plan of a run, without a GPU and without allocating the model.
 
     python -m infir2_jax.plan --config cpt_7b [--set parallel.tensor=4 ...] [--devices 8]
+        [--target cpu|h100|h200] [--json] [--dump-hlo FILE]
 
 Compiles the real train step (sharded state, donated, micro-batched, FP8 recipe, remat)
-ahead of time against abstract inputs on fake CPU devices shaped like the mesh, then prints
-per-device bytes of parameters, optimizer state and FP8 state (exact, from the shardings) and
-of the step's temporaries (activations, gradients, collectives buffers: XLA's buffer
-assignment of the SPMD-partitioned program), the parameter count and model FLOPs.
+ahead of time against abstract inputs on devices shaped like the mesh, then prints per-device
+bytes of parameters, optimizer state and FP8 state (exact, from the shardings) and of the
+step's temporaries (activations, gradients, collectives buffers: XLA's buffer assignment of
+the SPMD-partitioned program), the parameter count and model FLOPs.
 
-What it is not: XLA:CPU's buffer assignment, not the GPU compiler's. Both schedule the same
-partitioned program, but XLA:GPU fuses differently, and cuDNN flash attention (GPU only)
-would replace `attention_impl: chunked`'s [chunk, seq] scores. Treat the temporaries as an
-estimate within roughly ±20 %, the parameter and optimizer bytes as exact.
+--target cpu (default): fake CPU devices, XLA:CPU's buffer assignment. XLA:GPU fuses
+differently, and cuDNN flash attention would replace `attention_impl: chunked`'s scores: treat
+the temporaries as an estimate within roughly ±20 %, the parameter and optimizer bytes as
+exact.
+--target h100 / h200: compile-only GPU devices from XLA's target description (needs
+`pip install -r requirements-gpu-compile.txt`, no GPU): XLA:GPU's own pipeline and buffer
+assignment, plus a census of the optimized program's GEMMs and kernels (FP8 cuBLASLt GEMMs,
+BF16 and FP32 GEMMs, attention and Pallas kernels). Nothing is autotuned (Triton GEMMs are off,
+so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
+--json prints the figures as one JSON object; --dump-hlo writes the optimized HLO text.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -31,13 +39,23 @@ def _device_count(cfg, requested: int | None) -> int:
     return (requested or 8) if -1 in sizes else math.prod(sizes)
 
 
-def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
-    """Compiles the train step for `cfg` on `devices` fake CPU devices; returns the figures."""
+def plan(
+    cfg,
+    devices: int,
+    out=sys.stdout,
+    *,
+    target: str = "cpu",
+    dump_hlo: str | None = None,
+    as_json: bool = False,
+) -> dict:
+    """Compiles the train step for `cfg` on `devices` devices of `target` (fake CPU devices,
+    or compile-only GPUs); prints and returns the figures."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from infir2_jax.fp8 import make_gemm
+    from infir2_jax.gpu_target import census, gpu_devices
     from infir2_jax.parallel import describe, make_layout
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.train.sharding import (
@@ -48,12 +66,16 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
     )
     from infir2_jax.train.state import new_state, split_model
 
-    if jax.device_count() < devices:
-        raise RuntimeError(
-            f"{jax.device_count()} devices visible, the plan needs {devices}; run it as "
-            "`python -m infir2_jax.plan` (it sets XLA_FLAGS before JAX starts)"
-        )
-    layout = make_layout(cfg.parallel, jax.devices()[:devices])
+    if target == "cpu":
+        if jax.device_count() < devices:
+            raise RuntimeError(
+                f"{jax.device_count()} devices visible, the plan needs {devices}; run it as "
+                "`python -m infir2_jax.plan` (it sets XLA_FLAGS before JAX starts)"
+            )
+        device_list = jax.devices()[:devices]
+    else:
+        device_list = gpu_devices(target, devices)
+    layout = make_layout(cfg.parallel, device_list)
     check_layout(
         layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
     )
@@ -83,6 +105,10 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
     compiled = step.lower(abstract, batch).compile()
     seconds = time.perf_counter() - began
     memory = compiled.memory_analysis()
+    hlo = compiled.as_text() if (target != "cpu" or dump_hlo) else ""
+    if dump_hlo:
+        with open(dump_hlo, "w") as f:
+            f.write(hlo)
 
     def per_device(tree) -> float:
         total = 0
@@ -99,6 +125,7 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
     flops_token = cfg.model.flops_per_token(seq)
     data_parallel = layout.size("data") * layout.size("fsdp")
     figures = dict(
+        target=target,
         devices=devices,
         params=params,
         opt_state=opt_state,
@@ -115,6 +142,8 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
         flops_per_step=flops_token * rows * seq,
         compile_seconds=seconds,
     )
+    if target != "cpu":
+        figures["census"] = census(hlo).as_dict()
     gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
     micro_rows = rows // (data_parallel * cfg.train.micro_batches)
     lines = [
@@ -133,9 +162,19 @@ def plan(cfg, devices: int, out=sys.stdout) -> dict[str, float]:
         f"  peak                     {gib(figures['peak'])}   arguments + temporaries",
         f"model FLOPs: {flops_token / 1e9:.2f} GFLOP/token, {figures['flops_per_step'] / 1e15:.2f} "
         f"PFLOP/step ({figures['flops_per_step'] / devices / 1e12:.1f} TFLOP per device)",
-        f"compiled in {seconds:.0f} s",
+        f"compiled for {target} in {seconds:.0f} s",
     ]
-    print("\n".join(lines), file=out, flush=True)
+    if target != "cpu":
+        c = figures["census"]
+        lines += [
+            "GEMM census (optimized HLO; loop bodies once): "
+            f"{c['fp8_gemms']} FP8 cuBLASLt ({c['fp8_gemms_f32_out']} with FP32 output), "
+            f"{c['bf16_gemms']} BF16, {c['f32_gemms']} FP32-operand, {c['xla_dots']} XLA dots; "
+            f"{c['attention_kernels']} cuDNN attention, {c['pallas_kernels']} Pallas/Triton "
+            "kernels",
+        ]
+    if not as_json:
+        print("\n".join(lines), file=out, flush=True)
     return figures
 
 
@@ -149,21 +188,44 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="devices of the planned job when a parallel size is -1 (default 8: one node)",
     )
+    parser.add_argument(
+        "--target",
+        default="cpu",
+        choices=["cpu", "h100", "h200"],
+        help="compile for fake CPU devices (default) or compile-only H100/H200 GPUs",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dump-hlo", metavar="FILE", help="write the optimized HLO text")
     args = parser.parse_args(argv)
+    # JAX runs on the CPU, for every target; otherwise it would try to start the CUDA plugin on
+    # a machine without a GPU and, failing, drop the very plugin the GPU targets compile with.
+    # (jax read JAX_PLATFORMS when the package imported it: set the option itself.)
+    import jax
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
 
     from infir2_jax.config import ConfigError, load_config
+    from infir2_jax.gpu_target import COMPILE_FLAGS, GpuTargetError
 
     try:
         cfg = load_config(args.config, args.set)
         devices = _device_count(cfg, args.devices)
-        # Before JAX creates its CPU client: fake devices shaped like the job.
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        # Before JAX creates its clients: fake CPU devices shaped like the job, or (GPU targets,
+        # compiled without autotuning) no Triton GEMMs.
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
-        plan(cfg, devices)
-    except (ConfigError, ValueError) as e:
+        extra = (
+            f"--xla_force_host_platform_device_count={devices}"
+            if args.target == "cpu"
+            else COMPILE_FLAGS
+        )
+        os.environ["XLA_FLAGS"] = f"{flags} {extra}"
+        figures = plan(cfg, devices, target=args.target, dump_hlo=args.dump_hlo, as_json=args.json)
+    except (ConfigError, ValueError, GpuTargetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(figures))
     return 0
 
 

@@ -174,3 +174,23 @@ def test_transformer_engine_recipes_name_the_missing_package(recipe):
         pytest.skip("TransformerEngine is installed")
     with pytest.raises(ValueError, match="transformer_engine"):
         make_gemm(FP8Config(recipe=recipe))
+
+
+@pytest.mark.parametrize("contract", [(1, 0), (1, 1), (0, 0)])  # fprop, dgrad, wgrad
+def test_gpu_form_of_per_tensor_dots_computes_the_same_product(contract):
+    """The dequantized form the GPU lowering uses (`_dequantized_dot`) is the same product as
+    the rescaled form the CPU runs, for each GEMM's contraction: with power-of-two scales the
+    BF16 dequantization is exact, so both are the FP32 product rounded once to BF16."""
+    from infir2_jax.fp8.dots import _dequantized_dot, _rescaled_dot
+
+    rng = np.random.default_rng(0)
+    qa = jnp.asarray(rng.normal(size=(48, 40)) * 8, jnp.float8_e4m3fn)
+    shape_b = {(1, 0): (40, 24), (1, 1): (24, 40), (0, 0): (48, 24)}[contract]
+    qb = jnp.asarray(rng.normal(size=shape_b) * 8, jnp.float8_e5m2)
+    sa, sb = jnp.float32(2.0**-5), jnp.float32(2.0**3)
+    gpu_form = _dequantized_dot(qa, sa, qb, sb, contract, jnp.bfloat16)
+    cpu_form = _rescaled_dot(qa, sa, qb, sb, contract, jnp.bfloat16)
+    assert gpu_form.dtype == cpu_form.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(gpu_form, np.float32), np.asarray(cpu_form, np.float32)
+    )

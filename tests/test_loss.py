@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,3 +54,31 @@ def test_full_logits_are_never_materialised():
     temp = compiled.memory_analysis().temp_size_in_bytes
     full_logits = tokens * vocab * 4
     assert temp < full_logits / 4, (temp, full_logits)
+
+
+def test_bf16_backward_gemms_take_bf16_operands():
+    """In BF16 the two backward GEMMs over [tokens, vocab] run on BF16 operands (the FP32 logit
+    gradient rounded once), with FP32 accumulation — not as FP32 GEMMs — and the gradients stay
+    within BF16 rounding of the FP32 computation."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.bfloat16)
+    unembed = jnp.asarray(rng.normal(size=(32, 64)) * 0.2, jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 64, size=(2, 16)))
+    mask = jnp.ones((2, 16), jnp.float32)
+
+    def loss(h, w):
+        return chunked_cross_entropy(h, w, labels, mask, chunk_size=8)[0]
+
+    text = jax.jit(jax.grad(loss, (0, 1))).lower(hidden, unembed).as_text()
+    dots = re.findall(r"stablehlo.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+    assert len(dots) == 3  # logits (forward, recomputed once), dh, dw
+    assert all("bf16" in a and "bf16" in b for a, b in dots), dots
+
+    got = jax.grad(loss, (0, 1))(hidden, unembed)
+    f32 = jax.grad(
+        lambda h, w: _reference(h, w, labels, mask)[0], (0, 1)
+    )(hidden.astype(jnp.float32), unembed.astype(jnp.float32))  # fmt: skip
+    for g, want in zip(got, f32, strict=True):
+        assert g.dtype == jnp.bfloat16
+        err = np.abs(np.asarray(g, np.float32) - np.asarray(want))
+        assert err.max() <= 2e-2 * np.abs(np.asarray(want)).max(), err.max()

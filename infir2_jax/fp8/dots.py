@@ -9,7 +9,9 @@ product factors as  (q_a · q_b) ⊙ (s_a ⊗ s_b): one FP8 dot with unit scales
 rescale. That is what XLA maps to a cuBLASLt FP8 GEMM on Hopper (per-tensor scales fold into
 the GEMM's alpha; row/column scales are an epilogue multiply).
 
-Per-tensor (`current`, `delayed`) and `rowwise` really run `dot_general(f8, f8)`.
+Per-tensor (`current`, `delayed`) and `rowwise` really run `dot_general(f8, f8)`; on GPU the
+per-tensor ones are written so that both scales fold into the cuBLASLt FP8 GEMM, which writes
+BF16 directly (see `_scaled_f8_dot`).
 `blockwise` (InfiR2's 1×128 / 128×128) is an emulation: its scales vary along the
 contracted dimension, which no XLA GEMM supports on Hopper, so it quantizes, dequantizes to
 FP32 and runs an FP32 dot — the same arithmetic as a blockwise kernel with FP32 accumulation,
@@ -51,6 +53,42 @@ def _f8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _rescaled_dot(qa, sa, qb, sb, contract, out_dtype):
+    """The FP32 product of the FP8 operands, times both scales, in `out_dtype`."""
+    return (_f8_dot(qa, qb, contract) * (sa * sb)).astype(out_dtype)
+
+
+def _dequantized_dot(qa, sa, qb, sb, contract, out_dtype):
+    """The same product written as XLA's GEMM rewriter wants it on GPU: each operand
+    dequantized (`convert(f8) -> bf16 × scale`), one dot with an `out_dtype` result."""
+    # q, k and v quantize the same x identically; without the barrier XLA merges their three
+    # dots into one over concatenated weights, which is no longer the FP8 pattern (it would
+    # run as a BF16 GEMM on dequantized operands).
+    qa, sa, qb, sb = jax.lax.optimization_barrier((qa, sa, qb, sb))
+    a = qa.astype(out_dtype) * sa.astype(out_dtype)
+    b = qb.astype(out_dtype) * sb.astype(out_dtype)
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+
+
+def _scaled_f8_dot(qa, sa, qb, sb, contract: tuple[int, int], out_dtype) -> jax.Array:
+    """(qa · sa) · (qb · sb) for per-tensor (scalar) scales: FP8 operands, FP32 accumulation,
+    FP32 scales, an `out_dtype` result — one arithmetic, lowered two ways.
+
+    On GPU, `_dequantized_dot`: XLA folds it into one cuBLASLt FP8 GEMM that takes both FP32
+    scales and writes BF16 directly, so no FP32 [M, N] product exists. Elsewhere, and for FP32
+    results (cuBLASLt does not write those from scaled FP8 operands), `_rescaled_dot`, which is
+    what that GEMM computes: on the CPU the dequantized form would round the scales to BF16.
+    """
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return _rescaled_dot(qa, sa, qb, sb, contract, out_dtype)
+    branches = {
+        name: partial(fn, contract=contract, out_dtype=out_dtype)
+        for name, fn in (("cpu", _rescaled_dot), ("default", _dequantized_dot))
+    }
+    return jax.lax.platform_dependent(qa, sa, qb, sb, **branches)
+
+
 def _f32_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     dims = (((contract[0],), (contract[1],)), ((), ()))
     return jax.lax.dot_general(
@@ -67,14 +105,13 @@ def _dtype_token(x: jax.Array) -> jax.Array:
 def _per_tensor_fwd(x, w, sx, sw, spec: Fp8Spec):
     qx = quantize_with_scale(x, sx, spec.fwd)
     qw = quantize_with_scale(w, sw, spec.fwd)
-    y = (_f8_dot(qx, qw, (1, 0)) * (sx * sw)).astype(x.dtype)
-    return y, (qx, qw)
+    return _scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype), (qx, qw)
 
 
 def _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec: Fp8Spec, x_dtype, w_dtype):
     qg = quantize_with_scale(g, sg, spec.bwd)
-    dx = (_f8_dot(qg, qw, (1, 1)) * (sg * sw)).astype(x_dtype)
-    dw = (_f8_dot(qx, qg, (0, 0)) * (sx * sg)).astype(w_dtype)
+    dx = _scaled_f8_dot(qg, sg, qw, sw, (1, 1), x_dtype)
+    dw = _scaled_f8_dot(qx, sx, qg, sg, (0, 0), w_dtype)
     return dx, dw
 
 

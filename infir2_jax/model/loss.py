@@ -23,6 +23,30 @@ def _chunk_count(batch: int, seq: int, chunk_size: int) -> int:
     return count
 
 
+@jax.custom_vjp
+def _logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    """FP32 logits [b, t, v] of h [b, t, e] and w [e, v] (both in the compute dtype)."""
+    return jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h, w):
+    return _logits(h, w), (h, w)
+
+
+def _logits_bwd(residuals, g):
+    # The FP32 logit gradient is rounded to the compute dtype before both backward GEMMs, so
+    # they run on BF16 operands with FP32 accumulation (as Megatron does) instead of as FP32
+    # GEMMs over [tokens, vocab] — on Hopper an order of magnitude slower.
+    h, w = residuals
+    g = g.astype(h.dtype)
+    dh = jnp.einsum("btv,ev->bte", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bte,btv->ev", h, g, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
+
+
 def chunked_cross_entropy(
     hidden: jax.Array,
     unembed: jax.Array,
@@ -51,7 +75,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def chunk_loss(h_c: jax.Array, y_c: jax.Array, m_c: jax.Array) -> jax.Array:
         h_c = constrain(h_c, ("batch", "inner_seq", None))
-        logits = jnp.einsum("bte,ev->btv", h_c, w, preferred_element_type=jnp.float32)
+        logits = _logits(h_c, w)
         logits = constrain(logits, ("batch", "inner_seq", "act_vocab"))
         log_z = jax.nn.logsumexp(logits, axis=-1)
         # The target logit by a masked sum, not a gather: stays local to each vocab shard.

@@ -1,0 +1,134 @@
+"""Compiling for a GPU on a machine without one, and reading what XLA emitted.
+
+`gpu_devices("h100", 8)` returns compile-only devices of an H100 node, described by XLA's own
+target file (gpu_targets/); a mesh of them compiles the real sharded step with XLA:GPU's full
+pipeline (GEMM rewriting to cuBLASLt, fusion, buffer assignment) while JAX runs on the CPU.
+Needs the CUDA plugin of the pinned jax (`pip install -r requirements-gpu-compile.txt`).
+
+Limits: nothing is autotuned (there is no device to time candidates on), so Triton GEMM
+fusions are switched off (`--xla_gpu_enable_triton_gemm=false`, set by the planner before JAX
+starts) and every GEMM goes to cuBLAS(Lt), which is what the census counts; cuDNN and cuBLAS
+workspaces are not sized, so memory is XLA's buffer assignment, without allocator slack.
+
+`census(hlo_text)` counts, in an optimized HLO module, the GEMM and kernel calls by kind.
+Loop bodies (the scan over layers, micro-batches) appear once in the text, so counts are per
+body, not per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+
+TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
+TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
+GPUS_PER_HOST = 8
+# Fields of newer XLA target files that jaxlib 0.10.2's GpuTargetConfigProto rejects.
+UNKNOWN_FIELDS = ("collective_memory_granularity",)
+COMPILE_FLAGS = "--xla_gpu_enable_triton_gemm=false"
+
+
+class GpuTargetError(RuntimeError):
+    """The deviceless GPU compile cannot run here (plugin missing, unknown target)."""
+
+
+def target_config(name: str) -> str:
+    """The GpuTargetConfigProto text of a known target, minus fields jaxlib rejects."""
+    if name not in TARGETS:
+        raise GpuTargetError(f"--target {name}: known GPU targets are {sorted(TARGETS)}")
+    text = (TARGET_DIR / TARGETS[name]).read_text()
+    lines = [ln for ln in text.splitlines() if ln.strip().split(":")[0] not in UNKNOWN_FIELDS]
+    # Without runtime_version XLA silently drops the FP8 GEMM rewrite (FP8 dots get upcast).
+    if not any(ln.strip().startswith("runtime_version:") for ln in lines):
+        raise GpuTargetError(f"{TARGETS[name]}: gpu_device_info.runtime_version is missing")
+    return "\n".join(lines)
+
+
+def gpu_devices(name: str, count: int) -> list:
+    """`count` compile-only devices of target `name`, 8 per host (as on an HGX node)."""
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        raise GpuTargetError(
+            f"--target {name} compiles with XLA:GPU and needs the CUDA plugin of the pinned "
+            "jax: pip install -r requirements-gpu-compile.txt"
+        )
+    from jax.experimental import topologies
+
+    per_host = min(count, GPUS_PER_HOST)
+    if count % per_host:
+        raise GpuTargetError(f"--devices {count}: not a whole number of {per_host}-GPU hosts")
+    topology = f"1x{count // per_host}x{per_host}"
+    desc = topologies.get_topology_desc(
+        platform="cuda", topology=topology, target_config=target_config(name)
+    )
+    return list(desc.devices)
+
+
+@dataclasses.dataclass
+class Census:
+    """Calls in an optimized XLA:GPU module (each computation counted once)."""
+
+    fp8_gemms: int = 0  # cuBLASLt FP8 GEMMs
+    fp8_gemms_f32_out: int = 0  # ... of which write an FP32 result (rescaled afterwards)
+    bf16_gemms: int = 0  # cuBLAS(Lt) GEMMs on BF16/F16 operands
+    f32_gemms: int = 0  # cuBLAS(Lt) GEMMs with an FP32 operand (no tensor-core fast path)
+    xla_dots: int = 0  # dots XLA left unrewritten (inside fusions)
+    attention_kernels: int = 0  # cuDNN fused attention calls
+    pallas_kernels: int = 0  # Pallas Mosaic GPU / Triton kernels
+    all_gemms: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(?[\w\[\]{},:\s]*?\)?)\s+([\w\-]+)\(")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OPERANDS = re.compile(r"custom-call\(([^)]*)\)")
+_ELEMENT = re.compile(r"\b(f8e4m3fn|f8e5m2|bf16|f16|f32|f64|s8|s32|u8|pred)\[")
+
+
+def _element_types(type_text: str) -> list[str]:
+    return _ELEMENT.findall(type_text)
+
+
+def census(hlo_text: str) -> Census:
+    types: dict[str, str] = {}
+    calls: list[tuple[str, str, list[str]]] = []
+    for line in hlo_text.splitlines():
+        match = _DEF.match(line)
+        if not match:
+            continue
+        name, result_type, opcode = match.groups()
+        types[name] = result_type
+        if opcode == "custom-call" and (target := _TARGET.search(line)):
+            operands = _OPERANDS.search(line)
+            # Operands print as "%name" or "type %name": keep the name.
+            names = (
+                [o.split()[-1].lstrip("%") for o in operands.group(1).split(", ")]
+                if operands
+                else []
+            )
+            calls.append((target.group(1), result_type, names))
+        elif opcode == "dot":
+            calls.append(("dot", result_type, []))
+    out = Census()
+    for target, result_type, operands in calls:
+        if target == "dot":
+            out.xla_dots += 1
+        elif target.startswith("__cublas"):
+            out.all_gemms += 1
+            # The first two operands are the matrices (the rest: scales, bias, workspace).
+            operand_types = [t for o in operands[:2] for t in _element_types(types.get(o, ""))]
+            if target.endswith("$f8") or any(t.startswith("f8") for t in operand_types):
+                out.fp8_gemms += 1
+                out.fp8_gemms_f32_out += _element_types(result_type)[:1] == ["f32"]
+            elif "f32" in operand_types:
+                out.f32_gemms += 1
+            else:
+                out.bf16_gemms += 1
+        elif target.startswith("__cudnn$fmha"):
+            out.attention_kernels += 1
+        elif "mosaic" in target or "triton" in target:
+            out.pallas_kernels += 1
+    return out

@@ -1,0 +1,94 @@
+"""Compiling for H100 without a GPU: the target description, the HLO census, and what XLA:GPU
+makes of each FP8 recipe (needs the CUDA plugin, requirements-gpu-compile.txt; CI installs it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from infir2_jax.gpu_target import census, target_config
+
+HAS_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+needs_plugin = pytest.mark.skipif(
+    not HAS_PLUGIN, reason="CUDA plugin absent: pip install -r requirements-gpu-compile.txt"
+)
+
+HLO = """
+ENTRY %main (p0: bf16[64,32], p1: f8e4m3fn[32,16]) -> bf16[64,16] {
+  %a = f8e4m3fn[64,32]{1,0} convert(%p0)
+  %s = f32[] parameter(2)
+  %g1 = (bf16[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %p1, %s, %s), custom_call_target="__cublas$lt$matmul$f8"
+  %g2 = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(f8e4m3fn[64,32]{1,0} %a, f8e4m3fn[32,16]{1,0} %p1), custom_call_target="__cublas$lt$matmul$f8"
+  %b = bf16[32,16]{1,0} parameter(3)
+  %g3 = (bf16[64,16]{1,0}, s8[1024]{0}) custom-call(%p0, %b), custom_call_target="__cublas$lt$matmul"
+  %f = f32[64,32]{1,0} convert(%p0)
+  %g4 = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%f, %b), custom_call_target="__cublas$gemm"
+  %d = f32[64,16]{1,0} dot(%f, %f), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %att = (bf16[1,4,64,32]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p0, %p0), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %k = bf16[64,16]{1,0} custom-call(%p0), custom_call_target="mosaic_gpu_v2"
+}
+"""
+
+
+def test_census_counts_each_kind_of_call():
+    c = census(HLO)
+    assert c.as_dict() == dict(
+        fp8_gemms=2, fp8_gemms_f32_out=1, bf16_gemms=1, f32_gemms=1, xla_dots=1,
+        attention_kernels=1, pallas_kernels=1, all_gemms=4,
+    )  # fmt: skip
+
+
+def test_target_descriptions_load_without_fields_jaxlib_rejects():
+    for name in ("h100", "h200"):
+        text = target_config(name)
+        assert "collective_memory_granularity" not in text
+        assert 'runtime_version: "12.8.0"' in text  # else XLA drops the FP8 GEMM rewrite
+        assert "major: 9" in text  # Hopper
+
+
+# A small model whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).
+SMALL = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_size=2",
+         "train.steps=10", "model.remat=full"]  # fmt: skip
+
+
+def _plan_h100(recipe: str) -> dict:
+    sets = [a for o in [*SMALL, f"fp8.recipe={recipe}"] for a in ("--set", o)]
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.plan", "--config", "tiny_cpt", "--target", "h100",
+         "--devices", "1", "--json", *sets],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def h100_plans() -> dict[str, dict]:
+    return {recipe: _plan_h100(recipe) for recipe in ("none", "current", "delayed")}
+
+
+@needs_plugin
+def test_bf16_step_has_no_fp32_gemms(h100_plans):
+    c = h100_plans["none"]["census"]
+    assert c["fp8_gemms"] == 0 and c["f32_gemms"] == 0  # the loss backward included
+    assert c["bf16_gemms"] > 0
+
+
+@needs_plugin
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_per_tensor_recipes_compile_to_fused_fp8_gemms(h100_plans, recipe):
+    """Every projection GEMM is a cuBLASLt FP8 GEMM that takes both scales and writes BF16:
+    7 fprop in the forward body; 6 recomputed fprop (down's output is not needed) + 7 dgrad +
+    7 wgrad in the backward body. No FP32 [tokens, out] product, no FP32-operand GEMM, and no
+    more memory than BF16."""
+    plan, bf16 = h100_plans[recipe], h100_plans["none"]
+    c = plan["census"]
+    assert c["fp8_gemms"] == 27, c
+    assert c["fp8_gemms_f32_out"] == 0 and c["f32_gemms"] == 0, c
+    assert plan["peak"] <= bf16["peak"] * 1.01, (plan["peak"], bf16["peak"])
