@@ -158,6 +158,9 @@ class FP8Config:
     margin: int = 0  # scales × 2^margin (headroom), per TE
     block_size: int = 128  # blockwise: 1×B activation/gradient tiles, B×B weight blocks
     power_of_two_scales: bool = True  # blockwise: round scales up to powers of two
+    # blockwise GEMMs: the Hopper kernel on GPU and the exact emulation elsewhere (auto), or
+    # always the kernel (pallas: GPU only) or always the emulation (emulated).
+    blockwise_kernel: Literal["auto", "pallas", "emulated"] = "auto"
     bf16_layers: tuple[int, ...] = ()  # decoder layers kept in BF16, e.g. [0, -1]
     max_uses: int = 2  # delayed: applications of one layer per step (probe rows)
 

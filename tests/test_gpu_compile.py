@@ -70,7 +70,7 @@ def _plan_h100(recipe: str) -> dict:
 
 @pytest.fixture(scope="module")
 def h100_plans() -> dict[str, dict]:
-    return {recipe: _plan_h100(recipe) for recipe in ("none", "current", "delayed")}
+    return {recipe: _plan_h100(recipe) for recipe in ("none", "current", "delayed", "blockwise")}
 
 
 @needs_plugin
@@ -92,3 +92,13 @@ def test_per_tensor_recipes_compile_to_fused_fp8_gemms(h100_plans, recipe):
     assert c["fp8_gemms"] == 27, c
     assert c["fp8_gemms_f32_out"] == 0 and c["f32_gemms"] == 0, c
     assert plan["peak"] <= bf16["peak"] * 1.01, (plan["peak"], bf16["peak"])
+
+
+@needs_plugin
+def test_blockwise_compiles_to_the_pallas_kernel(h100_plans):
+    """InfiR2's recipe on H100: all 27 projection GEMMs of the two layer bodies are our Pallas
+    Mosaic GPU kernel; no cuBLAS GEMM is left with FP8 or FP32 operands (the emulation would
+    show 27 FP32 GEMMs)."""
+    c = h100_plans["blockwise"]["census"]
+    assert c["pallas_kernels"] == 27, c
+    assert c["fp8_gemms"] == 0 and c["f32_gemms"] == 0, c

@@ -87,42 +87,60 @@ def test_tile_coordinates_visit_every_tile_once():
 
 
 # --------------------------------------------------------------------------- reference
-@pytest.mark.parametrize("power_of_two", [False, True], ids=["f32_scales", "pow2_scales"])
-def test_reference_matches_dots_blockwise_emulation(power_of_two):
-    """fprop, dgrad and wgrad of `blockwise_dot` (quantize, dequantize, one FP32 dot) equal
-    the reference on the same quantized operands; partial blocks in every dimension."""
-    tokens, d_in, d_out = 200, 320, 192
+def _blockwise_gemms(power_of_two, kernel, tokens=200, d_in=320, d_out=192):
+    """(y, dx, dw) of `blockwise_dot` with `kernel`, and the operands for an independent check."""
     kx, kw, kg = jax.random.split(jax.random.key(1), 3)
     x = _data(kx, (tokens, d_in), (8, B))
     w = _data(kw, (d_in, d_out), (B, B))
     g = _data(kg, (tokens, d_out), (8, B))
-    spec = Fp8Spec(E4M3, E4M3, power_of_two=power_of_two, block=B)
+    spec = Fp8Spec(E4M3, E4M3, power_of_two=power_of_two, block=B, kernel=kernel)
     y, vjp = jax.vjp(lambda x_, w_: blockwise_dot(x_, w_, spec), x, w)
-    dx, dw = vjp(g)
+    return (y, *vjp(g)), (x, w, g)
 
-    def quant(t, block):
-        return quantize_blocks(t, block, E4M3, power_of_two=power_of_two)
 
-    qx, sx = quant(x, (1, B))
-    qw, sw = quant(w, (B, B))
-    qg, sg = quant(g, (1, B))
-    qx_t, sx_t = quant(x, (B, 1))  # wgrad: x in 128x1 tiles along tokens
-    qg_t, sg_t = quant(g, (B, 1))
+@pytest.mark.parametrize("power_of_two", [False, True], ids=["f32_scales", "pow2_scales"])
+def test_blockwise_dot_computes_infir2_block_scaled_gemms(power_of_two):
+    """fprop, dgrad and wgrad of `blockwise_dot` (emulated) equal an independent computation:
+    each operand quantized by the recipe's quantizer at InfiR2's granularity, dequantized, one
+    FP32 dot — x·w, g·wᵀ, xᵀ·g; partial blocks in every dimension. This checks the operand
+    layouts and scale modes `blockwise_dot` hands to the kernel and its reference."""
+    (y, dx, dw), (x, w, g) = _blockwise_gemms(power_of_two, "emulated")
+
+    def deq(t, block):
+        q, s = quantize_blocks(t, block, E4M3, power_of_two=power_of_two)
+        return dequantize_blocks(q, s, block), (q, s)
+
+    x_deq, (qx, sx) = deq(x, (1, B))
+    w_deq, (qw, sw) = deq(w, (B, B))
+    g_deq, (qg, sg) = deq(g, (1, B))
+    xt_deq, (qx_t, sx_t) = deq(x, (B, 1))  # wgrad: x and g in 128x1 tiles along tokens
+    gt_deq, (qg_t, sg_t) = deq(g, (B, 1))
+    hi = jax.lax.Precision.HIGHEST
     cases = {
-        # name: (emulated result, A, a_scale, B K-major, b_scale, mode)
-        "fprop": (y, qx, sx, qw.T, sw.T, "block"),  # x @ w
-        "dgrad": (dx, qg, sg, qw, sw, "block"),  # g @ wᵀ: w [in, out] is wᵀ K-major
-        "wgrad": (dw, qx_t.T, sx_t.T, qg_t.T, sg_t.T, "column"),  # xᵀ @ g
-    }
-    for name, (emulated, a_q, a_s, b_q, b_s, mode) in cases.items():
-        ref = blockwise_fp8_matmul_reference(
-            a_q, a_s, b_q, b_s, b_scale_mode=mode, out_dtype=jnp.float32
+        # name: (blockwise_dot's result, FP32 dot, the kernel's operands for the magnitude)
+        "fprop": (y, jnp.dot(x_deq, w_deq, precision=hi), (qx, sx, qw.T, sw.T, "block")),
+        "dgrad": (dx, jnp.dot(g_deq, w_deq.T, precision=hi), (qg, sg, qw, sw, "block")),
+        "wgrad": (dw, jnp.dot(xt_deq.T, gt_deq, precision=hi),
+                  (qx_t.T, sx_t.T, qg_t.T, sg_t.T, "column")),
+    }  # fmt: skip
+    for name, (got, want, operands) in cases.items():
+        assert got.dtype == jnp.float32, name
+        # Per-128-K sums vs one dot over K (their own orders): 2e-6 of |A|@|B| (seen: 6e-7);
+        # a misplaced scale or block is off by O(1).
+        _assert_close(got, want, _magnitude(*operands), out_dtype=jnp.float32, rtol=2e-6)
+
+
+def test_blockwise_dot_runs_the_kernel_forward_and_backward():
+    """The recipe's three GEMMs through the kernel (GPU interpreter) equal the emulation."""
+    (y, dx, dw), (x, w, g) = kernel_support.run_interpreted(
+        lambda: _blockwise_gemms(True, "interpret", tokens=256, d_in=256, d_out=128)
+    )
+    (ye, dxe, dwe), _ = _blockwise_gemms(True, "emulated", tokens=256, d_in=256, d_out=128)
+    for name, got, want in (("fprop", y, ye), ("dgrad", dx, dxe), ("wgrad", dw, dwe)):
+        scale = np.abs(np.asarray(want)).max()
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(want), atol=1e-5 * scale, err_msg=name
         )
-        magnitude = _magnitude(a_q, a_s, b_q, b_s, mode)
-        assert emulated.dtype == jnp.float32, name
-        # The emulation sums all of K in one XLA dot (its own order): 2e-6 of |A|@|B|
-        # (observed up to 6e-7); a misplaced scale or block is off by O(1).
-        _assert_close(ref, emulated, magnitude, out_dtype=jnp.float32, rtol=2e-6)
 
 
 # --------------------------------------------------------------------------- interpret

@@ -12,10 +12,10 @@ the GEMM's alpha; row/column scales are an epilogue multiply).
 Per-tensor (`current`, `delayed`) and `rowwise` really run `dot_general(f8, f8)`; on GPU the
 per-tensor ones are written so that both scales fold into the cuBLASLt FP8 GEMM, which writes
 BF16 directly (see `_scaled_f8_dot`).
-`blockwise` (InfiR2's 1×128 / 128×128) is an emulation: its scales vary along the
-contracted dimension, which no XLA GEMM supports on Hopper, so it quantizes, dequantizes to
-FP32 and runs an FP32 dot — the same arithmetic as a blockwise kernel with FP32 accumulation,
-not its speed.
+`blockwise` (InfiR2's 1×128 / 128×128) has scales that vary along the contracted dimension,
+which no XLA GEMM supports on Hopper: on GPU it runs our Pallas kernel
+(infir2_jax/kernels/blockwise_fp8.py), elsewhere an exact emulation (dequantize, FP32 dot per
+128-K block) of the same arithmetic.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import jax.numpy as jnp
 
 from infir2_jax.fp8.quantize import (
     Fp8Format,
-    dequantize_blocks,
     finite_amax,
     quantize_blocks,
     quantize_with_scale,
     scale_from_amax,
 )
+from infir2_jax.kernels import blockwise_fp8_matmul, blockwise_fp8_matmul_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Fp8Spec:
     margin: int = 0
     power_of_two: bool = False
     block: int = 128  # blockwise: 1×block tiles, block×block weight blocks
+    kernel: str = "auto"  # blockwise: auto | pallas | emulated | interpret (see _block_matmul)
 
 
 def _f8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -89,16 +90,17 @@ def _scaled_f8_dot(qa, sa, qb, sb, contract: tuple[int, int], out_dtype) -> jax.
     return jax.lax.platform_dependent(qa, sa, qb, sb, **branches)
 
 
-def _f32_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(
-        a, b, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-    )
-
-
 def _dtype_token(x: jax.Array) -> jax.Array:
-    """A zero-size array carrying x's dtype through custom_vjp residuals."""
-    return jnp.zeros((0,), x.dtype)
+    """A zero-size array carrying x's type (dtype, and inside a shard_map the mesh axes it
+    varies over) through custom_vjp residuals."""
+    return x.reshape(-1)[:0]
+
+
+def _cotangent_like(ct: jax.Array, token: jax.Array) -> jax.Array:
+    """`ct` summed over the mesh axes it varies over and its primal does not (inside a
+    shard_map: e.g. wgrad partial sums over data-parallel shards of the tokens)."""
+    extra = jax.typeof(ct).manual_axis_type.varying - jax.typeof(token).manual_axis_type.varying
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 # --------------------------------------------------------------------------- per-tensor
@@ -211,32 +213,77 @@ rowwise_dot.defvjp(_rowwise_fwd, _rowwise_bwd)
 # --------------------------------------------------------------------------- blockwise
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def blockwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
-    """InfiR2 / TE Float8BlockScaling numerics (emulated): x and g in 1×B tiles along the
-    contracted dimension, w in B×B blocks (reused transposed for dgrad), and for wgrad x and g
-    in B×1 tiles along tokens."""
+    """InfiR2 / TE Float8BlockScaling numerics: x and g in 1×B tiles along the contracted
+    dimension, w in B×B blocks (reused transposed for dgrad), and for wgrad x and g in B×1
+    tiles along tokens. Each GEMM is a block-scaled FP8 product (`_block_matmul`): the Hopper
+    kernel (infir2_jax.kernels) or its exact emulation, per `spec.kernel`. The backward pass
+    keeps the quantized operands (FP8 + scales), not higher-precision copies."""
     return _blockwise_fwd(x, w, spec)[0]
 
 
-def _blockwise_quant(a, block, fmt, spec):
-    q, s = quantize_blocks(a, block, fmt, power_of_two=spec.power_of_two, margin=spec.margin)
-    return dequantize_blocks(q, s, block)
+def _block_quant(a: jax.Array, block: tuple[int, int], fmt: Fp8Format, spec: Fp8Spec):
+    return quantize_blocks(a, block, fmt, power_of_two=spec.power_of_two, margin=spec.margin)
+
+
+def _kernel_runs_it(spec: Fp8Spec, out_dtype) -> bool:
+    """Whether the Hopper kernel can compute this recipe's GEMMs: E4M3 operands only (its
+    wgmma takes one FP8 type), BF16 or FP32 results, 128-wide scale blocks."""
+    return (
+        spec.fwd.name == spec.bwd.name == "e4m3"
+        and spec.block == 128
+        and jnp.dtype(out_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+    )
+
+
+def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec) -> jax.Array:
+    """[M, N] from block-scaled FP8 operands in the kernel's layout: A [M, K] with scales per
+    row per 128 of K, B K-major [N, K] with scales per 128×128 block ("block") or per column
+    per 128 of K ("column"). `spec.kernel`: "emulated" dequantizes and sums the 128-K blocks
+    in FP32 (any platform); "pallas" runs the Hopper kernel; "interpret" runs it in Pallas'
+    GPU interpreter (CPU tests); "auto" the kernel on GPU, the emulation elsewhere."""
+    args = (a_q, a_s, b_q_kmajor, b_s)
+    emulated = partial(blockwise_fp8_matmul_reference, b_scale_mode=mode, out_dtype=out_dtype)
+    if spec.kernel == "emulated" or (
+        spec.kernel == "auto" and not _kernel_runs_it(spec, out_dtype)
+    ):
+        return emulated(*args)
+    if not _kernel_runs_it(spec, out_dtype):
+        raise ValueError(
+            f"fp8.blockwise_kernel={spec.kernel}: the kernel takes E4M3 operands, 128 blocks and "
+            f"BF16/FP32 results (got formats {spec.fwd.name}/{spec.bwd.name}, block "
+            f"{spec.block}, {jnp.dtype(out_dtype)}); use fp8.blockwise_kernel=emulated"
+        )
+    kernel = partial(
+        blockwise_fp8_matmul,
+        b_scale_mode=mode,
+        out_dtype=out_dtype,
+        interpret=spec.kernel == "interpret",
+    )
+    if spec.kernel in ("pallas", "interpret"):
+        return kernel(*args)
+    return jax.lax.platform_dependent(*args, cuda=kernel, default=emulated)
 
 
 def _blockwise_fwd(x, w, spec):
     b = spec.block
-    w_deq = _blockwise_quant(w, (b, b), spec.fwd, spec)
-    y = _f32_dot(_blockwise_quant(x, (1, b), spec.fwd, spec), w_deq, (1, 0)).astype(x.dtype)
-    # FP32 here stands for "FP8 values times their scales", so residual memory is not FP8's.
-    x_tokens = _blockwise_quant(x, (b, 1), spec.fwd, spec)
-    return y, (w_deq, x_tokens, _dtype_token(x), _dtype_token(w))
+    qx, sx = _block_quant(x, (1, b), spec.fwd, spec)  # [t, in], [t, in/b]
+    qw, sw = _block_quant(w, (b, b), spec.fwd, spec)  # [in, out], [in/b, out/b]
+    y = _block_matmul(qx, sx, qw.T, sw.T, "block", x.dtype, spec)
+    # wgrad contracts tokens: x again, in B×1 tiles along them. Kept quantized (1 byte).
+    qx_t, sx_t = _block_quant(x, (b, 1), spec.fwd, spec)  # [t, in], [t/b, in]
+    return y, (qw, sw, qx_t, sx_t, _dtype_token(x), _dtype_token(w))
 
 
 def _blockwise_bwd(spec, residuals, g):
-    w_deq, x_tokens, xt, wt = residuals
+    qw, sw, qx_t, sx_t, xt, wt = residuals
     b = spec.block
-    dx = _f32_dot(_blockwise_quant(g, (1, b), spec.bwd, spec), w_deq, (1, 1)).astype(xt.dtype)
-    dw = _f32_dot(x_tokens, _blockwise_quant(g, (b, 1), spec.bwd, spec), (0, 0)).astype(wt.dtype)
-    return dx, dw
+    qg, sg = _block_quant(g, (1, b), spec.bwd, spec)  # [t, out], [t, out/b]
+    # dgrad: dx = g · wᵀ; B = wᵀ is [out, in], K-major that is w itself ([in, out]).
+    dx = _block_matmul(qg, sg, qw, sw, "block", xt.dtype, spec)
+    qg_t, sg_t = _block_quant(g, (b, 1), spec.bwd, spec)  # [t, out], [t/b, out]
+    # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t].
+    dw = _block_matmul(qx_t.T, sx_t.T, qg_t.T, sg_t.T, "column", wt.dtype, spec)
+    return _cotangent_like(dx, xt), _cotangent_like(dw, wt)
 
 
 blockwise_dot.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -24,6 +24,8 @@ from infir2_jax.fp8.dots import (
     rowwise_dot,
 )
 from infir2_jax.fp8.quantize import E4M3, E5M2
+from infir2_jax.parallel.partitioned import partitioned_gemm
+from infir2_jax.parallel.rules import current_layout
 
 
 class Fp8History(nnx.Variable):
@@ -56,7 +58,7 @@ class Gemm:
     def init_state(self) -> dict[str, nnx.Variable]:
         return {}
 
-    def fp8_dot(self, x: jax.Array, w: jax.Array, state: dict[str, jax.Array], use: int):
+    def fp8_dot(self, x: jax.Array, w: jax.Array, state: dict[str, jax.Array], use: int, axes):
         raise AssertionError("the BF16 policy has no FP8 path")
 
     def __call__(
@@ -67,14 +69,18 @@ class Gemm:
         *,
         use: int = 0,
         enabled: jax.Array | None = None,
+        axes: tuple[str, str] | None = None,
     ) -> jax.Array:
-        """x [tokens, in] @ w [in, out]. `enabled` (a traced bool) selects BF16 per layer."""
+        """x [tokens, in] @ w [in, out]. `enabled` (a traced bool) selects BF16 per layer;
+        `axes` are w's logical axis names (for policies that partition their GEMM by hand)."""
         if not self.is_fp8:
             return jnp.dot(x, w)
         state = state or {}
         if enabled is None:
-            return self.fp8_dot(x, w, state, use)
-        return jax.lax.cond(enabled, lambda: self.fp8_dot(x, w, state, use), lambda: jnp.dot(x, w))
+            return self.fp8_dot(x, w, state, use, axes)
+        return jax.lax.cond(
+            enabled, lambda: self.fp8_dot(x, w, state, use, axes), lambda: jnp.dot(x, w)
+        )
 
     def layer_mask(self, num_layers: int) -> tuple[bool, ...] | None:
         """Per layer, False for BF16 layers; None when every layer uses FP8 (no branch)."""
@@ -99,8 +105,21 @@ class _StatelessFp8(Gemm):
     def is_fp8(self) -> bool:
         return True
 
-    def fp8_dot(self, x, w, state, use):
+    def fp8_dot(self, x, w, state, use, axes):
         return self.dot(x, w, self.spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseGemm(_StatelessFp8):
+    """InfiR2's recipe. Its GEMMs may run as a Pallas kernel, which XLA's SPMD partitioner
+    cannot split: under a sharded layout the whole FP8 GEMM (forward and backward) runs per
+    device in a shard_map (`partitioned_gemm`), as Megatron's column/row-parallel layers do."""
+
+    def fp8_dot(self, x, w, state, use, axes):
+        layout = current_layout()
+        if self.spec.kernel == "emulated" or layout is None or axes is None:
+            return self.dot(x, w, self.spec)
+        return partitioned_gemm(lambda a, b: self.dot(a, b, self.spec), x, w, axes, layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +142,7 @@ class DelayedGemm(Gemm):
             "fp8_probe": Fp8Probe(jnp.zeros((self.max_uses, 3), jnp.float32)),
         }
 
-    def fp8_dot(self, x, w, state, use):
+    def fp8_dot(self, x, w, state, use, axes):
         if use >= self.max_uses:
             raise ValueError(
                 f"a delayed-scaling layer was applied {use + 1} times in one step; "
@@ -163,7 +182,14 @@ def _te(name: str) -> Callable[..., Gemm]:
 
 def _spec(cfg, default_formats: str, power_of_two: bool = False) -> Fp8Spec:
     fwd, bwd = _formats(cfg.format, default_formats)
-    return Fp8Spec(fwd, bwd, margin=cfg.margin, power_of_two=power_of_two, block=cfg.block_size)
+    return Fp8Spec(
+        fwd,
+        bwd,
+        margin=cfg.margin,
+        power_of_two=power_of_two,
+        block=cfg.block_size,
+        kernel=cfg.blockwise_kernel,
+    )
 
 
 RECIPES: dict[str, Callable[..., Gemm]] = {
@@ -174,7 +200,7 @@ RECIPES: dict[str, Callable[..., Gemm]] = {
     "rowwise": lambda cfg: _StatelessFp8(
         "rowwise", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), rowwise_dot
     ),
-    "blockwise": lambda cfg: _StatelessFp8(
+    "blockwise": lambda cfg: BlockwiseGemm(
         "blockwise",
         tuple(cfg.bf16_layers),
         _spec(cfg, "e4m3", power_of_two=cfg.power_of_two_scales),

@@ -426,7 +426,16 @@ def blockwise_fp8_matmul(
         **({"interpret": interpret} if interpret else {}),
     )
     out = call(a_q, b_q_kmajor, a_scale_t, b_scale_t)
-    return out[:m, :n] if (m_pad, n_out) != (m, n) else out
+    out = out[:m, :n] if (m_pad, n_out) != (m, n) else out
+    return _varying_like(out, a_q, a_scale, b_q_kmajor, b_scale)
+
+
+def _varying_like(out: jax.Array, *operands: jax.Array) -> jax.Array:
+    """Inside a shard_map, the result varies over the mesh axes its operands vary over; a
+    Pallas call does not say so itself (its result would type as device-invariant)."""
+    varying = frozenset().union(*(jax.typeof(o).manual_axis_type.varying for o in operands))
+    missing = varying - jax.typeof(out).manual_axis_type.varying
+    return jax.lax.pcast(out, tuple(sorted(missing)), to="varying") if missing else out
 
 
 def expand_b_scale(b_scale: jax.Array, b_scale_mode: BScaleMode, n: int) -> jax.Array:
@@ -459,16 +468,20 @@ def blockwise_fp8_matmul_reference(
     a_blocks = jnp.pad(a, pad).reshape(m, kb, SCALE_BLOCK).transpose(1, 0, 2)
     b_blocks = jnp.pad(b, pad).reshape(n, kb, SCALE_BLOCK).transpose(1, 0, 2)
 
-    def k_step(acc, blocks):
-        a_blk, b_blk = blocks
-        prod = lax.dot_general(
+    def block_product(a_blk, b_blk):
+        return lax.dot_general(
             a_blk,
             b_blk,
             (((1,), (1,)), ((), ())),
             precision=lax.Precision.HIGHEST,
             preferred_element_type=jnp.float32,
         )
-        return acc + prod, None
 
-    acc, _ = lax.scan(k_step, jnp.zeros((m, n), jnp.float32), (a_blocks, b_blocks))
+    def k_step(acc, blocks):
+        return acc + block_product(*blocks), None
+
+    # Started from the first block's product, not from zeros: inside a shard_map the carry
+    # then varies over the same mesh axes as the operands (an exact 0 + p0 either way).
+    first = block_product(a_blocks[0], b_blocks[0])
+    acc, _ = lax.scan(k_step, first, (a_blocks[1:], b_blocks[1:]))
     return acc.astype(out_dtype)

@@ -61,6 +61,7 @@ class Linear(nnx.Module):
         self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
         self.dtype = dtype
         self.gemm = gemm
+        self.axes = axes
         state = gemm.init_state()
         self.fp8_history = state.get("fp8_history")
         self.fp8_probe = state.get("fp8_probe")
@@ -76,7 +77,7 @@ class Linear(nnx.Module):
         if self.gemm.stateful:
             self._uses += 1
         kernel = self.kernel[...].astype(self.dtype)
-        y = self.gemm(x2d, kernel, state, use=use, enabled=fp8_enabled)
+        y = self.gemm(x2d, kernel, state, use=use, enabled=fp8_enabled, axes=self.axes)
         y = y.reshape(*lead, kernel.shape[1])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
