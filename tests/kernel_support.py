@@ -58,7 +58,9 @@ def _split_transpose(transforms) -> tuple[tuple, tuple[int, ...] | None]:
         perm = tuple(transforms[-1].permutation)
         transforms = transforms[:-1]
     if any(isinstance(t, TransposeTransform) for t in transforms):
-        raise NotImplementedError(f"only a trailing transpose is supported: {transforms}")
+        # The kernel only ever transposes last; anything else would be a new kernel shape
+        # this patch was not written for: fail loudly rather than compute something wrong.
+        raise ValueError(f"this interpreter patch handles a trailing transpose only: {transforms}")
     return jax.tree.map(int, transforms), perm
 
 
