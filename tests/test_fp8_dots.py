@@ -194,3 +194,71 @@ def test_gpu_form_of_per_tensor_dots_computes_the_same_product(contract):
     np.testing.assert_array_equal(
         np.asarray(gpu_form, np.float32), np.asarray(cpu_form, np.float32)
     )
+
+
+@pytest.mark.parametrize("recipe", ["current", "rowwise", "blockwise"])
+def test_projections_sharing_an_input_equal_separate_gemms(recipe):
+    """`many` (q, k, v; gate, up) quantizes x once: each output and each wgrad is exactly the
+    separate GEMM's; x's gradient is the sum of the separate dgrads (to FP32 rounding)."""
+    gemm = make_gemm(FP8Config(recipe=recipe))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(136, 256)), jnp.float32)
+    ws = tuple(jnp.asarray(rng.normal(size=(256, n)) * 0.05, jnp.float32) for n in (256, 128, 72))
+    cs = tuple(jnp.asarray(rng.normal(size=(136, w.shape[1])), jnp.float32) for w in ws)
+
+    def shared(x, ws):
+        return sum(jnp.sum(y * c) for y, c in zip(gemm.many(x, ws), cs, strict=True))
+
+    def separate(x, ws):
+        return sum(jnp.sum(gemm(x, w) * c) for w, c in zip(ws, cs, strict=True))
+
+    ys_shared = gemm.many(x, ws)
+    for y, w in zip(ys_shared, ws, strict=True):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(gemm(x, w)))
+    (dx_a, dws_a), (dx_b, dws_b) = (jax.grad(f, (0, 1))(x, ws) for f in (shared, separate))
+    for a, b in zip(dws_a, dws_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(dx_a), np.asarray(dx_b), rtol=1e-6, atol=1e-6)
+
+
+def _layer_residuals(recipe: str, tokens: int = 256) -> list:
+    """(dtype, size) of every activation (a value with a `tokens` dimension) a decoder
+    layer's backward pass keeps, without remat; FP8 weights are not counted."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from infir2_jax.model import DecoderLayer
+    from infir2_jax.model.rope import rope_tables
+
+    # chunked attention recomputes its scores: what is left is the projections' business
+    cfg = preset("tiny").replace(attention_impl="chunked", attention_chunk_size=tokens // 2)
+    layer = DecoderLayer(cfg, rngs=nnx.Rngs(0), gemm=make_gemm(FP8Config(recipe=recipe)))
+    graphdef, state = nnx.split(layer)
+    rope = rope_tables(jnp.arange(tokens)[None], cfg.head_dim, cfg.rope_theta, jnp.bfloat16)
+    index, segments = jnp.arange(tokens, dtype=jnp.int32), jnp.ones((1, tokens), jnp.int32)
+
+    def f(state, x):
+        y = nnx.merge(graphdef, state)(x, rope, index, segments)
+        return y.astype(jnp.float32).sum()
+
+    x = jnp.ones((1, tokens, cfg.hidden_size), jnp.bfloat16)
+    residuals = [a for a, _ in saved_residuals(f, state, x)]
+    return [(a.dtype, a.size) for a in residuals if tokens in a.shape], cfg
+
+
+@pytest.mark.parametrize("recipe", ["none", "current", "blockwise"])
+def test_decoder_layer_backward_keeps_fp8_gemm_inputs_once_and_no_fp32_activations(recipe):
+    """What FP8 saves memory with: each GEMM input the backward needs is kept once, in FP8
+    (q/k/v and gate/up share theirs), no FP32 copy of an activation is kept (RMSNorm
+    recomputes its statistics), and SwiGLU keeps only gate and up."""
+    tokens = 256
+    residuals, cfg = _layer_residuals(recipe, tokens)
+    hidden, ffn = tokens * cfg.hidden_size, tokens * cfg.intermediate_size
+    f8 = [size for dtype, size in residuals if jnp.dtype(dtype).itemsize == 1]
+    assert not [s for d, s in residuals if d == jnp.float32 and s >= hidden]
+    if recipe == "none":
+        assert not f8
+        assert sum(size == ffn for _, size in residuals) == 3  # gate, up, down's input
+        return
+    # attention input, o_proj input, MLP input; down_proj input
+    assert sorted(f8) == [hidden, hidden, hidden, ffn]
+    assert sum(size == ffn for _, size in residuals) == 3  # gate, up (BF16), down's (FP8)

@@ -3,9 +3,12 @@
 from infir2_jax.fp8.dots import (
     Fp8Spec,
     blockwise_dot,
+    blockwise_dots,
     current_scaling_dot,
+    current_scaling_dots,
     delayed_scaling_dot,
     rowwise_dot,
+    rowwise_dots,
 )
 from infir2_jax.fp8.quantize import (
     E4M3,
@@ -37,7 +40,9 @@ __all__ = [
     "Fp8Spec",
     "Gemm",
     "blockwise_dot",
+    "blockwise_dots",
     "current_scaling_dot",
+    "current_scaling_dots",
     "delayed_scaling_dot",
     "dequantize_blocks",
     "finite_amax",
@@ -45,5 +50,6 @@ __all__ = [
     "quantize_blocks",
     "roll_history",
     "rowwise_dot",
+    "rowwise_dots",
     "scale_from_amax",
 ]

@@ -25,6 +25,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from infir2_jax.fp8.quantize import (
     Fp8Format,
@@ -103,6 +104,13 @@ def _cotangent_like(ct: jax.Array, token: jax.Array) -> jax.Array:
     return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
+def _sum_cotangents(parts: list[jax.Array], dtype) -> jax.Array:
+    """dx of an input shared by several GEMMs: their dgrads summed in FP32, rounded once."""
+    if len(parts) == 1:
+        return parts[0].astype(dtype)
+    return sum(p.astype(jnp.float32) for p in parts).astype(dtype)
+
+
 # --------------------------------------------------------------------------- per-tensor
 def _per_tensor_fwd(x, w, sx, sw, spec: Fp8Spec):
     qx = quantize_with_scale(x, sx, spec.fwd)
@@ -117,26 +125,45 @@ def _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec: Fp8Spec, x_dtype, w_dtype):
     return dx, dw
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def current_scaling_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
     """Per-tensor scales from this step's amax of x, w (forward) and g (backward)."""
-    return _current_fwd(x, w, spec)[0]
+    return current_scaling_dots(x, (w,), spec)[0]
 
 
-def _current_fwd(x, w, spec):
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def current_scaling_dots(x: jax.Array, ws: tuple[jax.Array, ...], spec: Fp8Spec) -> tuple:
+    """x @ w for each w in `ws`, x quantized once (q, k, v or gate, up share their input):
+    one FP8 copy of x is kept for the backward pass instead of one per GEMM. Each product is
+    exactly `current_scaling_dot(x, w)`; x's cotangent sums the dgrads in FP32."""
+    return _current_fwd(x, ws, spec)[0]
+
+
+def _current_fwd(x, ws, spec):
     sx = scale_from_amax(finite_amax(x), spec.fwd, margin=spec.margin)
-    sw = scale_from_amax(finite_amax(w), spec.fwd, margin=spec.margin)
-    y, (qx, qw) = _per_tensor_fwd(x, w, sx, sw, spec)
-    return y, (qx, qw, sx, sw, _dtype_token(x), _dtype_token(w))
+    qx = quantize_with_scale(x, sx, spec.fwd)
+    ys, qws, sws = [], [], []
+    for w in ws:
+        sw = scale_from_amax(finite_amax(w), spec.fwd, margin=spec.margin)
+        qw = quantize_with_scale(w, sw, spec.fwd)
+        ys.append(_scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype))
+        qws.append(qw)
+        sws.append(sw)
+    tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
+    return tuple(ys), (qx, sx, tuple(qws), tuple(sws), tokens)
 
 
-def _current_bwd(spec, residuals, g):
-    qx, qw, sx, sw, xt, wt = residuals
-    sg = scale_from_amax(finite_amax(g), spec.bwd, margin=spec.margin)
-    return _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
+def _current_bwd(spec, residuals, gs):
+    qx, sx, qws, sws, (xt, wts) = residuals
+    dxs, dws = [], []
+    for g, qw, sw, wt in zip(gs, qws, sws, wts, strict=True):
+        sg = scale_from_amax(finite_amax(g), spec.bwd, margin=spec.margin)
+        dx, dw = _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
+        dxs.append(dx)
+        dws.append(dw)
+    return _sum_cotangents(dxs, xt.dtype), tuple(dws)
 
 
-current_scaling_dot.defvjp(_current_fwd, _current_bwd)
+current_scaling_dots.defvjp(_current_fwd, _current_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -177,48 +204,70 @@ delayed_scaling_dot.defvjp(_delayed_fwd, _delayed_bwd)
 
 
 # --------------------------------------------------------------------------- rowwise
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rowwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
     """Scales per token for x and g, per output channel for w (fprop); in dgrad and wgrad
     each operand is scaled along its non-contracted dimension (w per input channel, x and g
     per channel over tokens), so every GEMM stays a unit-scale FP8 dot plus a rescale."""
-    return _rowwise_fwd(x, w, spec)[0]
+    return rowwise_dots(x, (w,), spec)[0]
 
 
-def _rowwise_fwd(x, w, spec):
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rowwise_dots(x: jax.Array, ws: tuple[jax.Array, ...], spec: Fp8Spec) -> tuple:
+    """`rowwise_dot(x, w)` for each w in `ws`, x quantized once (see current_scaling_dots)."""
+    return _rowwise_fwd(x, ws, spec)[0]
+
+
+def _rowwise_fwd(x, ws, spec):
     t, k = x.shape
-    n = w.shape[1]
     qx, sx = quantize_blocks(x, (1, k), spec.fwd, margin=spec.margin)  # sx [t, 1]
-    qw, sw = quantize_blocks(w, (k, 1), spec.fwd, margin=spec.margin)  # sw [1, n]
-    y = (_f8_dot(qx, qw, (1, 0)) * sx * sw).astype(x.dtype)
-    # Operands of the backward GEMMs, scaled along their non-contracted dimension.
+    # wgrad's x, scaled along its non-contracted dimension (per channel over tokens).
     qx_c, sx_c = quantize_blocks(x, (t, 1), spec.fwd, margin=spec.margin)  # [1, k]
-    qw_r, sw_r = quantize_blocks(w, (1, n), spec.fwd, margin=spec.margin)  # [k, 1]
-    return y, (qx_c, sx_c, qw_r, sw_r, _dtype_token(x), _dtype_token(w))
+    ys, wres = [], []
+    for w in ws:
+        n = w.shape[1]
+        qw, sw = quantize_blocks(w, (k, 1), spec.fwd, margin=spec.margin)  # sw [1, n]
+        ys.append((_f8_dot(qx, qw, (1, 0)) * sx * sw).astype(x.dtype))
+        wres.append(quantize_blocks(w, (1, n), spec.fwd, margin=spec.margin))  # dgrad's: [k, 1]
+    tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
+    return tuple(ys), (qx_c, sx_c, tuple(wres), tokens)
 
 
-def _rowwise_bwd(spec, residuals, g):
-    qx_c, sx_c, qw_r, sw_r, xt, wt = residuals
-    t, n = g.shape
-    qg_r, sg_r = quantize_blocks(g, (1, n), spec.bwd, margin=spec.margin)  # [t, 1]
-    dx = (_f8_dot(qg_r, qw_r, (1, 1)) * sg_r * sw_r.T).astype(xt.dtype)
-    qg_c, sg_c = quantize_blocks(g, (t, 1), spec.bwd, margin=spec.margin)  # [1, n]
-    dw = (_f8_dot(qx_c, qg_c, (0, 0)) * sx_c.T * sg_c).astype(wt.dtype)
-    return dx, dw
+def _rowwise_bwd(spec, residuals, gs):
+    qx_c, sx_c, wres, (xt, wts) = residuals
+    dxs, dws = [], []
+    for g, (qw_r, sw_r), wt in zip(gs, wres, wts, strict=True):
+        t, n = g.shape
+        qg_r, sg_r = quantize_blocks(g, (1, n), spec.bwd, margin=spec.margin)  # [t, 1]
+        dxs.append(_f8_dot(qg_r, qw_r, (1, 1)) * sg_r * sw_r.T)
+        qg_c, sg_c = quantize_blocks(g, (t, 1), spec.bwd, margin=spec.margin)  # [1, n]
+        dws.append((_f8_dot(qx_c, qg_c, (0, 0)) * sx_c.T * sg_c).astype(wt.dtype))
+    dx = sum(dxs) if len(dxs) > 1 else dxs[0]
+    return dx.astype(xt.dtype), tuple(dws)
 
 
-rowwise_dot.defvjp(_rowwise_fwd, _rowwise_bwd)
+rowwise_dots.defvjp(_rowwise_fwd, _rowwise_bwd)
 
 
 # --------------------------------------------------------------------------- blockwise
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def blockwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
     """InfiR2 / TE Float8BlockScaling numerics: x and g in 1×B tiles along the contracted
     dimension, w in B×B blocks (reused transposed for dgrad), and for wgrad x and g in B×1
     tiles along tokens. Each GEMM is a block-scaled FP8 product (`_block_matmul`): the Hopper
     kernel (infir2_jax.kernels) or its exact emulation, per `spec.kernel`. The backward pass
     keeps the quantized operands (FP8 + scales), not higher-precision copies."""
-    return _blockwise_fwd(x, w, spec)[0]
+    return blockwise_dots(x, (w,), spec)[0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def blockwise_dots(
+    x: jax.Array, ws: tuple[jax.Array, ...], spec: Fp8Spec, gathered: tuple | None = None
+) -> tuple:
+    """`blockwise_dot(x, w)` for each w in `ws`, x quantized once (see current_scaling_dots).
+
+    Inside a shard_map, `gathered[i]` (a `parallel.partitioned.GatheredWeight`) says that
+    ws[i] is an FSDP shard: it is gathered and quantized whole, the backward pass keeps only
+    this shard's slice of the FP8 weight and gathers that, and wgrad is reduce-scattered."""
+    return _blockwise_fwd(x, ws, spec, gathered)[0]
 
 
 def _block_quant(a: jax.Array, block: tuple[int, int], fmt: Fp8Format, spec: Fp8Spec):
@@ -264,26 +313,51 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     return jax.lax.platform_dependent(*args, cuda=kernel, default=emulated)
 
 
-def _blockwise_fwd(x, w, spec):
+def _row_major(a: jax.Array) -> jax.Array:
+    """`a` pinned to the row-major layout. The kernel reads some operands transposed (8-bit
+    wgmma wants both K-major); unpinned, XLA's layout assignment pushes that transpose back
+    through elementwise producers into the layer scan's stacked residuals, and then keeps a
+    transposed copy of a whole stack (7.7 GiB for the MLP's at 1.5B, 8k × 2). Pinned, each
+    transpose happens once per layer, inside the quantizing fusion that writes the FP8 copy."""
+    return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
+
+
+def _blockwise_fwd(x, ws, spec, gathered):
     b = spec.block
+    gathered = gathered or (None,) * len(ws)
+    x = _row_major(x)
     qx, sx = _block_quant(x, (1, b), spec.fwd, spec)  # [t, in], [t, in/b]
-    qw, sw = _block_quant(w, (b, b), spec.fwd, spec)  # [in, out], [in/b, out/b]
-    y = _block_matmul(qx, sx, qw.T, sw.T, "block", x.dtype, spec)
-    # wgrad contracts tokens: x again, in B×1 tiles along them. Kept quantized (1 byte).
-    qx_t, sx_t = _block_quant(x, (b, 1), spec.fwd, spec)  # [t, in], [t/b, in]
-    return y, (qw, sw, qx_t, sx_t, _dtype_token(x), _dtype_token(w))
+    # wgrad contracts tokens: x in B×1 tiles along them, quantized from xᵀ as 1×B tiles so the
+    # FP8 copy is written in the layout the kernel reads (A = xᵀ, [in, t]); kept for the
+    # backward pass (1 byte per element, plus one scale per 128).
+    qx_tt, sx_tt = _block_quant(x.T, (1, b), spec.fwd, spec)  # [in, t], [in, t/b]
+    ys, wres = [], []
+    for w, split in zip(ws, gathered, strict=True):
+        whole = _row_major(split.gather(w) if split else w)
+        qw, sw = _block_quant(whole, (b, b), spec.fwd, spec)  # [in, out], [in/b, out/b]
+        ys.append(_block_matmul(qx, sx, qw.T, sw.T, "block", x.dtype, spec))
+        wres.append((_row_major(split.local(qw) if split else qw), sw))
+    tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
+    return tuple(ys), (_row_major(qx_tt), sx_tt, tuple(wres), tokens)
 
 
-def _blockwise_bwd(spec, residuals, g):
-    qw, sw, qx_t, sx_t, xt, wt = residuals
+def _blockwise_bwd(spec, gathered, residuals, gs):
+    qx_tt, sx_tt, wres, (xt, wts) = residuals
     b = spec.block
-    qg, sg = _block_quant(g, (1, b), spec.bwd, spec)  # [t, out], [t, out/b]
-    # dgrad: dx = g · wᵀ; B = wᵀ is [out, in], K-major that is w itself ([in, out]).
-    dx = _block_matmul(qg, sg, qw, sw, "block", xt.dtype, spec)
-    qg_t, sg_t = _block_quant(g, (b, 1), spec.bwd, spec)  # [t, out], [t/b, out]
-    # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t].
-    dw = _block_matmul(qx_t.T, sx_t.T, qg_t.T, sg_t.T, "column", wt.dtype, spec)
-    return _cotangent_like(dx, xt), _cotangent_like(dw, wt)
+    gathered = gathered or (None,) * len(gs)
+    dxs, dws = [], []
+    for g, (qw, sw), wt, split in zip(gs, wres, wts, gathered, strict=True):
+        g = _row_major(g)
+        qw = split.gather(qw) if split else qw  # the FP8 weight, gathered in FP8
+        qg, sg = _block_quant(g, (1, b), spec.bwd, spec)  # [t, out], [t, out/b]
+        # dgrad: dx = g · wᵀ; B = wᵀ is [out, in], K-major that is w itself ([in, out]).
+        dxs.append(_block_matmul(qg, sg, qw, sw, "block", xt.dtype, spec))
+        # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t], whose
+        # 1×B tiles are g's B×1 tiles along tokens.
+        qg_tt, sg_tt = _block_quant(g.T, (1, b), spec.bwd, spec)  # [out, t], [out, t/b]
+        dw = _block_matmul(qx_tt, sx_tt, qg_tt, sg_tt, "column", wt.dtype, spec)
+        dws.append(_cotangent_like(split.reduce_scatter(dw) if split else dw, wt))
+    return _cotangent_like(_sum_cotangents(dxs, xt.dtype), xt), tuple(dws)
 
 
-blockwise_dot.defvjp(_blockwise_fwd, _blockwise_bwd)
+blockwise_dots.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -18,10 +18,10 @@ from flax import nnx
 
 from infir2_jax.fp8.dots import (
     Fp8Spec,
-    blockwise_dot,
-    current_scaling_dot,
+    blockwise_dots,
+    current_scaling_dots,
     delayed_scaling_dot,
-    rowwise_dot,
+    rowwise_dots,
 )
 from infir2_jax.fp8.quantize import E4M3, E5M2
 from infir2_jax.parallel.partitioned import partitioned_gemm
@@ -58,8 +58,37 @@ class Gemm:
     def init_state(self) -> dict[str, nnx.Variable]:
         return {}
 
-    def fp8_dot(self, x: jax.Array, w: jax.Array, state: dict[str, jax.Array], use: int, axes):
+    def fp8_dots(self, x: jax.Array, ws: tuple, states: tuple, uses: tuple, axes: tuple) -> tuple:
+        """x @ w for each w in `ws` in FP8 (one quantization of x where the recipe allows)."""
         raise AssertionError("the BF16 policy has no FP8 path")
+
+    def many(
+        self,
+        x: jax.Array,
+        ws: tuple[jax.Array, ...],
+        states: tuple[dict[str, jax.Array], ...] | None = None,
+        *,
+        uses: tuple[int, ...] | None = None,
+        enabled: jax.Array | None = None,
+        axes: tuple[tuple[str, str] | None, ...] | None = None,
+    ) -> tuple[jax.Array, ...]:
+        """x [tokens, in] @ w [in, out_i] for every w in `ws` (projections that share their
+        input: q, k, v; gate, up). `enabled` (a traced bool) selects BF16 per layer; `axes`
+        are each w's logical axis names (for policies that partition their GEMM by hand)."""
+        ws = tuple(ws)
+        n = len(ws)
+        if not self.is_fp8:
+            return tuple(jnp.dot(x, w) for w in ws)
+        states = tuple(states) if states is not None else ({},) * n
+        uses = tuple(uses) if uses is not None else (0,) * n
+        axes = tuple(axes) if axes is not None else (None,) * n
+
+        def fp8():
+            return tuple(self.fp8_dots(x, ws, states, uses, axes))
+
+        if enabled is None:
+            return fp8()
+        return jax.lax.cond(enabled, fp8, lambda: tuple(jnp.dot(x, w) for w in ws))
 
     def __call__(
         self,
@@ -71,16 +100,8 @@ class Gemm:
         enabled: jax.Array | None = None,
         axes: tuple[str, str] | None = None,
     ) -> jax.Array:
-        """x [tokens, in] @ w [in, out]. `enabled` (a traced bool) selects BF16 per layer;
-        `axes` are w's logical axis names (for policies that partition their GEMM by hand)."""
-        if not self.is_fp8:
-            return jnp.dot(x, w)
-        state = state or {}
-        if enabled is None:
-            return self.fp8_dot(x, w, state, use, axes)
-        return jax.lax.cond(
-            enabled, lambda: self.fp8_dot(x, w, state, use, axes), lambda: jnp.dot(x, w)
-        )
+        """x [tokens, in] @ w [in, out]: `many` with one weight."""
+        return self.many(x, (w,), (state or {},), uses=(use,), enabled=enabled, axes=(axes,))[0]
 
     def layer_mask(self, num_layers: int) -> tuple[bool, ...] | None:
         """Per layer, False for BF16 layers; None when every layer uses FP8 (no branch)."""
@@ -98,15 +119,18 @@ class Gemm:
 
 @dataclasses.dataclass(frozen=True)
 class _StatelessFp8(Gemm):
+    """Scales from the current tensors only: projections sharing an input quantize it once
+    (`dots` takes the tuple of weights)."""
+
     spec: Fp8Spec = Fp8Spec(E4M3, E5M2)
-    dot: Callable = current_scaling_dot
+    dots: Callable = current_scaling_dots
 
     @property
     def is_fp8(self) -> bool:
         return True
 
-    def fp8_dot(self, x, w, state, use, axes):
-        return self.dot(x, w, self.spec)
+    def fp8_dots(self, x, ws, states, uses, axes):
+        return self.dots(x, ws, self.spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +139,13 @@ class BlockwiseGemm(_StatelessFp8):
     cannot split: under a sharded layout the whole FP8 GEMM (forward and backward) runs per
     device in a shard_map (`partitioned_gemm`), as Megatron's column/row-parallel layers do."""
 
-    def fp8_dot(self, x, w, state, use, axes):
+    def fp8_dots(self, x, ws, states, uses, axes):
         layout = current_layout()
-        if self.spec.kernel == "emulated" or layout is None or axes is None:
-            return self.dot(x, w, self.spec)
-        return partitioned_gemm(lambda a, b: self.dot(a, b, self.spec), x, w, axes, layout)
+        if self.spec.kernel == "emulated" or layout is None or None in axes:
+            return self.dots(x, ws, self.spec)
+        return partitioned_gemm(
+            lambda a, bs, gathered: self.dots(a, bs, self.spec, gathered), x, ws, axes, layout
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +168,11 @@ class DelayedGemm(Gemm):
             "fp8_probe": Fp8Probe(jnp.zeros((self.max_uses, 3), jnp.float32)),
         }
 
-    def fp8_dot(self, x, w, state, use, axes):
+    def fp8_dots(self, x, ws, states, uses, axes):
+        # Each GEMM scales x from its own amax history, so a shared x is quantized per GEMM.
+        return tuple(self._dot(x, w, s, u) for w, s, u in zip(ws, states, uses, strict=True))
+
+    def _dot(self, x, w, state, use):
         if use >= self.max_uses:
             raise ValueError(
                 f"a delayed-scaling layer was applied {use + 1} times in one step; "
@@ -195,16 +225,16 @@ def _spec(cfg, default_formats: str, power_of_two: bool = False) -> Fp8Spec:
 RECIPES: dict[str, Callable[..., Gemm]] = {
     "none": lambda cfg: Gemm(),
     "current": lambda cfg: _StatelessFp8(
-        "current", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), current_scaling_dot
+        "current", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), current_scaling_dots
     ),
     "rowwise": lambda cfg: _StatelessFp8(
-        "rowwise", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), rowwise_dot
+        "rowwise", tuple(cfg.bf16_layers), _spec(cfg, "hybrid"), rowwise_dots
     ),
     "blockwise": lambda cfg: BlockwiseGemm(
         "blockwise",
         tuple(cfg.bf16_layers),
         _spec(cfg, "e4m3", power_of_two=cfg.power_of_two_scales),
-        blockwise_dot,
+        blockwise_dots,
     ),
     "delayed": lambda cfg: DelayedGemm(
         "delayed",

@@ -10,7 +10,7 @@ from flax import nnx
 
 from infir2_jax.fp8.recipes import Gemm
 from infir2_jax.model.config import ModelConfig
-from infir2_jax.model.layers import Linear, projection_options
+from infir2_jax.model.layers import Linear, project, projection_options
 from infir2_jax.model.rope import apply_rope
 from infir2_jax.parallel.context import context_parallel_attention
 from infir2_jax.parallel.rules import constrain, current_layout
@@ -103,13 +103,14 @@ class Attention(nnx.Module):
         row (a permutation under context parallelism); segment_ids [batch, seq]."""
         batch, seq, _ = x.shape
 
-        def heads(proj: Linear, count: int, axis: str) -> jax.Array:
-            y = proj(x, fp8_enabled).reshape(batch, seq, count, self.head_dim)
+        def heads(y: jax.Array, count: int, axis: str) -> jax.Array:
+            y = y.reshape(batch, seq, count, self.head_dim)
             return constrain(y, ("batch", "inner_seq", axis, None))
 
-        q = heads(self.q_proj, self.num_heads, "act_heads")
-        k = heads(self.k_proj, self.num_kv_heads, "act_kv_heads")
-        v = heads(self.v_proj, self.num_kv_heads, "act_kv_heads")
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), fp8_enabled)
+        q = heads(q, self.num_heads, "act_heads")
+        k = heads(k, self.num_kv_heads, "act_kv_heads")
+        v = heads(v, self.num_kv_heads, "act_kv_heads")
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         local = functools.partial(

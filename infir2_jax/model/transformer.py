@@ -137,7 +137,7 @@ class Qwen2(nnx.Module):
                 jnp.take(a, order, axis=1) for a in (input_ids, positions, segment_ids)
             )
             token_index = jnp.asarray(order, jnp.int32)
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, seq, embed]
 
         graphdef, stacked = nnx.split(self.layers)

@@ -8,7 +8,8 @@ as the rules table places the surrounding activations and weights:
     x [tokens, in]   tokens split like the activations' (batch, inner_seq); `in` split like
                      the activation that feeds this projection (row-parallel: over tensor)
     w [in, out]      `in` as x's, `out` like the projection's output activation (column-
-                     parallel: over tensor); FSDP-sharded weights arrive gathered
+                     parallel: over tensor); an FSDP-sharded weight arrives as its shard and
+                     the GEMM gathers it (`GatheredWeight`: FP8 residuals per shard)
     y [tokens, out]  partial sums over a split `in` are added (psum), as Megatron's
                      row-parallel layers do; shard_map's transpose adds the cotangents of x
                      and w over the axes they are replicated on (dgrad / wgrad reductions).
@@ -16,6 +17,7 @@ as the rules table places the surrounding activations and weights:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -59,20 +61,79 @@ def gemm_specs(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class GatheredWeight:
+    """A weight that arrives in the shard_map split along `dim` over mesh `axes` (FSDP) but
+    that the GEMM needs whole there. The GEMM gathers it itself, so that what its backward
+    pass keeps is this device's slice of the FP8 copy (gathered again, in FP8, when needed:
+    InfiR2's "FP8 param gather"), and wgrad leaves as this device's slice of the sum
+    (a reduce-scatter). Hashable: a static argument of the GEMM's custom VJP."""
+
+    dim: int
+    axes: tuple[str, ...]
+
+    def gather(self, a: jax.Array) -> jax.Array:
+        return jax.lax.all_gather(a, self.axes, axis=self.dim, tiled=True)
+
+    def local(self, a: jax.Array) -> jax.Array:
+        """This device's slice of a whole (gathered) array."""
+        n = a.shape[self.dim] // jax.lax.axis_size(self.axes)
+        start = jax.lax.axis_index(self.axes) * n
+        return jax.lax.dynamic_slice_in_dim(a, start, n, self.dim)
+
+    def reduce_scatter(self, a: jax.Array) -> jax.Array:
+        return jax.lax.psum_scatter(a, self.axes, scatter_dimension=self.dim, tiled=True)
+
+
+def _weight_split(
+    layout: Layout, axes: tuple[str, str], gemm_w_spec: PartitionSpec
+) -> tuple[PartitionSpec, GatheredWeight | None]:
+    """(the weight's in_spec: as its parameter is sharded, how to make it whole where the GEMM
+    needs it whole). Only a dimension the GEMM keeps whole may be split (FSDP)."""
+    param_spec = layout.spec(axes)
+    gathered = None
+    for dim, (have, need) in enumerate(zip(param_spec, gemm_w_spec, strict=True)):
+        have, need = _mesh_axes(have), _mesh_axes(need)
+        if have == need:
+            continue
+        if need or gathered is not None:
+            raise ValueError(
+                f"rules table {layout.name!r} shards weight {axes} as {param_spec}; the "
+                f"partitioned GEMM needs {gemm_w_spec} (only one whole dimension may be split)"
+            )
+        gathered = GatheredWeight(dim, have)
+    return param_spec, gathered
+
+
 def partitioned_gemm(
-    gemm: Callable[[jax.Array, jax.Array], jax.Array],
+    gemm: Callable[..., tuple[jax.Array, ...]],
     x: jax.Array,
-    w: jax.Array,
-    axes: tuple[str, str],
+    ws: tuple[jax.Array, ...],
+    axes: tuple[tuple[str, str], ...],
     layout: Layout,
-) -> jax.Array:
-    """gemm(x, w) run per device on its shards (see the module docstring)."""
+) -> tuple[jax.Array, ...]:
+    """gemm(x, ws, gathered) -> one [tokens, out_i] per weight, run per device on its shards
+    (see the module docstring). The weights share the input x, so their `in` axes must place
+    it alike. Each weight enters as its parameter is sharded; `gathered[i]` (a GatheredWeight
+    or None) tells the GEMM how to make it whole."""
     if layout.mesh.size == 1:
-        return gemm(x, w)
-    x_spec, w_spec, y_spec, contracted = gemm_specs(layout, axes)
+        return gemm(x, ws, (None,) * len(ws))
+    specs = [gemm_specs(layout, a) for a in axes]
+    x_spec, _, _, contracted = specs[0]
+    if any(spec[0] != x_spec for spec in specs):
+        raise ValueError(f"projections {axes} share an input but split it differently")
+    w_specs, gathered = zip(
+        *(_weight_split(layout, a, spec[1]) for a, spec in zip(axes, specs, strict=True)),
+        strict=True,
+    )
 
-    def local(x_shard: jax.Array, w_shard: jax.Array) -> jax.Array:
-        y = gemm(x_shard, w_shard)
-        return jax.lax.psum(y, contracted) if contracted else y
+    def local(x_shard: jax.Array, w_shards: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        ys = gemm(x_shard, w_shards, gathered)
+        return tuple(jax.lax.psum(y, contracted) if contracted else y for y in ys)
 
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(x_spec, w_spec), out_specs=y_spec)(x, w)
+    return jax.shard_map(
+        local,
+        mesh=layout.mesh,
+        in_specs=(x_spec, tuple(w_specs)),
+        out_specs=tuple(s[2] for s in specs),
+    )(x, tuple(ws))
