@@ -28,7 +28,7 @@ SETTINGS = {
                          "train.batch_size=2", "train.micro_batches=1"], (68.1, 58.3)),
     # One 8-GPU node as InfiR2 measured it (DP 8, optimizer sharded: here FSDP 8), MBS 2, and
     # no recomputation, so activations dominate as in their 68 GB BF16 peak.
-    "1.5B 8k MBS2 node, no remat": ("cpt_1p5b", 8, ["parallel.tensor=1", "parallel.data=1",
+    "1.5B 8k node no-remat": ("cpt_1p5b", 8, ["parallel.tensor=1", "parallel.data=1",
                                     "parallel.fsdp=8", "train.seq_len=8192",
                                     "train.batch_size=16", "train.micro_batches=1",
                                     "model.remat=none"], (68.1, 58.3)),

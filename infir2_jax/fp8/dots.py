@@ -330,7 +330,8 @@ def _blockwise_fwd(x, ws, spec, gathered):
     # wgrad contracts tokens: x in B×1 tiles along them, quantized from xᵀ as 1×B tiles so the
     # FP8 copy is written in the layout the kernel reads (A = xᵀ, [in, t]); kept for the
     # backward pass (1 byte per element, plus one scale per 128).
-    qx_tt, sx_tt = _block_quant(x.T, (1, b), spec.fwd, spec)  # [in, t], [in, t/b]
+    qx_t, sx_t = _block_quant(x, (b, 1), spec.fwd, spec)  # [t, in], [t/b, in]
+    qx_tt, sx_tt = qx_t.T, sx_t.T  # [in, t], [in, t/b]: transposed in FP8 (half the bytes)
     ys, wres = [], []
     for w, split in zip(ws, gathered, strict=True):
         whole = _row_major(split.gather(w) if split else w)
@@ -354,7 +355,8 @@ def _blockwise_bwd(spec, gathered, residuals, gs):
         dxs.append(_block_matmul(qg, sg, qw, sw, "block", xt.dtype, spec))
         # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t], whose
         # 1×B tiles are g's B×1 tiles along tokens.
-        qg_tt, sg_tt = _block_quant(g.T, (1, b), spec.bwd, spec)  # [out, t], [out, t/b]
+        qg_t, sg_t = _block_quant(g, (b, 1), spec.bwd, spec)  # [t, out], [t/b, out]
+        qg_tt, sg_tt = _row_major(qg_t.T), sg_t.T  # [out, t], [out, t/b]
         dw = _block_matmul(qx_tt, sx_tt, qg_tt, sg_tt, "column", wt.dtype, spec)
         dws.append(_cotangent_like(split.reduce_scatter(dw) if split else dw, wt))
     return _cotangent_like(_sum_cotangents(dxs, xt.dtype), xt), tuple(dws)
