@@ -46,6 +46,16 @@ def target_config(name: str) -> str:
     return "\n".join(lines)
 
 
+def target_capability(name: str) -> tuple[int, int]:
+    """The CUDA compute capability (major, minor) a target file describes."""
+    text = target_config(name)
+    block = re.search(r"cuda_compute_capability\s*\{([^}]*)\}", text)
+    if block is None:
+        raise GpuTargetError(f"{TARGETS[name]}: no cuda_compute_capability")
+    fields = dict(re.findall(r"(major|minor):\s*(\d+)", block.group(1)))
+    return int(fields.get("major", 0)), int(fields.get("minor", 0))
+
+
 def gpu_devices(name: str, count: int) -> list:
     """`count` compile-only devices of target `name`, 8 per host (as on an HGX node)."""
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
@@ -132,3 +142,11 @@ def census(hlo_text: str) -> Census:
         elif "mosaic" in target or "triton" in target:
             out.pallas_kernels += 1
     return out
+
+
+def square_buffers(hlo_text: str, n: int) -> int:
+    """Distinct array shapes in an optimized HLO module with two dimensions of size `n`:
+    with n the per-device sequence length, the [.., seq, seq] scores, masks, biases and index
+    comparisons that flash attention exists to avoid."""
+    shapes = set(re.findall(r"\b[a-z]+\d*[a-z0-9]*\[([\d,]+)\]", hlo_text))
+    return sum(1 for dims in shapes if [int(d) for d in dims.split(",")].count(n) >= 2)

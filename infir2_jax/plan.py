@@ -9,14 +9,15 @@ bytes of parameters, optimizer state and FP8 state (exact, from the shardings) a
 step's temporaries (activations, gradients, collectives buffers: XLA's buffer assignment of
 the SPMD-partitioned program), the parameter count and model FLOPs.
 
---target cpu (default): fake CPU devices, XLA:CPU's buffer assignment. XLA:GPU fuses
-differently, and cuDNN flash attention would replace `attention_impl: chunked`'s scores: treat
-the temporaries as an estimate within roughly ±20 %, the parameter and optimizer bytes as
-exact.
+--target cpu (default): fake CPU devices, XLA:CPU's buffer assignment (`attention_impl: auto`
+plans chunked XLA attention there, where a GPU runs flash attention). XLA:GPU fuses
+differently: treat the temporaries as an estimate within roughly ±20 %, the parameter and
+optimizer bytes as exact.
 --target h100 / h200: compile-only GPU devices from XLA's target description (needs
 `pip install -r requirements-gpu-compile.txt`, no GPU): XLA:GPU's own pipeline and buffer
 assignment, plus a census of the optimized program's GEMMs and kernels (FP8 cuBLASLt GEMMs,
-BF16 and FP32 GEMMs, attention and Pallas kernels). Nothing is autotuned (Triton GEMMs are off,
+BF16 and FP32 GEMMs, attention and Pallas kernels, [seq, seq] buffer shapes), compiled as on
+that GPU (`attention_impl: auto` resolves for it). Nothing is autotuned (Triton GEMMs are off,
 so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
 --json prints the figures as one JSON object; --dump-hlo writes the optimized HLO text.
 """
@@ -24,6 +25,7 @@ so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -37,6 +39,11 @@ GiB = 1024**3
 def _device_count(cfg, requested: int | None) -> int:
     sizes = [cfg.parallel.data, cfg.parallel.fsdp, cfg.parallel.tensor, cfg.parallel.context]
     return (requested or 8) if -1 in sizes else math.prod(sizes)
+
+
+def _attention_label(requested: str | None, resolved: str | None) -> str:
+    resolved = resolved or "xla"
+    return f"{resolved} (auto)" if requested == "auto" else resolved
 
 
 def plan(
@@ -55,7 +62,9 @@ def plan(
     import numpy as np
 
     from infir2_jax.fp8 import make_gemm
-    from infir2_jax.gpu_target import census, gpu_devices
+    from infir2_jax.gpu_target import census, gpu_devices, square_buffers, target_capability
+    from infir2_jax.kernels.cudnn_attention import compile_target
+    from infir2_jax.model.attention_impl import resolve_implementation
     from infir2_jax.parallel import describe, make_layout
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.train.sharding import (
@@ -101,9 +110,21 @@ def plan(
         )
     }
     step = jit_train_step(layout, shardings, parts, optimizer, schedule, cfg.train.micro_batches)
-    began = time.perf_counter()
-    compiled = step.lower(abstract, batch).compile()
-    seconds = time.perf_counter() - began
+    # What runs on the target decides `attention_impl: auto` (cuDNN's packed flash attention
+    # on Hopper): compile as if on it.
+    on_target = (
+        compile_target(target_capability(target)) if target != "cpu" else contextlib.nullcontext()
+    )
+    with on_target:
+        attention = resolve_implementation(
+            cfg.model.attention_impl,
+            cfg.model.head_dim,
+            cfg.model.dtype,
+            context_parallel=layout.size("context") > 1,
+        )
+        began = time.perf_counter()
+        compiled = step.lower(abstract, batch).compile()
+        seconds = time.perf_counter() - began
     memory = compiled.memory_analysis()
     hlo = compiled.as_text() if (target != "cpu" or dump_hlo) else ""
     if dump_hlo:
@@ -141,15 +162,17 @@ def plan(
         flops_per_token=flops_token,
         flops_per_step=flops_token * rows * seq,
         compile_seconds=seconds,
+        attention=attention or "xla",
     )
     if target != "cpu":
         figures["census"] = census(hlo).as_dict()
+        figures["census"]["seq_by_seq_buffers"] = square_buffers(hlo, seq // layout.size("context"))
     gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
     micro_rows = rows // (data_parallel * cfg.train.micro_batches)
     lines = [
         f"plan: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"{n_params / 1e9:.2f} B parameters | fp8 {cfg.fp8.recipe} | remat {cfg.model.remat} | "
-        f"attention {cfg.model.attention_impl or 'default'}",
+        f"attention {_attention_label(cfg.model.attention_impl, attention)}",
         f"mesh: {describe(layout)}",
         f"batch: {rows} × {seq} tokens per step, {cfg.train.micro_batches} micro-batches, "
         f"{micro_rows} row(s) × {seq // layout.size('context')} tokens per device per "
@@ -171,7 +194,7 @@ def plan(
             f"{c['fp8_gemms']} FP8 cuBLASLt ({c['fp8_gemms_f32_out']} with FP32 output), "
             f"{c['bf16_gemms']} BF16, {c['f32_gemms']} FP32-operand, {c['xla_dots']} XLA dots; "
             f"{c['attention_kernels']} cuDNN attention, {c['pallas_kernels']} Pallas/Triton "
-            "kernels",
+            f"kernels; {c['seq_by_seq_buffers']} [seq, seq] buffer shapes",
         ]
     if not as_json:
         print("\n".join(lines), file=out, flush=True)

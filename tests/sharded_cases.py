@@ -197,30 +197,55 @@ def compare_steps() -> list[dict]:
 
 def compare_context_attention() -> list[dict]:
     """Logits of the model under context parallelism (context 4 × tensor 2, and context 8)
-    against the plain forward, packed and unpacked rows."""
+    against the plain XLA forward on one device, packed and unpacked rows, and the parameter
+    gradients of the packed rows' logits; the same for the
+    Pallas flash-attention kernel (interpreted on the CPU), which also runs under tensor and
+    data parallelism alone (tensor 2 × data 4)."""
     batch = packed_batch(1)
-    model = Qwen2(MODEL, rngs=nnx.Rngs(0))
-    ref_packed = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    ref_plain = model(batch["input_ids"])
+    inputs = (batch["input_ids"], batch["positions"], batch["segment_ids"])
+    valid = batch["segment_ids"] > 0  # padding rows attend among themselves only
+    weights = jax.random.normal(jax.random.key(2), (*valid.shape, MODEL.vocab_size))
+    weights = weights * valid[..., None]
+
+    def grads(model):  # d(weighted logits of the real tokens) / d(parameters)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params, *inputs):
+            return jnp.sum(nnx.merge(graphdef, params)(*inputs) * weights)
+
+        return jax.grad(loss)(params, *inputs)
+
+    reference = Qwen2(MODEL, rngs=nnx.Rngs(0))
+    ref_packed = reference(*inputs)
+    ref_plain = reference(batch["input_ids"])
+    ref_grads = jax.jit(grads)(reference)
+    context_meshes = [dict(data=1, tensor=2, context=4), dict(data=1, tensor=1, context=8)]
+    cases = [("xla", sizes) for sizes in context_meshes] + [
+        ("pallas", sizes) for sizes in [*context_meshes, dict(data=4, tensor=2, context=1)]
+    ]
     results = []
-    for sizes in (dict(data=1, tensor=2, context=4), dict(data=1, tensor=1, context=8)):
+    for implementation, sizes in cases:
+        # attention_block 16: several query and key tiles per row (the kernel's loops)
+        config = MODEL.replace(attention_impl=implementation, attention_block=16)
+        model = Qwen2(config, rngs=nnx.Rngs(0))  # the same weights as the reference
         layout = make_layout(ParallelConfig(**sizes))
 
         @jax.jit
-        def forward(ids, positions, segments, layout=layout):
+        def forward(ids, positions, segments, layout=layout, model=model):
             with activation_layout(layout):
-                return model(ids, positions, segments), model(ids)
+                return model(ids, positions, segments), model(ids), grads(model)
 
-        packed, plain = forward(batch["input_ids"], batch["positions"], batch["segment_ids"])
-        valid = batch["segment_ids"] > 0  # padding rows attend among themselves only
+        packed, plain, sharded_grads = forward(*inputs)
         results.append(
             dict(
+                implementation=implementation,
                 mesh=sizes,
                 packed=float(
                     np.max(np.abs(np.asarray(packed) - np.asarray(ref_packed))[valid])
                     / np.max(np.abs(np.asarray(ref_packed)))
                 ),
                 plain=rel_diff(plain, ref_plain),
+                grads=norm_diff(sharded_grads, ref_grads),
             )
         )
         print(json.dumps(results[-1]), flush=True)

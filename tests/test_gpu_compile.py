@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from infir2_jax.gpu_target import census, target_config
+from infir2_jax.gpu_target import census, square_buffers, target_capability, target_config
 
 HAS_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 needs_plugin = pytest.mark.skipif(
@@ -44,12 +44,20 @@ def test_census_counts_each_kind_of_call():
     )  # fmt: skip
 
 
+def test_square_buffers_counts_seq_by_seq_shapes():
+    text = "%a = pred[2,1,384,384]{3,2,1,0} compare(...)\n%b = f32[384,128]{1,0} p\n"
+    text += "%c = bf16[2,4,384,384]{3,2,1,0} x(%a)\n%d = s32[384,384]{1,0} iota()\n"
+    assert square_buffers(text, 384) == 3
+    assert square_buffers(text, 128) == 0
+
+
 def test_target_descriptions_load_without_fields_jaxlib_rejects():
     for name in ("h100", "h200"):
         text = target_config(name)
         assert "collective_memory_granularity" not in text
         assert 'runtime_version: "12.8.0"' in text  # else XLA drops the FP8 GEMM rewrite
         assert "major: 9" in text  # Hopper
+        assert target_capability(name) == (9, 0)
 
 
 # A small model whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).
@@ -57,11 +65,11 @@ SMALL = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_size=2
          "train.steps=10", "model.remat=full"]  # fmt: skip
 
 
-def _plan_h100(recipe: str) -> dict:
-    sets = [a for o in [*SMALL, f"fp8.recipe={recipe}"] for a in ("--set", o)]
+def _plan_h100(*overrides: str, devices: int = 1) -> dict:
+    sets = [a for o in [*SMALL, *overrides] for a in ("--set", o)]
     r = subprocess.run(
         [sys.executable, "-m", "infir2_jax.plan", "--config", "tiny_cpt", "--target", "h100",
-         "--devices", "1", "--json", *sets],
+         "--devices", str(devices), "--json", *sets],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -70,7 +78,8 @@ def _plan_h100(recipe: str) -> dict:
 
 @pytest.fixture(scope="module")
 def h100_plans() -> dict[str, dict]:
-    return {recipe: _plan_h100(recipe) for recipe in ("none", "current", "delayed", "blockwise")}
+    recipes = ("none", "current", "delayed", "blockwise")
+    return {recipe: _plan_h100(f"fp8.recipe={recipe}") for recipe in recipes}
 
 
 @needs_plugin
@@ -102,3 +111,54 @@ def test_blockwise_compiles_to_the_pallas_kernel(h100_plans):
     c = h100_plans["blockwise"]["census"]
     assert c["pallas_kernels"] == 27, c
     assert c["fp8_gemms"] == 0 and c["f32_gemms"] == 0, c
+
+
+# Attention: seq 384 differs from every other dimension, so [384, 384] can only be scores,
+# masks or index comparisons.
+SEQ = ["train.seq_len=384", "model.remat=none"]
+
+
+@needs_plugin
+def test_auto_attention_is_cudnn_flash_attention_on_hopper_with_no_seq_by_seq_buffer():
+    """`auto` on an H100: cuDNN flash attention over the packed rows (one forward, one
+    backward call per layer body), and no [seq, seq] buffer of any dtype anywhere; the
+    explicit-mask XLA path, for contrast, holds several."""
+    flash = _plan_h100(*SEQ, "model.attention_impl=auto")
+    assert flash["attention"] == "cudnn"
+    assert flash["census"]["attention_kernels"] == 2, flash["census"]
+    assert flash["census"]["seq_by_seq_buffers"] == 0, flash["census"]
+    masked = _plan_h100(*SEQ, "model.attention_impl=xla")
+    assert masked["census"]["seq_by_seq_buffers"] > 0
+    assert flash["peak"] < masked["peak"]
+
+
+@needs_plugin
+def test_cudnn_attention_under_tensor_parallelism_with_one_row_per_device():
+    """Heads split over 2 devices, one row: the call is partitioned by hand (JAX's own rule
+    for the packed call fails Shardy's verifier with one row, jax 0.10.2)."""
+    plan = _plan_h100(
+        *SEQ, "model.attention_impl=cudnn", "parallel.tensor=2", "parallel.data=1",
+        "model.vocab_size=258",
+        "train.batch_size=1", devices=2,
+    )  # fmt: skip
+    assert plan["census"]["attention_kernels"] == 2, plan["census"]
+    assert plan["census"]["seq_by_seq_buffers"] == 0, plan["census"]
+
+
+@needs_plugin
+def test_pallas_flash_attention_compiles_for_hopper_alone_and_under_context_parallelism():
+    """The Pallas kernel lowered for an H100 (Triton): forward, dK/dV and dQ kernels, no
+    [seq, seq] buffer; `auto` picks it under context parallelism, where cuDNN's packed form
+    does not apply."""
+    alone = _plan_h100(*SEQ, "model.attention_impl=pallas")
+    assert alone["attention"] == "pallas"
+    assert alone["census"]["pallas_kernels"] == 3, alone["census"]
+    assert alone["census"]["seq_by_seq_buffers"] == 0, alone["census"]
+    context = _plan_h100(
+        *SEQ, "model.attention_impl=auto", "parallel.context=2", "parallel.data=1",
+        "model.attention_block=64",
+        "train.batch_size=1", devices=2,
+    )  # fmt: skip
+    assert context["attention"] == "pallas"
+    assert context["census"]["pallas_kernels"] == 3, context["census"]
+    assert context["census"]["attention_kernels"] == 0, context["census"]

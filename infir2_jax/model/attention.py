@@ -9,6 +9,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infir2_jax.fp8.recipes import Gemm
+from infir2_jax.model.attention_impl import (
+    FLASH,
+    checks_varying_axes,
+    flash,
+    resolve_implementation,
+)
 from infir2_jax.model.config import ModelConfig
 from infir2_jax.model.layers import Linear, project, projection_options
 from infir2_jax.model.rope import apply_rope
@@ -38,15 +44,24 @@ def attend(
     *,
     implementation: str | None,
     chunk_size: int,
+    max_segments: int = 32,
+    block: int = 128,
+    context_parallel: bool = False,
 ) -> jax.Array:
     """Masked attention, q [batch, q, heads, dim] over k/v [batch, k, kv_heads, dim].
 
-    `implementation="chunked"` processes `chunk_size` queries at a time under remat, so only
-    [chunk, k] scores exist at once (forward and backward) instead of [q, k]: the pure-XLA way
-    to run 32k-token rows (and what the planner measures); otherwise one
-    `jax.nn.dot_product_attention` call (JAX broadcasts kv heads over their query group and
-    runs the softmax in FP32).
+    `implementation` is a resolved `model.attention_impl` (model/attention_impl.py):
+    `"cudnn"` / `"pallas"` run flash attention (no [q, k] buffer); `"chunked"` processes
+    `chunk_size` queries at a time under remat, so only [chunk, k] scores exist at once
+    (forward and backward) instead of [q, k]: the pure-XLA way to run 32k-token rows on any
+    platform; otherwise one `jax.nn.dot_product_attention` call (JAX broadcasts kv heads over
+    their query group and runs the softmax in FP32).
     """
+    if implementation in FLASH:
+        return flash(
+            implementation, q, k, v, q_index, k_index, q_segments, k_segments,
+            context_parallel=context_parallel, max_segments=max_segments, block=block,
+        )  # fmt: skip
 
     def block(q_blk, q_idx, q_seg):
         mask = attention_mask(q_idx, k_index, q_seg, k_segments)
@@ -90,6 +105,8 @@ class Attention(nnx.Module):
         )
         self.implementation = cfg.attention_impl
         self.chunk_size = cfg.attention_chunk_size
+        self.max_segments = cfg.max_segments
+        self.block = cfg.attention_block
 
     def __call__(
         self,
@@ -113,13 +130,24 @@ class Attention(nnx.Module):
         v = heads(v, self.num_kv_heads, "act_kv_heads")
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        local = functools.partial(
-            attend, implementation=self.implementation, chunk_size=self.chunk_size
-        )
-
         layout = current_layout()
-        if layout is not None and layout.size("context") > 1:
-            out = context_parallel_attention(layout, local, q, k, v, token_index, segment_ids)
+        context_parallel = layout is not None and layout.size("context") > 1
+        implementation = resolve_implementation(
+            self.implementation, self.head_dim, q.dtype, context_parallel=context_parallel
+        )
+        local = functools.partial(
+            attend,
+            implementation=implementation,
+            chunk_size=self.chunk_size,
+            max_segments=self.max_segments,
+            block=self.block,
+            context_parallel=context_parallel,
+        )
+        if context_parallel:
+            out = context_parallel_attention(
+                layout, local, q, k, v, token_index, segment_ids,
+                check_vma=checks_varying_axes(implementation),
+            )  # fmt: skip
         else:
             out = local(q, k, v, token_index, token_index, segment_ids, segment_ids)
         out = constrain(out, ("batch", "inner_seq", "act_heads", None))

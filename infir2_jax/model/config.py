@@ -45,11 +45,22 @@ class ModelConfig:
     remat: RematPolicy = "full"
     # Tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at a time.
     loss_chunk_size: int = 2048
-    # None lets JAX pick (cuDNN flash attention on GPU when it applies, XLA otherwise);
+    # Which attention runs (model/attention_impl.py):
+    # "auto": "cudnn" where it runs (a Hopper GPU, no context parallelism), else "pallas" on a
+    # CUDA GPU, else "chunked".
+    # "cudnn": cuDNN flash attention for packed rows (kernels/cudnn_attention.py): no
+    # [seq, seq] buffer; at most `max_segments` segments (documents, padding) per row. JAX's
+    # binding keeps FP32 softmax statistics of [batch·max_segments, heads, seq] per layer, so
+    # each segment of headroom costs 4·heads·seq bytes per row and layer.
+    # "pallas": our Pallas flash attention (kernels/flash_attention.py), `attention_block`
+    # query/key tiles; any CUDA GPU and context parallelism; interpreted (slow) on the CPU.
     # "chunked": XLA attention `attention_chunk_size` queries at a time under remat, so a
-    # 32k-token row never holds [seq, seq] scores (long-context runs; what the planner sizes).
-    attention_impl: Literal["xla", "cudnn", "chunked"] | None = None
+    # 32k-token row never holds [seq, seq] scores (any platform, any parallelism).
+    # "xla" / None: one jax.nn.dot_product_attention call with an explicit [seq, seq] mask.
+    attention_impl: Literal["auto", "xla", "cudnn", "pallas", "chunked"] | None = None
     attention_chunk_size: int = 1024
+    max_segments: int = 32
+    attention_block: int = 128
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
@@ -68,6 +79,12 @@ class ModelConfig:
             raise ValueError("model.loss_chunk_size must be positive")
         if self.attention_chunk_size <= 0:
             raise ValueError("model.attention_chunk_size must be positive")
+        if self.max_segments <= 0:
+            raise ValueError("model.max_segments must be positive")
+        if self.attention_block < 16 or self.attention_block & (self.attention_block - 1):
+            raise ValueError(
+                f"model.attention_block must be a power of two >= 16, got {self.attention_block}"
+            )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

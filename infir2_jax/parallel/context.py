@@ -17,6 +17,14 @@ XLA can overlap with the Q projection, with no per-step online-softmax merging. 
 the full K/V of one layer does not fit, i.e. far beyond 128k tokens; it would replace
 `_gather_kv` + `attend` below with a loop of `attend` on each arriving block and an online
 merge, with the same shard_map signature and the same load-balanced order.
+
+Flash attention. `model.attention_impl: auto` uses XLA's chunked attention here, not cuDNN's
+packed flash attention: its packed form wants every segment as one contiguous span with the
+causal diagonal at the span's start, and here each device's queries are two separate chunks
+of the row (the load balance) against K/V gathered in load-balanced order. Making it fit means
+un-permuting the gathered K/V (cheap under GQA) and attending each query chunk to its
+segments' prefixes with a bottom-right-aligned causal mask, which JAX's cuDNN binding (0.10.2)
+does not expose; a Pallas flash kernel taking query/key index offsets is the other way.
 """
 
 from __future__ import annotations
@@ -50,13 +58,16 @@ def context_parallel_attention(
     v: jax.Array,
     token_index: jax.Array,
     segment_ids: jax.Array,
+    *,
+    check_vma: bool = True,
 ) -> jax.Array:
     """`attend(q, k, v, q_index, k_index, q_segments, k_segments)` with the sequence split over
     `context`: each device keeps its queries and gathers every device's K/V (and their token
     indices and segment ids) before attending.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (load-balanced
-    order); token_index: [seq] original positions; segment_ids: [batch, seq].
+    order); token_index: [seq] original positions; segment_ids: [batch, seq]. `check_vma`:
+    off for a Pallas `attend` (kernels/flash_attention.py).
     """
     q_spec = layout.spec(("batch", "inner_seq", "act_heads", None))
     kv_spec = layout.spec(("batch", "inner_seq", "act_kv_heads", None))
@@ -72,6 +83,7 @@ def context_parallel_attention(
         mesh=layout.mesh,
         in_specs=(q_spec, kv_spec, kv_spec, index_spec, segment_spec),
         out_specs=q_spec,
+        check_vma=check_vma,
     )(q, k, v, token_index, segment_ids)
 
 

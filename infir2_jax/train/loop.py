@@ -17,6 +17,8 @@ from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.fp8 import make_gemm
+from infir2_jax.kernels.cudnn_attention import max_runs
+from infir2_jax.model.attention_impl import resolve_implementation
 from infir2_jax.parallel import describe, make_layout
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
@@ -118,8 +120,17 @@ def _resume_source(cfg: RunConfig) -> tuple[Path, int]:
     return step_dir.parent, int(step_dir.name)
 
 
-def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays sharded over the data-parallel devices."""
+def _global_batch(
+    local: dict[str, np.ndarray], sharding, max_segments: int | None = None
+) -> dict[str, jax.Array]:
+    """This host's rows -> global arrays sharded over the data-parallel devices.
+    `max_segments`: the most segments (documents, padding) a row may hold (cuDNN attention)."""
+    if max_segments is not None and (runs := max_runs(local["segment_ids"])) > max_segments:
+        raise ConfigError(
+            f"model.max_segments={max_segments}: a row of this batch holds {runs} segments "
+            "(documents and padding runs); cuDNN packed attention takes a fixed number per "
+            "row: raise model.max_segments"
+        )
     return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in MODEL_INPUTS}
 
 
@@ -138,8 +149,15 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         gemm = make_gemm(cfg.fp8)
         gemm.layer_mask(cfg.model.num_layers)
         schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+        attention = resolve_implementation(
+            cfg.model.attention_impl,
+            cfg.model.head_dim,
+            cfg.model.dtype,
+            context_parallel=layout.size("context") > 1,
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    max_segments = cfg.model.max_segments if attention == "cudnn" else None
     pipeline = DataPipeline(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -194,7 +212,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     print(
         f"model: {n_params:,} parameters | "
         f"batch {cfg.train.batch_size}×{cfg.train.seq_len} ({cfg.data.kind}, {cfg.data.source}) | "
-        f"fp8 {cfg.fp8.recipe} | steps {start}->{cfg.train.steps}",
+        f"fp8 {cfg.fp8.recipe} | attention {attention or 'xla'} | "
+        f"steps {start}->{cfg.train.steps}",
         file=out,
         flush=True,
     )
@@ -251,7 +270,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             if cfg.data.kind == "sft":
                 for name, count in overlong_counts(local).items():
                     counters[f"{name}_samples"] += count
-            state, metrics = step_fn(state, _global_batch(local, data_sharding))
+            state, metrics = step_fn(state, _global_batch(local, data_sharding, max_segments))
             if done == 1 or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
@@ -265,7 +284,9 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             if eval_batches and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 loss_sum, tokens = 0.0, 0.0
                 for batch in eval_batches:
-                    result = jax.device_get(eval_fn(state, _global_batch(batch, data_sharding)))
+                    result = jax.device_get(
+                        eval_fn(state, _global_batch(batch, data_sharding, max_segments))
+                    )
                     loss_sum += float(result["loss_sum"])
                     tokens += float(result["tokens"])
                 logger.log_eval(done, loss_sum / max(tokens, 1.0), tokens)

@@ -1,0 +1,132 @@
+"""Which attention implementation runs (`model.attention_impl`), and the flash kernels run
+per device.
+
+    auto     cudnn where it runs; else pallas on a CUDA GPU; else chunked (CPU)
+    cudnn    cuDNN flash attention for packed rows (kernels/cudnn_attention.py): Hopper, no
+             context parallelism
+    pallas   our Pallas flash attention (kernels/flash_attention.py): any CUDA GPU, context
+             parallelism included; on the CPU it runs in Pallas' interpreter (tests)
+    chunked  XLA attention on [attention_chunk_size, seq] scores at a time (any platform)
+    xla      one jax.nn.dot_product_attention call with an explicit [seq, seq] mask
+
+A kernel is opaque to XLA's SPMD partitioner, so flash attention runs inside a shard_map
+(rows over the data axes, heads over tensor); under context parallelism it is already inside
+one (parallel/context.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from infir2_jax.kernels import cudnn_attention
+from infir2_jax.kernels.flash_attention import flash_attention
+from infir2_jax.parallel.rules import current_layout
+
+FLASH = ("cudnn", "pallas")
+
+
+def _pallas_unsupported(head_dim: int) -> str | None:
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} (the Pallas kernel takes powers of two >= 16)"
+    return None
+
+
+def resolve_implementation(
+    requested: str | None, head_dim: int, dtype, *, context_parallel: bool
+) -> str | None:
+    """The implementation that runs for `requested` on the platform being compiled for; an
+    explicit flash implementation that cannot run is an error naming why."""
+    if requested == "pallas":
+        reason = _pallas_unsupported(head_dim)
+        if reason:
+            raise ValueError(f"model.attention_impl=pallas cannot run here: {reason}")
+        return "pallas"
+    if requested not in ("auto", "cudnn"):
+        return requested
+    reason = (
+        # Each device's queries are two separate chunks of the row and the gathered K/V
+        # are in load-balanced order: cuDNN's packed form wants every segment contiguous
+        # with its causal diagonal at the segment's start (parallel/context.py).
+        "context parallelism (parallel.context > 1) splits rows into non-contiguous chunks"
+        if context_parallel
+        else cudnn_attention.unsupported_reason(head_dim, dtype)
+    )
+    if reason is None:
+        return "cudnn"
+    if requested == "cudnn":
+        raise ValueError(
+            f"model.attention_impl=cudnn cannot run here: {reason}; use auto, pallas or chunked"
+        )
+    on_cuda = cudnn_attention.gpu_capability() is not None
+    return "pallas" if on_cuda and _pallas_unsupported(head_dim) is None else "chunked"
+
+
+def _pallas(q, k, v, q_index, k_index, q_segments, k_segments, *, block, contiguous):
+    """The Pallas kernel compiled for the GPU, or interpreted when lowering for the CPU."""
+    args = (q, k, v, q_index, k_index, q_segments, k_segments)
+    kernel = functools.partial(flash_attention, block=block, contiguous=contiguous, interpret=False)
+    interpreted = functools.partial(
+        flash_attention, block=block, contiguous=contiguous, interpret=True
+    )
+    return jax.lax.platform_dependent(
+        *args,
+        cuda=lambda *a: kernel(*a),
+        default=lambda *a: interpreted(*a),
+    )
+
+
+def flash(
+    implementation: str,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_index: jax.Array,
+    k_index: jax.Array,
+    q_segments: jax.Array,
+    k_segments: jax.Array,
+    *,
+    context_parallel: bool,
+    max_segments: int,
+    block: int,
+) -> jax.Array:
+    """Flash attention (`cudnn` or `pallas`), q [batch, tq, heads, d] over k/v [batch, tk,
+    kv_heads, d], masked by token index and segment id as model/attention.py's mask."""
+    if context_parallel:  # already per device, inside the context-parallel shard_map
+        if implementation != "pallas":
+            raise ValueError(f"attention {implementation!r} under context parallelism")
+        return _pallas(
+            q, k, v, q_index, k_index, q_segments, k_segments, block=block, contiguous=False
+        )
+
+    def run(q, k, v, segments):  # one whole row per device: indices 0..T-1
+        if implementation == "cudnn":
+            return cudnn_attention.packed_attention(q, k, v, segments, max_segments=max_segments)
+        index = jnp.arange(q.shape[1], dtype=jnp.int32)
+        return _pallas(q, k, v, index, index, segments, segments, block=block, contiguous=True)
+
+    layout = current_layout()
+    if layout is None or layout.mesh.size == 1:
+        return run(q, k, v, q_segments)
+    # Partitioned by hand; for cuDNN also because JAX's own partitioning rule for the packed
+    # call is rejected by Shardy's verifier when a device holds one row (jax 0.10.2).
+    q_spec = layout.spec(("batch", "inner_seq", "act_heads", None))
+    kv_spec = layout.spec(("batch", "inner_seq", "act_kv_heads", None))
+    segment_spec = layout.spec(("batch", "inner_seq"))
+    return jax.shard_map(
+        run,
+        mesh=layout.mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, segment_spec),
+        out_specs=q_spec,
+        check_vma=checks_varying_axes(implementation),
+    )(q, k, v, q_segments)
+
+
+def checks_varying_axes(implementation: str | None) -> bool:
+    """`check_vma` for a shard_map around this attention: off for the Pallas kernel, whose
+    results carry no varying-axes types (kernels/flash_attention.py). Safe here: every float
+    input of those shard_maps is split over every mesh axis of size > 1, so no cotangent
+    needs the sum over replicas that the check would insert."""
+    return implementation != "pallas"
