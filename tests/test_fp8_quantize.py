@@ -10,7 +10,13 @@ import pytest
 
 from infir2_jax.fp8 import E4M3, E5M2, dequantize_blocks, quantize_blocks, scale_from_amax
 from infir2_jax.fp8.dots import Fp8Spec, current_scaling_dot
-from infir2_jax.fp8.quantize import finite_amax, quantize_with_scale, round_up_pow2
+from infir2_jax.fp8.quantize import (
+    finite_amax,
+    pow2_exponents,
+    pow2_from_exponents,
+    quantize_with_scale,
+    round_up_pow2,
+)
 
 # XLA compiles `amax / 448` as `amax * (1/448)`, which can differ from the IEEE quotient in the
 # last bit; scales are compared to 1 ulp (FP32: 2^-23 relative). Power-of-two scales are exact.
@@ -132,3 +138,14 @@ def test_amax_in_a_layer_scan_leaves_no_full_size_constant_outside_the_loop():
     forward_scan = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
     consts = forward_scan.invars[: forward_scan.params["num_consts"]]
     assert all(v.aval.size < x.size for v in consts), [str(v.aval) for v in consts]
+
+
+def test_power_of_two_scales_kept_as_exponents_round_trip_exactly():
+    """Blockwise keeps power-of-two wgrad scales as int16 exponents until the backward.
+    (Normal range: XLA flushes subnormal FP32 to zero, as it does for the scales themselves.)"""
+    exponents = np.array([-126, -125, -30, -7, 0, 1, 20, 126, 127], np.int32)
+    scales = jnp.asarray(np.ldexp(np.float32(1), exponents), jnp.float32)
+    packed = pow2_exponents(scales)
+    assert packed.dtype == jnp.int16
+    np.testing.assert_array_equal(np.asarray(packed), exponents)
+    np.testing.assert_array_equal(np.asarray(pow2_from_exponents(packed)), np.asarray(scales))

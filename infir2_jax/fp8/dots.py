@@ -30,6 +30,8 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from infir2_jax.fp8.quantize import (
     Fp8Format,
     finite_amax,
+    pow2_exponents,
+    pow2_from_exponents,
     quantize_blocks,
     quantize_with_scale,
     scale_from_amax,
@@ -339,11 +341,14 @@ def _blockwise_fwd(x, ws, spec, gathered):
         ys.append(_block_matmul(qx, sx, qw.T, sw.T, "block", x.dtype, spec))
         wres.append((_row_major(split.local(qw) if split else qw), sw))
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
-    return tuple(ys), (_row_major(qx_tt), sx_tt, tuple(wres), tokens)
+    # Power-of-two scales are kept as their exponents (int16: half the bytes of FP32).
+    sx_kept = pow2_exponents(sx_tt) if spec.power_of_two else sx_tt
+    return tuple(ys), (_row_major(qx_tt), sx_kept, tuple(wres), tokens)
 
 
 def _blockwise_bwd(spec, gathered, residuals, gs):
-    qx_tt, sx_tt, wres, (xt, wts) = residuals
+    qx_tt, sx_kept, wres, (xt, wts) = residuals
+    sx_tt = pow2_from_exponents(sx_kept) if spec.power_of_two else sx_kept
     b = spec.block
     gathered = gathered or (None,) * len(gs)
     dxs, dws = [], []

@@ -64,6 +64,17 @@ def round_up_pow2(s: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.ones_like(s), jnp.where(mantissa == 0.5, exponent - 1, exponent))
 
 
+def pow2_exponents(s: jax.Array) -> jax.Array:
+    """log2 of power-of-two scales as int16 (exact for every FP32 power of two, subnormals
+    included): half the bytes of the FP32 scales, for keeping them until the backward pass."""
+    return (jnp.frexp(s)[1] - 1).astype(jnp.int16)
+
+
+def pow2_from_exponents(e: jax.Array) -> jax.Array:
+    """The FP32 scales `pow2_exponents` encoded, exactly."""
+    return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e.astype(jnp.int32))
+
+
 def scale_from_amax(
     amax: jax.Array, fmt: Fp8Format, *, power_of_two: bool = False, margin: int = 0
 ) -> jax.Array:
