@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -25,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.fp8_kernel import median_seconds  # noqa: E402
 from infir2_jax.model.attention import attend  # noqa: E402
 
 SHAPES = {  # name -> (heads, kv_heads, head_dim)
@@ -57,16 +56,6 @@ def fwd_bwd(run, index, segments, cot, q, k, v):
     """Attention forward and its backward for the cotangent `cot`."""
     out, vjp = jax.vjp(lambda q, k, v: run(q, k, v, index, index, segments, segments), q, k, v)
     return out, vjp(cot)
-
-
-def median_seconds(fn, *args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        began = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def main() -> None:
