@@ -120,7 +120,9 @@ def plan(
             cfg.model.attention_impl,
             cfg.model.head_dim,
             cfg.model.dtype,
-            context_parallel=layout.size("context") > 1,
+            context=layout.size("context"),
+            seq_len=cfg.train.seq_len,
+            block=cfg.model.attention_block,
         )
         began = time.perf_counter()
         compiled = step.lower(abstract, batch).compile()

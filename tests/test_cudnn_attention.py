@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infir2_jax.config import ConfigError
 from infir2_jax.kernels.cudnn_attention import max_runs, segment_spans
 from infir2_jax.model.attention import attention_mask
 from infir2_jax.model.attention_impl import resolve_implementation
@@ -64,20 +63,45 @@ def test_segment_spans_mask_exactly_what_the_xla_path_masks(seq):
 
 def test_implementation_choice_without_a_gpu():
     bf16 = jnp.bfloat16
-    assert resolve_implementation("auto", 128, bf16, context_parallel=False) == "chunked"
-    assert resolve_implementation("chunked", 128, bf16, context_parallel=False) == "chunked"
-    assert resolve_implementation(None, 128, bf16, context_parallel=False) is None
+    assert resolve_implementation("auto", 128, bf16) == "chunked"
+    assert resolve_implementation("chunked", 128, bf16) == "chunked"
+    assert resolve_implementation(None, 128, bf16) is None
+    assert resolve_implementation("pallas", 128, bf16, context=2, seq_len=512) == "pallas"
     with pytest.raises(ValueError, match="attention_impl=cudnn cannot run here: not compiling"):
-        resolve_implementation("cudnn", 128, bf16, context_parallel=False)
+        resolve_implementation("cudnn", 128, bf16)
     with pytest.raises(ValueError, match="context parallelism"):
-        resolve_implementation("cudnn", 128, bf16, context_parallel=True)
+        resolve_implementation("cudnn", 128, bf16, context=2)
+    with pytest.raises(ValueError, match="per-device length of 96 tokens"):
+        resolve_implementation("pallas", 128, bf16, context=2, seq_len=192)
+    with pytest.raises(ValueError, match="head_dim 72"):
+        resolve_implementation("pallas", 72, bf16)
 
 
-def test_too_many_segments_in_a_row_is_a_clear_error():
-    from infir2_jax.train.loop import _global_batch
+def test_batches_with_more_segments_than_cudnn_takes_run_the_pallas_kernel():
+    """A row with more segments than model.max_segments never stops a run: that batch goes
+    through the same steps built with the Pallas kernel (built once, said once)."""
+    import dataclasses
+    import io
 
-    rows = np.repeat(np.arange(1, 9, dtype=np.int32), 4)[None]  # 8 documents of 4 tokens
-    batch = {k: rows for k in ("input_ids", "labels", "positions", "segment_ids")}
-    batch["loss_mask"] = np.ones_like(rows, np.float32)
-    with pytest.raises(ConfigError, match=r"model.max_segments=4: a row of this batch holds 8"):
-        _global_batch(batch, sharding=None, max_segments=4)
+    from infir2_jax.config import load_config
+    from infir2_jax.train.loop import _Steps
+
+    cfg = load_config("tiny_cpt")
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(max_segments=4))
+    built = []
+
+    def build(model_cfg):
+        built.append(model_cfg.attention_impl)
+        return f"train-{model_cfg.attention_impl}", f"eval-{model_cfg.attention_impl}"
+
+    out = io.StringIO()
+    steps = _Steps(build, cfg, "cudnn", out)
+    few = {"segment_ids": np.repeat(np.arange(1, 5, dtype=np.int32), 8)[None]}  # 4 runs
+    many = {"segment_ids": np.repeat(np.arange(1, 9, dtype=np.int32), 4)[None]}  # 8 runs
+    assert steps.for_batch(few) == ("train-None", "eval-None")
+    assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
+    assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
+    assert built == [None, "pallas"]
+    assert "a row holds 8 segments, more than model.max_segments=4" in out.getvalue()
+    # attention that is not cuDNN never looks at segments
+    assert _Steps(build, cfg, "chunked", out).for_batch(many) == ("train-None", "eval-None")

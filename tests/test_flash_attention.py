@@ -108,7 +108,7 @@ def test_model_with_pallas_attention_equals_xla_attention():
 def test_shapes_the_kernel_does_not_take_are_named():
     q, k, v, segments = _inputs(jnp.float32)
     index = jnp.arange(T, dtype=jnp.int32)
-    with pytest.raises(ValueError, match="multiples of the blocks 48 / 48"):
+    with pytest.raises(ValueError, match="query length 128 must be a multiple of the tile 48"):
         flash_attention(q, k, v, index, index, segments, segments, 48, True, True)
     with pytest.raises(ValueError, match="head_dim 24 must be a power of two"):
         flash_attention(q[..., :24], k[..., :24], v[..., :24], index, index, segments,

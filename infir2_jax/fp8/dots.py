@@ -107,7 +107,8 @@ def _cotangent_like(ct: jax.Array, token: jax.Array) -> jax.Array:
 
 
 def _sum_cotangents(parts: list[jax.Array], dtype) -> jax.Array:
-    """dx of an input shared by several GEMMs: their dgrads summed in FP32, rounded once."""
+    """dx of an input shared by several GEMMs: their dgrads (each already in the GEMM's
+    output dtype) summed in FP32 and rounded to `dtype` once, not pairwise."""
     if len(parts) == 1:
         return parts[0].astype(dtype)
     return sum(p.astype(jnp.float32) for p in parts).astype(dtype)
@@ -132,11 +133,15 @@ def current_scaling_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
     return current_scaling_dots(x, (w,), spec)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def current_scaling_dots(x: jax.Array, ws: tuple[jax.Array, ...], spec: Fp8Spec) -> tuple:
+def current_scaling_dots(x: jax.Array, ws, spec: Fp8Spec) -> tuple:
     """x @ w for each w in `ws`, x quantized once (q, k, v or gate, up share their input):
     one FP8 copy of x is kept for the backward pass instead of one per GEMM. Each product is
     exactly `current_scaling_dot(x, w)`; x's cotangent sums the dgrads in FP32."""
+    return _current_scaling_dots(x, tuple(ws), spec)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _current_scaling_dots(x, ws, spec):
     return _current_fwd(x, ws, spec)[0]
 
 
@@ -165,7 +170,7 @@ def _current_bwd(spec, residuals, gs):
     return _sum_cotangents(dxs, xt.dtype), tuple(dws)
 
 
-current_scaling_dots.defvjp(_current_fwd, _current_bwd)
+_current_scaling_dots.defvjp(_current_fwd, _current_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -213,9 +218,13 @@ def rowwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
     return rowwise_dots(x, (w,), spec)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rowwise_dots(x: jax.Array, ws: tuple[jax.Array, ...], spec: Fp8Spec) -> tuple:
+def rowwise_dots(x: jax.Array, ws, spec: Fp8Spec) -> tuple:
     """`rowwise_dot(x, w)` for each w in `ws`, x quantized once (see current_scaling_dots)."""
+    return _rowwise_dots(x, tuple(ws), spec)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rowwise_dots(x, ws, spec):
     return _rowwise_fwd(x, ws, spec)[0]
 
 
@@ -247,7 +256,7 @@ def _rowwise_bwd(spec, residuals, gs):
     return dx.astype(xt.dtype), tuple(dws)
 
 
-rowwise_dots.defvjp(_rowwise_fwd, _rowwise_bwd)
+_rowwise_dots.defvjp(_rowwise_fwd, _rowwise_bwd)
 
 
 # --------------------------------------------------------------------------- blockwise
@@ -260,15 +269,17 @@ def blockwise_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
     return blockwise_dots(x, (w,), spec)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def blockwise_dots(
-    x: jax.Array, ws: tuple[jax.Array, ...], spec: Fp8Spec, gathered: tuple | None = None
-) -> tuple:
+def blockwise_dots(x: jax.Array, ws, spec: Fp8Spec, gathered: tuple | None = None) -> tuple:
     """`blockwise_dot(x, w)` for each w in `ws`, x quantized once (see current_scaling_dots).
 
     Inside a shard_map, `gathered[i]` (a `parallel.partitioned.GatheredWeight`) says that
     ws[i] is an FSDP shard: it is gathered and quantized whole, the backward pass keeps only
     this shard's slice of the FP8 weight and gathers that, and wgrad is reduce-scattered."""
+    return _blockwise_dots(x, tuple(ws), spec, None if gathered is None else tuple(gathered))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _blockwise_dots(x, ws, spec, gathered):
     return _blockwise_fwd(x, ws, spec, gathered)[0]
 
 
@@ -367,4 +378,4 @@ def _blockwise_bwd(spec, gathered, residuals, gs):
     return _cotangent_like(_sum_cotangents(dxs, xt.dtype), xt), tuple(dws)
 
 
-blockwise_dots.defvjp(_blockwise_fwd, _blockwise_bwd)
+_blockwise_dots.defvjp(_blockwise_fwd, _blockwise_bwd)

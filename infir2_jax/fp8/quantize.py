@@ -65,8 +65,9 @@ def round_up_pow2(s: jax.Array) -> jax.Array:
 
 
 def pow2_exponents(s: jax.Array) -> jax.Array:
-    """log2 of power-of-two scales as int16 (exact for every FP32 power of two, subnormals
-    included): half the bytes of the FP32 scales, for keeping them until the backward pass."""
+    """log2 of power-of-two scales as int16 (exact for every normal FP32 power of two; XLA
+    flushes subnormal scales to zero anyway): half the bytes of the FP32 scales, for keeping
+    them until the backward pass."""
     return (jnp.frexp(s)[1] - 1).astype(jnp.int16)
 
 

@@ -98,7 +98,8 @@ def unsupported_reason(head_dim: int, dtype) -> str | None:
 def segment_spans(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
     """(seqlens [batch, M], offsets [batch, M + 1]) of the runs of equal ids in each row of
     `segment_ids` [batch, seq], M = max_segments, unused entries -1 (cuDNN's packed form).
-    Rows with more than M runs lose the excess (check with `max_runs` on the host first)."""
+    A row with more than M runs would have its last slot absorb the rest of the row, across
+    documents: check with `max_runs` on the host first (the train loop does)."""
     batch, seq = segment_ids.shape
     starts = jnp.concatenate(
         [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1

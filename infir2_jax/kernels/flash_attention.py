@@ -147,11 +147,12 @@ def _check(q, k, v, block_q, block_k):
         raise ValueError(f"flash attention: {heads} query heads over {kv_heads} K/V heads")
     if d < 16 or d & (d - 1):
         raise ValueError(f"flash attention: head_dim {d} must be a power of two >= 16")
-    if tq % block_q or tk % block_k:
-        raise ValueError(
-            f"flash attention: query length {tq} / key length {tk} must be multiples of the "
-            f"blocks {block_q} / {block_k} (model.attention_block)"
-        )
+    for name, length, tile in (("query", tq, block_q), ("key", tk, block_k)):
+        if length % tile or tile < 16 or tile & (tile - 1):
+            raise ValueError(
+                f"flash attention: {name} length {length} must be a multiple of the tile "
+                f"{tile}, a power of two >= 16 (model.attention_block)"
+            )
 
 
 def _specs(q, k, block_q, block_k, *, grid_over: str):

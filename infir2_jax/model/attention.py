@@ -133,7 +133,12 @@ class Attention(nnx.Module):
         layout = current_layout()
         context_parallel = layout is not None and layout.size("context") > 1
         implementation = resolve_implementation(
-            self.implementation, self.head_dim, q.dtype, context_parallel=context_parallel
+            self.implementation,
+            self.head_dim,
+            q.dtype,
+            context=layout.size("context") if context_parallel else 1,
+            seq_len=seq,
+            block=self.block,
         )
         local = functools.partial(
             attend,

@@ -28,21 +28,36 @@ from infir2_jax.parallel.rules import current_layout
 FLASH = ("cudnn", "pallas")
 
 
-def _pallas_unsupported(head_dim: int) -> str | None:
+def _pallas_unsupported(head_dim: int, lengths: tuple[int, ...], block: int) -> str | None:
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} (the Pallas kernel takes powers of two >= 16)"
+    for length in lengths:
+        tile = min(block, length)
+        if length % tile or tile < 16 or tile & (tile - 1):
+            return (
+                f"a per-device length of {length} tokens (it must be a multiple of "
+                f"model.attention_block={block}, or a power of two >= 16 below it)"
+            )
     return None
 
 
 def resolve_implementation(
-    requested: str | None, head_dim: int, dtype, *, context_parallel: bool
+    requested: str | None,
+    head_dim: int,
+    dtype,
+    *,
+    context: int = 1,
+    seq_len: int | None = None,
+    block: int = 128,
 ) -> str | None:
-    """The implementation that runs for `requested` on the platform being compiled for; an
-    explicit flash implementation that cannot run is an error naming why."""
+    """The implementation that runs for `requested` on the platform being compiled for, rows
+    of `seq_len` tokens split over `context` devices; an explicit flash implementation that
+    cannot run is an error naming why."""
+    lengths = () if seq_len is None else (seq_len // context, seq_len)
+    pallas_reason = _pallas_unsupported(head_dim, lengths, block)
     if requested == "pallas":
-        reason = _pallas_unsupported(head_dim)
-        if reason:
-            raise ValueError(f"model.attention_impl=pallas cannot run here: {reason}")
+        if pallas_reason:
+            raise ValueError(f"model.attention_impl=pallas cannot run here: {pallas_reason}")
         return "pallas"
     if requested not in ("auto", "cudnn"):
         return requested
@@ -51,7 +66,7 @@ def resolve_implementation(
         # are in load-balanced order: cuDNN's packed form wants every segment contiguous
         # with its causal diagonal at the segment's start (parallel/context.py).
         "context parallelism (parallel.context > 1) splits rows into non-contiguous chunks"
-        if context_parallel
+        if context > 1
         else cudnn_attention.unsupported_reason(head_dim, dtype)
     )
     if reason is None:
@@ -61,7 +76,7 @@ def resolve_implementation(
             f"model.attention_impl=cudnn cannot run here: {reason}; use auto, pallas or chunked"
         )
     on_cuda = cudnn_attention.gpu_capability() is not None
-    return "pallas" if on_cuda and _pallas_unsupported(head_dim) is None else "chunked"
+    return "pallas" if on_cuda and pallas_reason is None else "chunked"
 
 
 def _pallas(q, k, v, q_index, k_index, q_segments, k_segments, *, block, contiguous):

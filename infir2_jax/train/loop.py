@@ -120,18 +120,37 @@ def _resume_source(cfg: RunConfig) -> tuple[Path, int]:
     return step_dir.parent, int(step_dir.name)
 
 
-def _global_batch(
-    local: dict[str, np.ndarray], sharding, max_segments: int | None = None
-) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays sharded over the data-parallel devices.
-    `max_segments`: the most segments (documents, padding) a row may hold (cuDNN attention)."""
-    if max_segments is not None and (runs := max_runs(local["segment_ids"])) > max_segments:
-        raise ConfigError(
-            f"model.max_segments={max_segments}: a row of this batch holds {runs} segments "
-            "(documents and padding runs); cuDNN packed attention takes a fixed number per "
-            "row: raise model.max_segments"
-        )
+def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """This host's rows -> global arrays sharded over the data-parallel devices."""
     return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in MODEL_INPUTS}
+
+
+class _Steps:
+    """The jitted train and eval steps. With cuDNN attention, whose packed form takes at most
+    `model.max_segments` segments per row, a batch with more runs through the same steps
+    built with the Pallas flash kernel instead (compiled on first need, said once), so a
+    long run never stops on an unusually fragmented row."""
+
+    def __init__(self, build, cfg: RunConfig, attention: str | None, out: TextIO):
+        self._build, self._cfg, self._out = build, cfg, out
+        self.train, self.eval = build(cfg.model)
+        self._limit = cfg.model.max_segments if attention == "cudnn" else None
+        self._fallback = None
+
+    def for_batch(self, local: dict[str, np.ndarray]):
+        """(train step, eval step) that can run this host batch."""
+        if self._limit is None or (runs := max_runs(local["segment_ids"])) <= self._limit:
+            return self.train, self.eval
+        if self._fallback is None:
+            print(
+                f"note: a row holds {runs} segments, more than model.max_segments="
+                f"{self._limit} that cuDNN attention takes; such batches use the Pallas flash "
+                "kernel (compiling it now)",
+                file=self._out,
+                flush=True,
+            )
+            self._fallback = self._build(self._cfg.model.replace(attention_impl="pallas"))
+        return self._fallback
 
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
@@ -153,11 +172,13 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             cfg.model.attention_impl,
             cfg.model.head_dim,
             cfg.model.dtype,
-            context_parallel=layout.size("context") > 1,
+            context=layout.size("context"),
+            seq_len=cfg.train.seq_len,
+            block=cfg.model.attention_block,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    max_segments = cfg.model.max_segments if attention == "cudnn" else None
+
     pipeline = DataPipeline(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -224,10 +245,16 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             data.close()
         return []
 
-    step_fn = jit_train_step(
-        layout, state_sharding, parts, optimizer, schedule, cfg.train.micro_batches
-    )
-    eval_fn = jit_eval_step(layout, state_sharding, parts, cfg.train.micro_batches)
+    def build_steps(model_cfg):
+        model_parts = parts if model_cfg == cfg.model else split_model(model_cfg, gemm)
+        return (
+            jit_train_step(
+                layout, state_sharding, model_parts, optimizer, schedule, cfg.train.micro_batches
+            ),
+            jit_eval_step(layout, state_sharding, model_parts, cfg.train.micro_batches),
+        )
+
+    steps = _Steps(build_steps, cfg, attention, out)
     data_sharding = layout.batch_sharding()
     primary = jax.process_index() == 0
     logger = MetricsLogger(
@@ -270,7 +297,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             if cfg.data.kind == "sft":
                 for name, count in overlong_counts(local).items():
                     counters[f"{name}_samples"] += count
-            state, metrics = step_fn(state, _global_batch(local, data_sharding, max_segments))
+            step_fn = steps.for_batch(local)[0]
+            state, metrics = step_fn(state, _global_batch(local, data_sharding))
             if done == 1 or done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
@@ -285,7 +313,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
                 loss_sum, tokens = 0.0, 0.0
                 for batch in eval_batches:
                     result = jax.device_get(
-                        eval_fn(state, _global_batch(batch, data_sharding, max_segments))
+                        steps.for_batch(batch)[1](state, _global_batch(batch, data_sharding))
                     )
                     loss_sum += float(result["loss_sum"])
                     tokens += float(result["tokens"])
