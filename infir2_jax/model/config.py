@@ -49,7 +49,8 @@ class ModelConfig:
     # "auto": "cudnn" where it runs (a Hopper GPU, no context parallelism), else "pallas" on a
     # CUDA GPU, else "chunked".
     # "cudnn": cuDNN flash attention for packed rows (kernels/cudnn_attention.py): no
-    # [seq, seq] buffer; at most `max_segments` segments (documents, padding) per row. JAX's
+    # [seq, seq] buffer; at most `max_segments` segments (documents, padding) per row (a batch
+    # with more runs through "pallas" instead, train/loop.py: _Steps). JAX's
     # binding keeps FP32 softmax statistics of [batch·max_segments, heads, seq] per layer, so
     # each segment of headroom costs 4·heads·seq bytes per row and layer.
     # "pallas": our Pallas flash attention (kernels/flash_attention.py), `attention_block`
