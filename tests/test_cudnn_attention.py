@@ -71,8 +71,8 @@ def test_implementation_choice_without_a_gpu():
         resolve_implementation("cudnn", 128, bf16)
     with pytest.raises(ValueError, match="context parallelism"):
         resolve_implementation("cudnn", 128, bf16, context=2)
-    with pytest.raises(ValueError, match="per-device length of 96 tokens"):
-        resolve_implementation("pallas", 128, bf16, context=2, seq_len=192)
+    with pytest.raises(ValueError, match="per-device length of 160 tokens"):
+        resolve_implementation("pallas", 128, bf16, context=2, seq_len=320)
     with pytest.raises(ValueError, match="head_dim 72"):
         resolve_implementation("pallas", 72, bf16)
 

@@ -110,6 +110,19 @@ def test_shapes_the_kernel_does_not_take_are_named():
     index = jnp.arange(T, dtype=jnp.int32)
     with pytest.raises(ValueError, match="query length 128 must be a multiple of the tile 48"):
         flash_attention(q, k, v, index, index, segments, segments, 48, True, True)
+    with pytest.raises(ValueError, match="query length 8 must be a multiple of the tile 8, a"):
+        flash_attention(
+            q[:, :8],
+            k[:, :8],
+            v[:, :8],
+            index[:8],
+            index[:8],
+            segments[:, :8],
+            segments[:, :8],
+            32,
+            True,
+            False,
+        )  # Triton: tiles of at least 16
     with pytest.raises(ValueError, match="head_dim 24 must be a power of two"):
         flash_attention(q[..., :24], k[..., :24], v[..., :24], index, index, segments,
                         segments, 32, True, True)  # fmt: skip

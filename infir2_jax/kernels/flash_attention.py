@@ -138,7 +138,7 @@ def _dq_kernel(
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _check(q, k, v, block_q, block_k):
+def _check(q, k, v, block_q, block_k, interpret: bool):
     _, tq, heads, d = q.shape
     _, tk, kv_heads, _ = k.shape
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != d:
@@ -148,7 +148,8 @@ def _check(q, k, v, block_q, block_k):
     if d < 16 or d & (d - 1):
         raise ValueError(f"flash attention: head_dim {d} must be a power of two >= 16")
     for name, length, tile in (("query", tq, block_q), ("key", tk, block_k)):
-        if length % tile or tile < 16 or tile & (tile - 1):
+        # Triton's dots want power-of-two tiles of at least 16; the interpreter does not.
+        if length % tile or (not interpret and (tile < 16 or tile & (tile - 1))):
             raise ValueError(
                 f"flash attention: {name} length {length} must be a multiple of the tile "
                 f"{tile}, a power of two >= 16 (model.attention_block)"
@@ -210,7 +211,7 @@ def _forward(q, k, v, q_index, k_index, q_segments, k_segments, block, contiguou
     batch, tq, heads, d = q.shape
     tk = k.shape[1]
     block_q, block_k = min(block, tq), min(block, tk)
-    _check(q, k, v, block_q, block_k)
+    _check(q, k, v, block_q, block_k, interpret)
     kernel = functools.partial(
         _forward_kernel, scale=d**-0.5, block_q=block_q, block_k=block_k, contiguous=contiguous
     )

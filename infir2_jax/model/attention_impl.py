@@ -28,12 +28,16 @@ from infir2_jax.parallel.rules import current_layout
 FLASH = ("cudnn", "pallas")
 
 
-def _pallas_unsupported(head_dim: int, lengths: tuple[int, ...], block: int) -> str | None:
+def _pallas_unsupported(
+    head_dim: int, lengths: tuple[int, ...], block: int, compiled: bool
+) -> str | None:
+    """Why the Pallas kernel cannot take these shapes (None: it can). Compiled (Triton), its
+    tiles must be powers of two >= 16; interpreted, they need only divide the lengths."""
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} (the Pallas kernel takes powers of two >= 16)"
     for length in lengths:
         tile = min(block, length)
-        if length % tile or tile < 16 or tile & (tile - 1):
+        if length % tile or (compiled and (tile < 16 or tile & (tile - 1))):
             return (
                 f"a per-device length of {length} tokens (it must be a multiple of "
                 f"model.attention_block={block}, or a power of two >= 16 below it)"
@@ -54,7 +58,8 @@ def resolve_implementation(
     of `seq_len` tokens split over `context` devices; an explicit flash implementation that
     cannot run is an error naming why."""
     lengths = () if seq_len is None else (seq_len // context, seq_len)
-    pallas_reason = _pallas_unsupported(head_dim, lengths, block)
+    on_cuda = cudnn_attention.gpu_capability() is not None
+    pallas_reason = _pallas_unsupported(head_dim, lengths, block, compiled=on_cuda)
     if requested == "pallas":
         if pallas_reason:
             raise ValueError(f"model.attention_impl=pallas cannot run here: {pallas_reason}")
@@ -75,7 +80,6 @@ def resolve_implementation(
         raise ValueError(
             f"model.attention_impl=cudnn cannot run here: {reason}; use auto, pallas or chunked"
         )
-    on_cuda = cudnn_attention.gpu_capability() is not None
     return "pallas" if on_cuda and pallas_reason is None else "chunked"
 
 
@@ -86,6 +90,11 @@ def _pallas(q, k, v, q_index, k_index, q_segments, k_segments, *, block, contigu
     interpreted = functools.partial(
         flash_attention, block=block, contiguous=contiguous, interpret=True
     )
+    lengths = (q.shape[1], k.shape[1])
+    if _pallas_unsupported(q.shape[-1], lengths, block, compiled=True):
+        # Tiles Triton cannot take, so this is not a GPU compile (resolve_implementation
+        # rejects them there): only the interpreter runs them.
+        return interpreted(*args)
     return jax.lax.platform_dependent(
         *args,
         cuda=lambda *a: kernel(*a),
