@@ -64,7 +64,7 @@ def plan(
     from infir2_jax.fp8 import make_gemm
     from infir2_jax.gpu_target import census, gpu_devices, square_buffers, target_capability
     from infir2_jax.kernels.cudnn_attention import compile_target
-    from infir2_jax.model.attention_impl import resolve_implementation
+    from infir2_jax.model.attention_impl import run_attention
     from infir2_jax.parallel import describe, make_layout
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.train.sharding import (
@@ -116,13 +116,8 @@ def plan(
         compile_target(target_capability(target)) if target != "cpu" else contextlib.nullcontext()
     )
     with on_target:
-        attention = resolve_implementation(
-            cfg.model.attention_impl,
-            cfg.model.head_dim,
-            cfg.model.dtype,
-            context=layout.size("context"),
-            seq_len=cfg.train.seq_len,
-            block=cfg.model.attention_block,
+        attention = run_attention(
+            cfg.model, seq_len=cfg.train.seq_len, context=layout.size("context")
         )
         began = time.perf_counter()
         compiled = step.lower(abstract, batch).compile()

@@ -83,6 +83,19 @@ def resolve_implementation(
     return "pallas" if on_cuda and pallas_reason is None else "chunked"
 
 
+def run_attention(model_cfg, *, seq_len: int, context: int) -> str | None:
+    """The attention a run of `model_cfg` on rows of `seq_len` tokens split over `context`
+    devices will use (what the train loop prints and the planner compiles)."""
+    return resolve_implementation(
+        model_cfg.attention_impl,
+        model_cfg.head_dim,
+        model_cfg.dtype,
+        context=context,
+        seq_len=seq_len,
+        block=model_cfg.attention_block,
+    )
+
+
 def _pallas(q, k, v, q_index, k_index, q_segments, k_segments, *, block, contiguous):
     """The Pallas kernel compiled for the GPU, or interpreted when lowering for the CPU."""
     args = (q, k, v, q_index, k_index, q_segments, k_segments)

@@ -18,7 +18,7 @@ from infir2_jax.config import ConfigError, RunConfig, dump_config
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.fp8 import make_gemm
 from infir2_jax.kernels.cudnn_attention import max_runs
-from infir2_jax.model.attention_impl import resolve_implementation
+from infir2_jax.model.attention_impl import run_attention
 from infir2_jax.parallel import describe, make_layout
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
@@ -168,13 +168,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         gemm = make_gemm(cfg.fp8)
         gemm.layer_mask(cfg.model.num_layers)
         schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
-        attention = resolve_implementation(
-            cfg.model.attention_impl,
-            cfg.model.head_dim,
-            cfg.model.dtype,
-            context=layout.size("context"),
-            seq_len=cfg.train.seq_len,
-            block=cfg.model.attention_block,
+        attention = run_attention(
+            cfg.model, seq_len=cfg.train.seq_len, context=layout.size("context")
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
