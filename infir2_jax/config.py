@@ -308,6 +308,19 @@ def _set_dotted(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(text)
 
 
+def parse_section(cls: type, raw: Any, prefix: str) -> Any:
+    """One config section (a dataclass) from a mapping, checked like a whole config."""
+    return _parse_dataclass(cls, raw, prefix)
+
+
+def parse_assignments(assignments: typing.Sequence[str]) -> dict[str, Any]:
+    """`--set section.key=value` assignments as a nested mapping of YAML values."""
+    raw: dict[str, Any] = {}
+    for assignment in assignments:
+        _set_dotted(raw, assignment)
+    return raw
+
+
 def resolve_config_path(name: str | os.PathLike) -> Path:
     """NAME (a file in configs/, with or without .yaml) or a path to a YAML file."""
     path = Path(name)

@@ -20,7 +20,8 @@ from infir2_jax.data.records import DataError
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _check_messages(messages: Any, where: str) -> None:
+def check_turns(messages: Any, where: str) -> None:
+    """A non-empty list of {"role", "content"} turns (generation prompts, SFT samples)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of turns")
     for i, turn in enumerate(messages):
@@ -28,6 +29,10 @@ def _check_messages(messages: Any, where: str) -> None:
             raise DataError(f"{where}: message {i} needs a role in {list(ROLES)}")
         if not isinstance(turn.get("content"), str):
             raise DataError(f"{where}: message {i} ({turn['role']}) has no string 'content'")
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    check_turns(messages, where)
     if not any(turn["role"] == "assistant" for turn in messages):
         raise DataError(f"{where}: no assistant turn (nothing to train on)")
 

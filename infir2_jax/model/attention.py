@@ -16,6 +16,7 @@ from infir2_jax.model.attention_impl import (
     resolve_implementation,
 )
 from infir2_jax.model.config import ModelConfig
+from infir2_jax.model.kv_cache import KVCache
 from infir2_jax.model.layers import Linear, project, projection_options
 from infir2_jax.model.rope import apply_rope
 from infir2_jax.parallel.context import context_parallel_attention
@@ -118,18 +119,20 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """x [batch, seq, embed]; token_index [seq]: each position's index in the original
         row (a permutation under context parallelism); segment_ids [batch, seq]."""
-        batch, seq, _ = x.shape
+        return self.forward(x, rope, token_index, segment_ids, fp8_enabled)[0]
 
-        def heads(y: jax.Array, count: int, axis: str) -> jax.Array:
-            y = y.reshape(batch, seq, count, self.head_dim)
-            return constrain(y, ("batch", "inner_seq", axis, None))
-
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), fp8_enabled)
-        q = heads(q, self.num_heads, "act_heads")
-        k = heads(k, self.num_kv_heads, "act_kv_heads")
-        v = heads(v, self.num_kv_heads, "act_kv_heads")
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-
+    def forward(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        token_index: jax.Array,
+        segment_ids: jax.Array,
+        fp8_enabled: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(output, k, v): `__call__` plus the rotated keys and the values [batch, seq,
+        kv_heads, head_dim] (what a prefill writes into the KV cache)."""
+        q, k, v = self.qkv(x, rope, fp8_enabled)
+        seq = x.shape[1]
         layout = current_layout()
         context_parallel = layout is not None and layout.size("context") > 1
         implementation = resolve_implementation(
@@ -155,6 +158,44 @@ class Attention(nnx.Module):
             )  # fmt: skip
         else:
             out = local(q, k, v, token_index, token_index, segment_ids, segment_ids)
+        return self.output(out, fp8_enabled), k, v
+
+    def decode(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        cache: KVCache,
+        layer: jax.Array,
+        positions: jax.Array,
+        fp8_enabled: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """One new token per slot, x [slots, 1, embed] at `positions` [slots]: its k/v enter
+        `layer` of the cache, then its query attends to the slot's cached tokens."""
+        q, k, v = self.qkv(x, rope, fp8_enabled)
+        cache = cache.write(layer, positions, k[:, 0], v[:, 0])
+        out = cache.attend(layer, q, positions)
+        return self.output(out, fp8_enabled), cache
+
+    def qkv(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], fp8_enabled: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projected heads, RoPE applied to q and k: q [batch, seq, heads, head_dim], k and v
+        [batch, seq, kv_heads, head_dim]."""
+        batch, seq, _ = x.shape
+
+        def heads(y: jax.Array, count: int, axis: str) -> jax.Array:
+            y = y.reshape(batch, seq, count, self.head_dim)
+            return constrain(y, ("batch", "inner_seq", axis, None))
+
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), fp8_enabled)
+        q = heads(q, self.num_heads, "act_heads")
+        k = heads(k, self.num_kv_heads, "act_kv_heads")
+        v = heads(v, self.num_kv_heads, "act_kv_heads")
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def output(self, out: jax.Array, fp8_enabled: jax.Array | None) -> jax.Array:
+        """o_proj of the attention output [batch, seq, heads, head_dim] -> [batch, seq, embed]."""
+        batch, seq = out.shape[:2]
         out = constrain(out, ("batch", "inner_seq", "act_heads", None))
         y = self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim), fp8_enabled)
         return constrain(y, ("batch", "seq", None))

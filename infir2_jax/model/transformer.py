@@ -10,6 +10,7 @@ from flax import nnx
 from infir2_jax.fp8.recipes import Gemm
 from infir2_jax.model.attention import Attention
 from infir2_jax.model.config import ModelConfig
+from infir2_jax.model.kv_cache import KVCache
 from infir2_jax.model.layers import BF16, Embedding, Linear, RMSNorm
 from infir2_jax.model.loss import chunked_cross_entropy
 from infir2_jax.model.mlp import MLP
@@ -54,7 +55,36 @@ class DecoderLayer(nnx.Module):
         segment_ids: jax.Array,
         fp8_enabled: jax.Array | None = None,
     ) -> jax.Array:
-        attn = self.self_attn(self.input_layernorm(x), rope, token_index, segment_ids, fp8_enabled)
+        return self.prefill(x, rope, token_index, segment_ids, fp8_enabled)[0]
+
+    def prefill(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        token_index: jax.Array,
+        segment_ids: jax.Array,
+        fp8_enabled: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(output, k, v): the block plus its attention's keys and values for a KV cache."""
+        normed = self.input_layernorm(x)
+        attn, k, v = self.self_attn.forward(normed, rope, token_index, segment_ids, fp8_enabled)
+        return self._residual_mlp(x, attn, fp8_enabled), k, v
+
+    def decode(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        cache: KVCache,
+        layer: jax.Array,
+        positions: jax.Array,
+        fp8_enabled: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """The block for one new token per slot (x [slots, 1, embed]) against the KV cache."""
+        normed = self.input_layernorm(x)
+        attn, cache = self.self_attn.decode(normed, rope, cache, layer, positions, fp8_enabled)
+        return self._residual_mlp(x, attn, fp8_enabled), cache
+
+    def _residual_mlp(self, x: jax.Array, attn: jax.Array, fp8_enabled) -> jax.Array:
         x = constrain(x + attn, RESIDUAL)
         return constrain(x + self.mlp(self.post_attention_layernorm(x), fp8_enabled), RESIDUAL)
 
@@ -140,18 +170,68 @@ class Qwen2(nnx.Module):
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, seq, embed]
 
-        graphdef, stacked = nnx.split(self.layers)
-
-        def apply_layer(x: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
-            layer_state, fp8_enabled = xs
-            layer = nnx.merge(graphdef, layer_state)
+        def apply_layer(layer, x, fp8_enabled, index):
             return layer(x, rope, token_index, segment_ids, fp8_enabled), None
 
-        if cfg.remat != "none":
-            apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[cfg.remat])
-        mask = self.fp8_layer_mask
-        x, _ = jax.lax.scan(apply_layer, x, (stacked, None if mask is None else jnp.asarray(mask)))
+        x, _ = self._scan_layers(apply_layer, x, remat=cfg.remat != "none")
         return self.norm(x)
+
+    def _scan_layers(self, step, carry, *, remat: bool = False):
+        """`lax.scan` of `step(layer, carry, fp8_enabled, index) -> (carry, y)` over the
+        stacked decoder layers; `fp8_enabled` is the layer's FP8 switch (None: all FP8),
+        `index` its position in the stack. `remat` applies `model.remat` to each step."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, xs):
+            layer_state, fp8_enabled, index = xs
+            return step(nnx.merge(graphdef, layer_state), carry, fp8_enabled, index)
+
+        if remat:
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
+        mask = self.fp8_layer_mask
+        mask = None if mask is None else jnp.asarray(mask)
+        return jax.lax.scan(body, carry, (stacked, mask, jnp.arange(self.config.num_layers)))
+
+    def prefill(
+        self, input_ids: jax.Array, lengths: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The prompts of a generation batch, input_ids [batch, prompt] right-padded to
+        `lengths` [batch]. Returns the FP32 logits of each row's last prompt token [batch,
+        vocab] (the next token's distribution) and every layer's keys and values [layers,
+        batch, prompt, kv_heads, head_dim] for `KVCache.insert`."""
+        cfg = self.config
+        batch, length = input_ids.shape
+        token_index = jnp.arange(length, dtype=jnp.int32)
+        positions = jnp.broadcast_to(token_index, input_ids.shape)
+        # Padding is segment 0: it never attends to (or is attended by) the prompt.
+        segment_ids = (token_index[None, :] < lengths[:, None]).astype(jnp.int32)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL)
+
+        def apply_layer(layer, x, fp8_enabled, index):
+            x, k, v = layer.prefill(x, rope, token_index, segment_ids, fp8_enabled)
+            return x, (k, v)
+
+        x, (k, v) = self._scan_layers(apply_layer, x)
+        last = jnp.take_along_axis(self.norm(x), (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(last), k, v
+
+    def decode(
+        self, cache: KVCache, tokens: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """One decoding step: `tokens` [slots] at `positions` [slots] (each slot's current
+        length) enter the cache; returns the FP32 logits of the next token [slots, vocab] and
+        the updated cache."""
+        cfg = self.config
+        rope = rope_tables(positions[:, None], cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
+        x = constrain(self.embed_tokens(tokens[:, None]), RESIDUAL)  # [slots, 1, embed]
+
+        def apply_layer(layer, carry, fp8_enabled, index):
+            x, cache = carry
+            return layer.decode(x, rope, cache, index, positions, fp8_enabled), None
+
+        (x, cache), _ = self._scan_layers(apply_layer, (x, cache))
+        return self.logits(self.norm(x)[:, 0]), cache
 
     def unembedding(self) -> jax.Array:
         """The lm_head as an [embed, vocab] matrix (the embedding table transposed if tied)."""
@@ -159,15 +239,18 @@ class Qwen2(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
+    def logits(self, h: jax.Array) -> jax.Array:
+        """FP32 logits [..., vocab] of final-normed hidden states [..., embed]."""
+        w = self.unembedding().astype(h.dtype)
+        return jnp.einsum("...e,ev->...v", h, w, preferred_element_type=jnp.float32)
+
     def __call__(
         self,
         input_ids: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        h = self.hidden_states(input_ids, positions, segment_ids)
-        w = self.unembedding().astype(h.dtype)
-        logits = jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32)
+        logits = self.logits(self.hidden_states(input_ids, positions, segment_ids))
         order = _context_order(input_ids.shape[1])
         if order is not None:  # back to the original token order
             logits = jnp.take(logits, np.argsort(order), axis=1)

@@ -62,6 +62,12 @@ RULES: dict[str, Rules] = {
     "fsdp_tensor": {**_BATCH, **_TENSOR, "embed": "fsdp", "seq": "tensor"},
 }
 
+# Generation (generate/engine.py), not a training table: weights whole on each tensor-parallel
+# rank (a decode step cannot afford per-layer FSDP gathers), heads and the KV cache's kv heads
+# split over tensor, decode slots over the data axes; one token per slot leaves no sequence
+# to split.
+DECODE_RULES: Rules = {**_BATCH, **_TENSOR}
+
 
 def auto_rules(mesh_sizes: Mapping[str, int]) -> str:
     """The table for a mesh when `parallel.rules: auto`."""

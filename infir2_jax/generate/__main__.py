@@ -1,0 +1,178 @@
+"""python -m infir2_jax.generate --model PATH --prompts IN.jsonl --out OUT.jsonl [options]
+
+Samples completions for every prompt of IN.jsonl (lines with `input_ids`, `prompt` or
+`messages`) from an HF directory or an Orbax checkpoint / run directory, and writes one line
+per sample to OUT.jsonl, in input order: {"index", "sample", "output_ids", "text",
+"logprobs", "finish_reason"}. `--set model.dtype=float32` runs in FP32,
+`--set fp8.recipe=blockwise` with block-FP8 projections, `--set parallel.tensor=2` splits
+heads over two devices (the rest of the devices: data-parallel replicas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from infir2_jax.checkpoint import CheckpointError
+from infir2_jax.config import (
+    ConfigError,
+    FP8Config,
+    ParallelConfig,
+    parse_assignments,
+    parse_section,
+)
+from infir2_jax.data import DataError
+from infir2_jax.data.tokenizer import load_tokenizer
+from infir2_jax.fp8 import make_gemm
+from infir2_jax.generate.engine import Engine, Stats, decode_layout
+from infir2_jax.generate.prompts import read_prompts
+from infir2_jax.generate.sampling import SamplingParams
+from infir2_jax.model import ModelConfig
+from infir2_jax.pretrained import load_params, read_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SECTIONS = ("model", "fp8", "parallel")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infir2_jax.generate", description=__doc__)
+    p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
+    p.add_argument("--prompts", required=True, help="JSONL: input_ids | prompt | messages")
+    p.add_argument("--out", required=True, help="JSONL written when every sample is done")
+    p.add_argument("--chat", action="store_true", help="a `prompt` is one user turn of a chat")
+    p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
+    p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--stop-token-ids",
+        help="comma-separated ids that end a sample (default: EOS and <|im_end|>)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="decode slots (concurrent samples)")
+    p.add_argument("--max-len", type=int, help="KV cache tokens per slot (default: the model's)")
+    p.add_argument("--steps-per-call", type=int, default=32, help="decode steps per dispatch")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="model.* (e.g. model.dtype=float32), fp8.* or parallel.* (repeatable)",
+    )  # fmt: skip
+    return p.parse_args(argv)
+
+
+def _overrides(assignments: list[str]) -> dict[str, dict]:
+    raw = parse_assignments(assignments)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}.*: generation takes {list(SECTIONS)}")
+    return {name: raw.get(name, {}) for name in SECTIONS}
+
+
+def model_config(path: str, overrides: dict) -> ModelConfig:
+    """The checkpoint's config with `model.*` overrides; weights load in `model.dtype`."""
+    try:
+        cfg = read_config(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"--model {path}: {e}") from None
+    base = {**dataclasses.asdict(cfg), "dtype": "bfloat16", "remat": "none"}
+    cfg2 = parse_section(ModelConfig, {**base, **overrides}, "model")
+    changed = cfg.architecture_mismatch(cfg2)
+    if changed:
+        raise ConfigError(f"model.{changed}: cannot change the checkpoint's architecture")
+    return cfg2.replace(param_dtype=cfg2.dtype)
+
+
+def _tokenizer(args: argparse.Namespace):
+    path = args.tokenizer
+    if path is None and any((Path(args.model) / f).is_file() for f in TOKENIZER_FILES):
+        path = args.model
+    if path is None:
+        if args.chat_template:
+            raise DataError("--chat-template needs a tokenizer (--tokenizer DIR)")
+        return None
+    return load_tokenizer(path, args.chat_template)
+
+
+def _write_atomically(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> Stats:
+    sections = _overrides(args.set)
+    cfg = model_config(args.model, sections["model"])
+    fp8 = parse_section(FP8Config, sections["fp8"], "fp8")
+    if fp8.recipe not in ("none", "blockwise"):
+        raise ConfigError(f"fp8.recipe={fp8.recipe}: generation takes none or blockwise")
+    parallel = parse_section(ParallelConfig, sections["parallel"], "parallel")
+    if parallel.fsdp != 1 or parallel.context != 1:
+        raise ConfigError("parallel.fsdp / parallel.context: generation uses data × tensor only")
+    tokenizer = _tokenizer(args)
+    max_len = args.max_len or cfg.max_position_embeddings
+    prompts = read_prompts(
+        args.prompts, tokenizer, chat=args.chat, vocab_size=cfg.vocab_size, max_len=max_len
+    )
+    stop_ids = None
+    if args.stop_token_ids:
+        try:
+            stop_ids = tuple(int(t) for t in args.stop_token_ids.split(","))
+        except ValueError:
+            raise ConfigError(f"--stop-token-ids {args.stop_token_ids!r}: expected ids") from None
+    try:
+        sampling = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            min_p=args.min_p, max_new_tokens=args.max_new_tokens, n=args.n, seed=args.seed,
+            stop_token_ids=stop_ids, stop=tuple(args.stop),
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if sampling.stop and tokenizer is None:
+        raise ConfigError("--stop needs a tokenizer (--tokenizer DIR)")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
+    layout = decode_layout(parallel) if jax.device_count() > 1 else None
+    engine = Engine(
+        cfg, load_params(args.model, cfg), gemm=make_gemm(fp8), layout=layout,
+        slots=args.batch_size, steps_per_call=args.steps_per_call, max_len=max_len,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    start = time.perf_counter()
+    results = engine.generate(prompts, sampling, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    _write_atomically(out, [json.dumps(c.to_json()) for per in results for c in per])
+    s = engine.stats
+    print(
+        f"generate: {s.samples} samples, {s.decode_tokens + s.samples} new tokens in "
+        f"{seconds:.1f} s (prefill {s.prefill_tokens_per_second:,.0f} tok/s, decode "
+        f"{s.decode_tokens_per_second:,.0f} tok/s) -> {out}",
+        file=sys.stderr,
+    )
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
