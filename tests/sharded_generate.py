@@ -14,21 +14,70 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infir2_jax import from_pretrained  # noqa: E402
-from infir2_jax.config import ParallelConfig  # noqa: E402
+from infir2_jax.config import FP8Config, ParallelConfig  # noqa: E402
+from infir2_jax.fp8 import make_gemm  # noqa: E402
 from infir2_jax.generate import Engine, SamplingParams  # noqa: E402
 from infir2_jax.generate.engine import decode_layout  # noqa: E402
+from infir2_jax.model import ModelConfig, Qwen2  # noqa: E402
+from infir2_jax.parallel.rules import activation_layout  # noqa: E402
+
+
+def _fp8_block(layout, prompts) -> dict:
+    """fp8_block under tensor 2 × data 4. FP8 rounding makes the forward discontinuous: any
+    change in the order of float32 sums (which tensor parallelism makes) flips some roundings,
+    and flips propagate. So the sharded prefill logits are compared with one device's against
+    the noise floor, one device's own change when every parameter moves by 1e-7 (relative),
+    as tests/test_parallel.py does for training; the sharded engine must also run end to end.
+    """
+    cfg = ModelConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=128, tie_embeddings=False, dtype="float32", init_std=0.05,
+    )  # fmt: skip
+    fp8 = make_gemm(FP8Config(recipe="blockwise", power_of_two_scales=False))
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(0), gemm=fp8))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    nudged = jax.tree.unflatten(
+        tree,
+        [a * (1 + 1e-7 * jax.random.normal(k, a.shape)) for a, k in zip(leaves, keys, strict=True)],
+    )
+    rows = np.zeros((8, 16), np.int32)
+    for r, p in enumerate(prompts[:8]):
+        rows[r, : len(p)] = p
+    lengths = np.array([len(p) for p in prompts[:8]] + [1] * (8 - len(prompts)), np.int32)
+
+    def prefill(params, rows, lengths):
+        return nnx.merge(graphdef, params).prefill(rows, lengths)[0]
+
+    def sharded(*args):
+        with activation_layout(layout):
+            return prefill(*args)
+
+    one = jax.jit(prefill)(params, rows, lengths)
+    floor = float(jnp.abs(jax.jit(prefill)(nudged, rows, lengths) - one).max())
+    diff = float(jnp.abs(jax.jit(sharded)(params, rows, lengths) - one).max())
+    engine = Engine(cfg, nnx.to_pure_dict(params), gemm=fp8, slots=8, layout=layout)
+    results = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=8, seed=1))
+    return {
+        "temperature": "fp8_block",
+        "logits": diff,
+        "noise_floor": floor,
+        "completed": all(len(r[0].output_ids) == 8 for r in results),
+    }
 
 
 def main(hf_dir: str, out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     model = from_pretrained(hf_dir, dtype="float32")
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 7, 12, 5, 9, 4)]
+    prompts = [rng.integers(0, 300, n).tolist() for n in (3, 7, 12, 5, 9, 4)]
     layout = decode_layout(ParallelConfig(data=4, tensor=2))
     cases = []
     for sampling in (
@@ -55,6 +104,7 @@ def main(hf_dir: str, out: str) -> None:
                 "cache": str(sharded_engine._empty_state(64)[0].k.sharding.spec),
             }
         )
+    cases.append(_fp8_block(layout, prompts))
     with open(out, "w") as f:
         json.dump(cases, f)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,21 @@ def test_pallas_flash_attention_compiles_for_hopper_alone_and_under_context_para
     assert context["attention"] == "pallas"
     assert context["census"]["pallas_kernels"] == 3, context["census"]
     assert context["census"]["attention_kernels"] == 0, context["census"]
+
+
+@needs_plugin
+def test_decode_loop_on_hopper_holds_no_copy_of_the_kv_cache():
+    """The jitted decode loop compiled for an H100: its temporaries do not grow with the
+    cache (4× longer cache, same temp bytes): the cache is read and appended in place, with
+    no transposed copy at the loop boundary and no per-layer slice copy per step."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "decode_compile.py")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    sizes = json.loads(r.stdout.strip().splitlines()[-1])
+    short, long = sizes["1024"], sizes["4096"]
+    assert short["xla_gpu"] and long["xla_gpu"]
+    assert long["cache_bytes"] == 4 * short["cache_bytes"]
+    assert long["temp_bytes"] == short["temp_bytes"] < short["cache_bytes"], sizes

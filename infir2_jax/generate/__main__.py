@@ -114,7 +114,9 @@ def _write_atomically(path: Path, lines: list[str]) -> None:
 def run(args: argparse.Namespace) -> Stats:
     sections = _overrides(args.set)
     cfg = model_config(args.model, sections["model"])
-    fp8 = parse_section(FP8Config, sections["fp8"], "fp8")
+    # SGLang quantizes activations with exact FP32 scales (amax/448 per 1×128 tile): the
+    # default here, unlike training's power-of-two scales.
+    fp8 = parse_section(FP8Config, {"power_of_two_scales": False, **sections["fp8"]}, "fp8")
     if fp8.recipe not in ("none", "blockwise"):
         raise ConfigError(f"fp8.recipe={fp8.recipe}: generation takes none or blockwise")
     parallel = parse_section(ParallelConfig, sections["parallel"], "parallel")

@@ -16,7 +16,7 @@ from infir2_jax.model.attention_impl import (
     resolve_implementation,
 )
 from infir2_jax.model.config import ModelConfig
-from infir2_jax.model.kv_cache import KVCache
+from infir2_jax.model.kv_cache import decode_attention
 from infir2_jax.model.layers import Linear, project, projection_options
 from infir2_jax.model.rope import apply_rope
 from infir2_jax.parallel.context import context_parallel_attention
@@ -164,17 +164,18 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         rope: tuple[jax.Array, jax.Array],
-        cache: KVCache,
-        layer: jax.Array,
+        cached_k: jax.Array,
+        cached_v: jax.Array,
         positions: jax.Array,
         fp8_enabled: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """One new token per slot, x [slots, 1, embed] at `positions` [slots]: its k/v enter
-        `layer` of the cache, then its query attends to the slot's cached tokens."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One new token per slot, x [slots, 1, embed] at `positions` [slots], attending to
+        this layer's cache (cached_k/v [slots, kv_heads, length, head_dim]) and to itself.
+        Returns (output, k, v): the caller appends k/v [slots, 1, kv_heads, head_dim] to the
+        cache (`KVCache.append`)."""
         q, k, v = self.qkv(x, rope, fp8_enabled)
-        cache = cache.write(layer, positions, k[:, 0], v[:, 0])
-        out = cache.attend(layer, q, positions)
-        return self.output(out, fp8_enabled), cache
+        out = decode_attention(q, k, v, cached_k, cached_v, positions)
+        return self.output(out, fp8_enabled), k, v
 
     def qkv(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], fp8_enabled: jax.Array | None

@@ -18,16 +18,19 @@ from infir2_jax.parallel.rules import constrain
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, slots, length, kv_heads, head_dim], rotated keys
-    v: jax.Array  # [layers, slots, length, kv_heads, head_dim]
+    k: jax.Array  # [layers, slots, kv_heads, length, head_dim], rotated keys
+    v: jax.Array  # [layers, slots, kv_heads, length, head_dim]
 
     # Slots follow the batch (data-parallel replicas), kv heads the tensor-parallel split of
-    # the k/v projections, so each device holds the cache of its own heads and rows.
-    AXES = (None, "batch", None, "act_kv_heads", None)
+    # the k/v projections, so each device holds the cache of its own heads and rows. (slot,
+    # kv head) major, [length, head_dim] minor is the layout of a batched GEMM: with the
+    # length ahead of the heads, XLA:GPU transposed the whole cache into and out of every
+    # decode loop (a second cache-sized buffer).
+    AXES = (None, "batch", "act_kv_heads", None, None)
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, slots: int, length: int) -> KVCache:
-        shape = (cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, length, cfg.head_dim)
         zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
         return cls(constrain(zeros, cls.AXES), constrain(zeros, cls.AXES))
 
@@ -37,7 +40,7 @@ class KVCache(NamedTuple):
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def insert(self, k: jax.Array, v: jax.Array, sources: jax.Array, targets: jax.Array) -> KVCache:
         """Writes prefilled prompts into slots: k/v [layers, rows, prompt, kv_heads,
@@ -47,26 +50,60 @@ class KVCache(NamedTuple):
         prompt = k.shape[2]
 
         def put(cache, new):
-            rows = jnp.take(new, sources, axis=1).astype(cache.dtype)
-            return constrain(cache.at[:, targets, :prompt].set(rows, mode="drop"), self.AXES)
-
-        return KVCache(put(self.k, k), put(self.v, v))
-
-    def write(self, layer: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
-        """One new token per slot: k/v [slots, kv_heads, head_dim] at `positions` [slots]
-        of `layer` (a position beyond the cache is dropped)."""
-        rows = jnp.arange(self.slots)
-
-        def put(cache, new):
-            updated = cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
+            rows = jnp.take(new, sources, axis=1).swapaxes(2, 3).astype(cache.dtype)
+            updated = cache.at[:, targets, :, :prompt].set(rows, mode="drop")
             return constrain(updated, self.AXES)
 
         return KVCache(put(self.k, k), put(self.v, v))
 
-    def attend(self, layer: jax.Array, q: jax.Array, positions: jax.Array) -> jax.Array:
-        """q [slots, 1, heads, head_dim] (the token at `positions`) over the slot's cached
-        positions 0..position of `layer`; kv heads broadcast over their query group, softmax
-        in FP32 (jax.nn.dot_product_attention, as training's XLA attention)."""
-        keys, values = self.k[layer], self.v[layer]  # [slots, length, kv_heads, head_dim]
-        visible = jnp.arange(self.length)[None, :] <= positions[:, None]  # [slots, length]
-        return jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None, None, :])
+    def append(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+        """One new token per slot for every layer: k/v [layers, slots, kv_heads, head_dim]
+        at `positions` [slots] (a position beyond the cache is dropped). One scatter after
+        the layer scan, so the cache is updated in place and never copied."""
+        rows = jnp.arange(self.slots)
+
+        def put(cache, new):
+            # Indices split by a slice put their dimension first: new as [slots, layers, ...].
+            new = new.swapaxes(0, 1).astype(cache.dtype)
+            updated = cache.at[:, rows, :, positions].set(new, mode="drop")
+            return constrain(updated, self.AXES)
+
+        return KVCache(put(self.k, k), put(self.v, v))
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cached_k: jax.Array,
+    cached_v: jax.Array,
+    positions: jax.Array,
+) -> jax.Array:
+    """Attention of one new token per slot: q [slots, 1, heads, head_dim] over the slot's
+    cached positions < `positions` (cached_k/v [slots, kv_heads, length, head_dim], one
+    layer's cache, read only) and over its own k/v [slots, 1, kv_heads, head_dim], which are
+    not in the cache yet. Two score blocks and one FP32 softmax across both: the cache stays
+    out of the layer scan's carry (read only), and one scatter after the scan appends every
+    layer's new k/v in place (`KVCache.append`). KV heads broadcast over their query group.
+
+    The two products are multiply-and-sum, not dots: one query token per slot makes them
+    matrix-vector products, bound by reading the cache, and as reductions XLA fuses the
+    layer's dynamic slice of the cache into them. As dots, XLA:GPU first copied the layer's
+    K and V out of the cache on every step (tests/test_gpu_compile.py checks that the
+    compiled decode loop holds no buffer that grows with the cache)."""
+    slots, _, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(slots, kv_heads, heads // kv_heads, dim)  # [slots, kv, group, dim]
+    scale = dim**-0.5
+    f32 = jnp.float32
+    cached = jnp.sum(qg[:, :, :, None, :].astype(f32) * cached_k[:, :, None].astype(f32), -1)
+    cached = cached * scale
+    visible = jnp.arange(cached_k.shape[2])[None, :] < positions[:, None]  # [slots, length]
+    cached = jnp.where(visible[:, None, None, :], cached, -jnp.inf)
+    own = jnp.einsum("skgd,skd->skg", qg, k[:, 0], preferred_element_type=f32) * scale
+    top = jnp.maximum(jnp.max(cached, axis=-1), own)  # finite: own is always visible
+    p_cached, p_own = jnp.exp(cached - top[..., None]), jnp.exp(own - top)
+    total = jnp.sum(p_cached, axis=-1) + p_own
+    out = jnp.sum(p_cached[..., None] * cached_v[:, :, None].astype(f32), axis=3)
+    out = (out + p_own[..., None] * v[:, 0, :, None, :].astype(f32)) / total[..., None]
+    return out.reshape(slots, 1, heads, dim).astype(q.dtype)

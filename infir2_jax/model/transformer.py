@@ -74,15 +74,16 @@ class DecoderLayer(nnx.Module):
         self,
         x: jax.Array,
         rope: tuple[jax.Array, jax.Array],
-        cache: KVCache,
-        layer: jax.Array,
+        cached_k: jax.Array,
+        cached_v: jax.Array,
         positions: jax.Array,
         fp8_enabled: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """The block for one new token per slot (x [slots, 1, embed]) against the KV cache."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block for one new token per slot (x [slots, 1, embed]) against this layer's
+        cache; returns (output, k, v) of the new token (see `Attention.decode`)."""
         normed = self.input_layernorm(x)
-        attn, cache = self.self_attn.decode(normed, rope, cache, layer, positions, fp8_enabled)
-        return self._residual_mlp(x, attn, fp8_enabled), cache
+        attn, k, v = self.self_attn.decode(normed, rope, cached_k, cached_v, positions, fp8_enabled)
+        return self._residual_mlp(x, attn, fp8_enabled), k, v
 
     def _residual_mlp(self, x: jax.Array, attn: jax.Array, fp8_enabled) -> jax.Array:
         x = constrain(x + attn, RESIDUAL)
@@ -226,12 +227,15 @@ class Qwen2(nnx.Module):
         rope = rope_tables(positions[:, None], cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
         x = constrain(self.embed_tokens(tokens[:, None]), RESIDUAL)  # [slots, 1, embed]
 
-        def apply_layer(layer, carry, fp8_enabled, index):
-            x, cache = carry
-            return layer.decode(x, rope, cache, index, positions, fp8_enabled), None
+        def apply_layer(layer, x, fp8_enabled, index):
+            # Each layer reads its cache slice only; the new k/v leave the scan as outputs
+            # and enter the cache in one in-place scatter below.
+            cached_k, cached_v = cache.k[index], cache.v[index]
+            x, k, v = layer.decode(x, rope, cached_k, cached_v, positions, fp8_enabled)
+            return x, (k[:, 0], v[:, 0])
 
-        (x, cache), _ = self._scan_layers(apply_layer, (x, cache))
-        return self.logits(self.norm(x)[:, 0]), cache
+        x, (k, v) = self._scan_layers(apply_layer, x)
+        return self.logits(self.norm(x)[:, 0]), cache.append(positions, k, v)
 
     def unembedding(self) -> jax.Array:
         """The lm_head as an [embed, vocab] matrix (the embedding table transposed if tied)."""
