@@ -428,3 +428,16 @@ def test_cli_reads_hf_and_orbax_checkpoints_alike(tmp_path):
         assert _run(*args, "--temperature", "0.8", "--seed", "5", "--max-new-tokens", "10") == 0
         lines[source] = out.read_text()
     assert lines["hf"] == lines["orbax"]
+
+
+def test_sampler_logprobs_equal_the_trainers_recomputation(small_model):
+    """What RL relies on: the engine's log-probabilities of sampled tokens (temperature 0.8,
+    top-p truncation) equal the model's chunked `token_logprobs` over prompt + output at the
+    same temperature, the trainer's recomputation."""
+    prompts = _prompts(small_model.config.vocab_size, (5, 9))
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=16, seed=2)
+    results = Engine.from_model(small_model, slots=2).generate(prompts, sampling)
+    for prompt, (completion,) in zip(prompts, results, strict=True):
+        row = jnp.asarray([prompt + completion.output_ids])
+        logprobs, _ = small_model.token_logprobs(row[:, :-1], row[:, 1:], temperature=0.8)
+        np.testing.assert_allclose(logprobs[0, len(prompt) - 1 :], completion.logprobs, atol=1e-5)

@@ -82,3 +82,21 @@ def test_bf16_backward_gemms_take_bf16_operands():
         assert g.dtype == jnp.bfloat16
         err = np.abs(np.asarray(g, np.float32) - np.asarray(want))
         assert err.max() <= 2e-2 * np.abs(np.asarray(want)).max(), err.max()
+
+
+@pytest.mark.parametrize("chunk, temperature", [(7, 1.0), (16, 0.7), (1000, 1.3)])
+def test_token_logprobs_and_entropy_match_full_logits(chunk, temperature):
+    from infir2_jax.model.loss import token_logprobs
+
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 11, 24)), jnp.float32)
+    unembed = jnp.asarray(rng.normal(size=(24, 50)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, size=(2, 11)))
+    logprobs, entropy = token_logprobs(
+        hidden, unembed, targets, chunk_size=chunk, temperature=temperature, with_entropy=True
+    )
+    logp = jax.nn.log_softmax(jnp.einsum("bte,ev->btv", hidden, unembed) / temperature, -1)
+    want = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logprobs, want, atol=1e-5)
+    np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(logp) * logp, -1), atol=1e-4)
+    assert token_logprobs(hidden, unembed, targets, chunk_size=chunk)[1] is None

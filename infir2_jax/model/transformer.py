@@ -12,7 +12,7 @@ from infir2_jax.model.attention import Attention
 from infir2_jax.model.config import ModelConfig
 from infir2_jax.model.kv_cache import KVCache
 from infir2_jax.model.layers import BF16, Embedding, Linear, RMSNorm
-from infir2_jax.model.loss import chunked_cross_entropy
+from infir2_jax.model.loss import chunked_cross_entropy, token_logprobs
 from infir2_jax.model.mlp import MLP
 from infir2_jax.model.rope import rope_tables
 from infir2_jax.parallel.context import load_balanced_order
@@ -276,3 +276,30 @@ class Qwen2(nnx.Module):
         return chunked_cross_entropy(
             h, self.unembedding(), labels, loss_mask, chunk_size=self.config.loss_chunk_size
         )
+
+    def token_logprobs(
+        self,
+        input_ids: jax.Array,
+        targets: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """log p(target) [batch, seq] under softmax(logits / temperature) at every position
+        (and the entropy if `with_entropy`), via the chunked, vocab-parallel computation of the
+        loss: what an RL objective needs, without [tokens, vocab] logits."""
+        h = self.hidden_states(input_ids, positions, segment_ids)
+        order = _context_order(input_ids.shape[1])
+        if order is not None:
+            targets = jnp.take(targets, order, axis=1)
+        logprobs, entropy = token_logprobs(
+            h, self.unembedding(), targets, chunk_size=self.config.loss_chunk_size,
+            temperature=temperature, with_entropy=with_entropy,
+        )  # fmt: skip
+        if order is not None:  # back to the original token order
+            inverse = np.argsort(order)
+            logprobs = jnp.take(logprobs, inverse, axis=1)
+            entropy = None if entropy is None else jnp.take(entropy, inverse, axis=1)
+        return logprobs, entropy
