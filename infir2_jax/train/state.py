@@ -87,18 +87,30 @@ def update_fp8_histories(fp8: dict[str, Any], observed: dict[str, Any]) -> dict[
     )
 
 
-def _summed_loss_fn(parts: ModelParts):
-    """(params, probes, fp8, batch) -> (summed token loss, token count)."""
+# An objective: (model, batch) -> (loss summed over what it covers, the weight to divide that
+# sum by — tokens, samples — and metrics summed the same way). Sums add across micro-batches
+# and devices; the step divides once, over the whole global batch.
+LossFn = Callable[[Qwen2, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def next_token_loss(model: Qwen2, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
+    """CPT and SFT: summed next-token cross-entropy over the tokens of `loss_mask`."""
+    total, tokens = model.loss(
+        batch["input_ids"],
+        batch["labels"],
+        batch["loss_mask"],
+        batch["positions"],
+        batch["segment_ids"],
+    )
+    return total, tokens, {}
+
+
+def _summed_loss_fn(parts: ModelParts, loss_fn: LossFn = next_token_loss):
+    """(params, probes, fp8, batch) -> (summed loss, (weight, summed metrics))."""
 
     def summed_loss(params: Params, probes: dict, fp8: dict, batch: Batch):
-        model = nnx.merge(parts.graphdef, params, fp8, probes)
-        return model.loss(
-            batch["input_ids"],
-            batch["labels"],
-            batch["loss_mask"],
-            batch["positions"],
-            batch["segment_ids"],
-        )
+        total, weight, metrics = loss_fn(nnx.merge(parts.graphdef, params, fp8, probes), batch)
+        return total, (weight, metrics)
 
     return summed_loss
 
@@ -130,26 +142,30 @@ def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
 
 
 def make_eval_step(
-    parts: ModelParts, micro_batches: int = 1, layout: Layout | None = None
+    parts: ModelParts,
+    micro_batches: int = 1,
+    layout: Layout | None = None,
+    loss_fn: LossFn = next_token_loss,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Validation: the summed loss and token count of a batch, nothing updated (FP8 delayed
-    scaling reads its histories; the amaxes it would observe are discarded)."""
-    summed_loss = _summed_loss_fn(parts)
+    """Validation: the summed loss (`loss_sum`), its weight (`tokens`) and the objective's
+    summed metrics for a batch, nothing updated (FP8 delayed scaling reads its histories; the
+    amaxes it would observe are discarded)."""
+    summed_loss = _summed_loss_fn(parts, loss_fn)
 
     @_traced_under(layout)
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
+        micro = _split_micro_batches(batch, micro_batches)
 
         def accumulate(carry, micro_batch: Batch):
-            total, tokens = carry
-            t, n = summed_loss(state.params, probes, state.fp8, micro_batch)
-            return (total + t, tokens + n), None
+            t, aux = summed_loss(state.params, probes, state.fp8, micro_batch)
+            return jax.tree.map(jnp.add, carry, (t, aux)), None
 
-        zero = jnp.zeros((), jnp.float32)
-        (total, tokens), _ = jax.lax.scan(
-            accumulate, (zero, zero), _split_micro_batches(batch, micro_batches)
-        )
-        return {"loss_sum": total, "tokens": tokens}
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(summed_loss, state.params, probes, state.fp8, first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (total, (weight, metrics)), _ = jax.lax.scan(accumulate, zeros, micro)
+        return {"loss_sum": total, "tokens": weight, **metrics}
 
     return eval_step
 
@@ -160,9 +176,11 @@ def make_train_step(
     schedule: optax.Schedule,
     micro_batches: int = 1,
     layout: Layout | None = None,
+    loss_fn: LossFn = next_token_loss,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The step: gradients summed over `micro_batches` slices of the batch (FP8 amaxes
-    max-combined), the loss normalised per token over the whole global batch, one optimizer
+    """The step of any objective `loss_fn` (next-token CE for CPT/SFT, the policy loss for
+    RL): gradients summed over `micro_batches` slices of the batch (FP8 amaxes max-combined),
+    the loss divided by its weight summed over the whole global batch, one optimizer
     update, and one FP8 history update. A non-finite loss or gradient norm skips the update
     (parameters, optimizer and FP8 state unchanged; the step counter and data move on) and
     extends `nonfinite_streak`; the run loop decides when a streak is fatal.
@@ -170,24 +188,28 @@ def make_train_step(
     `layout`: the mesh and rules table the activations are constrained to while tracing
     (None: no constraints, e.g. one device)."""
 
-    grad_fn = jax.value_and_grad(_summed_loss_fn(parts), argnums=(0, 1), has_aux=True)
+    summed_loss = _summed_loss_fn(parts, loss_fn)
+    grad_fn = jax.value_and_grad(summed_loss, argnums=(0, 1), has_aux=True)
 
     @_traced_under(layout)
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
 
         def accumulate(carry, micro_batch: Batch):
-            total, tokens, grads, observed = carry
-            (t, n), (g, o) = grad_fn(state.params, probes, state.fp8, micro_batch)
+            sums, grads, observed = carry
+            value, (g, o) = grad_fn(state.params, probes, state.fp8, micro_batch)
+            sums = jax.tree.map(jnp.add, sums, value)  # (loss, (weight, metrics))
             grads = jax.tree.map(jnp.add, grads, g)
             observed = jax.tree.map(jnp.maximum, observed, o)  # amaxes combine by max
-            return (total + t, tokens + n, grads, observed), None
+            return (sums, grads, observed), None
 
         micro = _split_micro_batches(batch, micro_batches)
-        zeros = jax.tree.map(jnp.zeros_like, (state.params, probes))
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), *zeros)
-        (total, tokens, grads, observed), _ = jax.lax.scan(accumulate, init, micro)
-        denom = jnp.maximum(tokens, 1.0)  # per-token mean over the global batch
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(summed_loss, state.params, probes, state.fp8, first)
+        sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        init = (sums, *jax.tree.map(jnp.zeros_like, (state.params, probes)))
+        ((total, (tokens, objective)), grads, observed), _ = jax.lax.scan(accumulate, init, micro)
+        denom = jnp.maximum(tokens, 1.0)  # the mean over the global batch
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss, grad_norm = total / denom, optax.tree.norm(grads)  # norm before clipping
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -211,6 +233,7 @@ def make_train_step(
             "loss_tokens": tokens,
             "skipped": 1.0 - finite.astype(jnp.float32),
             "nonfinite_streak": streak,
+            **objective,
         }
         return new_state, metrics
 
