@@ -441,3 +441,63 @@ def test_sampler_logprobs_equal_the_trainers_recomputation(small_model):
         row = jnp.asarray([prompt + completion.output_ids])
         logprobs, _ = small_model.token_logprobs(row[:, :-1], row[:, 1:], temperature=0.8)
         np.testing.assert_allclose(logprobs[0, len(prompt) - 1 :], completion.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "3000000000"], "seed must be in"),
+        (["--batch-size", "0"], "slots (0) and steps_per_call"),
+        (["--steps-per-call", "0"], "steps_per_call (0)"),
+        (["--temperature", "1e-9"], "temperature must be 0"),
+        (["--set", "model.dtype=float16x"], "model.dtype must be"),
+        (["--set", "parallel.tensor=2"], "parallel"),  # one device: the mesh does not fit
+    ],
+)
+def test_cli_bad_options_exit_2_before_writing(tmp_path, capsys, extra, message):
+    make_hf_model(tmp_path / "hf")
+    prompts = _write(tmp_path / "in.jsonl", [{"input_ids": [1, 2]}])
+    out = tmp_path / "o.jsonl"
+    args = ["--model", str(tmp_path / "hf"), "--prompts", str(prompts), "--out", str(out)]
+    assert _run(*args, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_bad_files_exit_2(tmp_path, capsys):
+    make_hf_model(tmp_path / "hf")
+    binary = tmp_path / "in.jsonl"
+    binary.write_bytes(b'{"input_ids": [1]}\n\xff\xfe\n')
+    args = ["--model", str(tmp_path / "hf"), "--prompts", str(binary)]
+    assert _run(*args, "--out", str(tmp_path / "o.jsonl")) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    (tmp_path / "dir").mkdir()
+    ok = _write(tmp_path / "ok.jsonl", [{"input_ids": [1]}])
+    args = ["--model", str(tmp_path / "hf"), "--prompts", str(ok), "--out", str(tmp_path / "dir")]
+    assert _run(*args) == 2
+    assert "not a file path" in capsys.readouterr().err
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+def test_cli_on_two_devices_with_tensor_parallelism_equals_one_device(tmp_path):
+    make_hf_model(tmp_path / "hf")
+    prompts = _write(tmp_path / "in.jsonl", [{"input_ids": [3, 1, 4]}, {"input_ids": [1, 5, 9, 2]}])
+    common = [
+        "--model", str(tmp_path / "hf"), "--prompts", str(prompts), "--temperature", "0",
+        "--max-new-tokens", "12", "--batch-size", "2",
+    ]  # fmt: skip
+    assert _run(*common, "--out", str(tmp_path / "one.jsonl")) == 0
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.generate", *common, "--no-progress",
+         "--set", "model.dtype=float32", "--set", "parallel.tensor=2",
+         "--out", str(tmp_path / "two.jsonl")],
+        env=env, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [x["output_ids"] for x in one] == [x["output_ids"] for x in two]
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)

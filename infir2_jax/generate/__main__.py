@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+from flax import traverse_util
 
 from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.config import (
@@ -107,8 +108,11 @@ def _tokenizer(args: argparse.Namespace):
 
 def _write_atomically(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> Stats:
@@ -144,11 +148,15 @@ def run(args: argparse.Namespace) -> Stats:
     if sampling.stop and tokenizer is None:
         raise ConfigError("--stop needs a tokenizer (--tokenizer DIR)")
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: directory {out.parent} does not exist")
-    layout = decode_layout(parallel) if jax.device_count() > 1 else None
+    if not out.parent.is_dir() or out.is_dir():
+        raise ConfigError(f"--out {out}: not a file path in an existing directory")
+    # A mesh whenever there is more than one device or one was asked for (a mesh that does
+    # not fit the devices is an error, not silently one device).
+    sharded = jax.device_count() > 1 or bool(sections["parallel"])
+    layout = decode_layout(parallel) if sharded else None
+    params = traverse_util.unflatten_dict(load_params(args.model, cfg))
     engine = Engine(
-        cfg, load_params(args.model, cfg), gemm=make_gemm(fp8), layout=layout,
+        cfg, params, gemm=make_gemm(fp8), layout=layout,
         slots=args.batch_size, steps_per_call=args.steps_per_call, max_len=max_len,
         tokenizer=tokenizer,
     )  # fmt: skip
@@ -171,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the engine's checks: slots, heads over tensor, prompt sizes
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

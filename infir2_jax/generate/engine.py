@@ -161,6 +161,10 @@ class Engine:
         self.steps_per_call = steps_per_call
         self.max_len = max_len or cfg.max_position_embeddings
         self.stats = Stats()
+        if slots < 1 or steps_per_call < 1:
+            raise ValueError(
+                f"generate: slots ({slots}) and steps_per_call ({steps_per_call}) must be >= 1"
+            )
         data = 1 if layout is None else layout.size("data") * layout.size("fsdp")
         tensor = 1 if layout is None else layout.size("tensor")
         if slots % data:
@@ -452,14 +456,23 @@ class _Run:
 
     def _stop_string(self, ids: list[int], checked: int) -> tuple[str | None, int | None]:
         """(text cut before the first stop string, the number of ids that produced it) when
-        a stop string appears in the text of `ids` (its first `checked` ids had none)."""
-        if not self.sampling.stop:
+        a stop string appears in the text of `ids` (its first `checked` ids had none).
+
+        Only the new ids and as many before them as the longest stop string has UTF-8 bytes
+        are decoded per call (a byte-level BPE token is at least one byte), so a long output
+        is not re-decoded whole every call; the whole text is decoded once, on a hit."""
+        stops = self.sampling.stop
+        if not stops:
+            return None, None
+        start = max(0, checked - max(len(s.encode("utf-8")) for s in stops))
+        if not any(s in self._decode_text(ids[start:]) for s in stops):
             return None, None
         text = self._decode_text(ids)
-        hits = [text.find(s) for s in self.sampling.stop if s in text]
-        if not hits:
+        hits = [text.find(s) for s in stops if s in text]
+        if not hits:  # the tail decoded differently from the whole: no stop in the text
             return text, None
+        cut = len(ids)
         for cut in range(checked + 1, len(ids) + 1):  # the first token that completes one
-            if any(s in self._decode_text(ids[:cut]) for s in self.sampling.stop):
+            if any(s in self._decode_text(ids[:cut]) for s in stops):
                 break
         return text[: min(hits)], cut

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jinja2
+
 from infir2_jax.data.chat import check_turns
 from infir2_jax.data.records import DataError
 
@@ -21,9 +23,11 @@ def read_prompts(
     user turn of a chat. A prompt must leave room for one new token in `max_len`."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise DataError(f"--prompts {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"--prompts {path}: not UTF-8 text (byte {e.start})") from None
     prompts = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -80,5 +84,8 @@ def _prompt_ids(line: str, tokenizer, chat: bool, where: str) -> list[int]:
     check_turns(value, where)
     if not tokenizer.chat_template:
         raise DataError(f"{where}: the tokenizer has no chat template (pass --chat-template)")
-    text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise DataError(f"{where}: the chat template failed: {e}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

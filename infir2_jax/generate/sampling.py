@@ -36,7 +36,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (
+                self.temperature == 0 or self.temperature >= 1e-3,
+                f"temperature must be 0 (greedy) or >= 1e-3, got {self.temperature}",
+            ),
+            (0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0: off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),

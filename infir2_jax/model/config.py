@@ -76,6 +76,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name} must be float32, bfloat16 or float16: {value!r}")
         if self.loss_chunk_size <= 0:
             raise ValueError("model.loss_chunk_size must be positive")
         if self.attention_chunk_size <= 0:

@@ -104,6 +104,8 @@ def decode_attention(
     top = jnp.maximum(jnp.max(cached, axis=-1), own)  # finite: own is always visible
     p_cached, p_own = jnp.exp(cached - top[..., None]), jnp.exp(own - top)
     total = jnp.sum(p_cached, axis=-1) + p_own
-    out = jnp.sum(p_cached[..., None] * cached_v[:, :, None].astype(f32), axis=3)
+    # Masked, not only zero-weighted: a stale non-finite value (0 · inf = NaN) must not leak.
+    weighted = p_cached[..., None] * cached_v[:, :, None].astype(f32)
+    out = jnp.sum(jnp.where(visible[:, None, None, :, None], weighted, 0.0), axis=3)
     out = (out + p_own[..., None] * v[:, 0, :, None, :].astype(f32)) / total[..., None]
     return out.reshape(slots, 1, heads, dim).astype(q.dtype)
