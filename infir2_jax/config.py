@@ -182,6 +182,64 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """RL: GRPO with DAPO's extras (`python -m infir2_jax.rl`, infir2_jax/rl/).
+
+    Each step samples `prompts_per_step` prompts, `n` responses each, from the policy being
+    trained (the in-process JAX engine on the trainer's parameters), grades them, and takes one
+    optimizer step of the clipped policy loss on group-normalised advantages.
+
+    task: `prompts` (a JSONL or Parquet file at `prompts`: DAPO-Math-17k's layout — `prompt`
+    chat messages, `reward_model.ground_truth` — or plain `{"question", "answer"}`), or
+    `arithmetic` (tiny_rl: the 169 facts a * b =, a, b < 13, as byte tokens).
+    """
+
+    task: Literal["prompts", "arithmetic"] = "prompts"
+    prompts: str | None = None
+    tokenizer: str | None = None  # local tokenizer directory or "qwen" (task prompts)
+    chat_template: str | None = None  # "qwen2.5" or a Jinja file (default: the tokenizer's)
+    dedupe: bool = True  # the published DAPO parquet repeats one block of 17,917 rows 100x
+    max_prompt_tokens: int = 1024  # longer prompts are dropped (counted at start)
+    prompts_per_step: int = 128
+    n: int = 16
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = "math"  # a registered reward (rl/rewards.py): math, exact_integer, ...
+    require_thinking: bool = False  # math: no `</think>` scores 0
+    reward_workers: int = 4  # grading processes (0: in this process, no timeout)
+    reward_timeout: float = 10.0  # seconds per sample
+    divide_by_std: bool = True  # GRPO advantages (false: Dr. GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = (
+        "seq_mean_token_mean"
+    )
+    tis_cap: float | None = 2.0  # truncated importance sampling against rollout logprobs
+    entropy_coef: float = 0.0
+    # DAPO dynamic sampling: groups whose rewards all agree are dropped and more prompts
+    # sampled, up to this many rounds per step; the batch is then topped up with dropped
+    # groups (zero advantage) so every step has the same shape.
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = 3
+    slots: int = 64  # concurrent samples in the rollout engine
+    steps_per_call: int = 32
+    eval_every: int = 0  # pass@1 on the evaluation prompts every N steps (0: never)
+    eval_prompts: str | None = None  # a prompt file (default: the task's own prompts)
+    eval_n: int = 4
+    eval_max_prompts: int = 256
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "n", "max_new_tokens", "slots", "steps_per_call"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n < 2:
+            raise ValueError("n must be >= 2: GRPO normalises rewards within each group")
+        if self.task == "prompts" and self.prompts is None:
+            raise ValueError("task=prompts needs `prompts` (a JSONL or Parquet file)")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     train: TrainConfig
@@ -191,6 +249,7 @@ class RunConfig:
     fp8: FP8Config = FP8Config()
     parallel: ParallelConfig = ParallelConfig()
     logging: LoggingConfig = LoggingConfig()
+    rl: RLConfig | None = None  # python -m infir2_jax.rl
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe values (tuples become lists)."""

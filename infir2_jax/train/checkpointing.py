@@ -64,11 +64,12 @@ class TrainCheckpointer:
         self,
         state: TrainState,
         model_cfg: ModelConfig,
-        data: grain.DatasetIterator,
+        data: grain.DatasetIterator | None,
         meta: dict[str, Any],
     ) -> bool:
         """Saves this step (the caller decides when; see `due`) with `meta` (JSON: counters,
-        the schedule) in its `meta` item; returns whether it started."""
+        the schedule, an objective's own position) in its `meta` item, and the grain
+        iterator's position if there is one; returns whether it started."""
         step = int(state.step)
         # The cadence is decided by the caller (Orbax's own interval logic also saves step 1).
         items = {
@@ -78,8 +79,9 @@ class TrainCheckpointer:
             META: ocp.args.JsonSave(
                 {"step": step, "nonfinite_streak": int(state.nonfinite_streak), **meta}
             ),
-            DATA: grain.checkpoint.CheckpointSave(_IteratorSnapshot(data)),
         }
+        if data is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data))
         if state.fp8:
             items[FP8_STATE] = ocp.args.StandardSave(state.fp8)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=True)

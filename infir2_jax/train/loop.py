@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
@@ -11,38 +10,18 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
-from flax import traverse_util
 
-from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
-from infir2_jax.config import ConfigError, RunConfig, dump_config
+from infir2_jax.config import ConfigError, RunConfig
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
-from infir2_jax.fp8 import make_gemm
 from infir2_jax.kernels.cudnn_attention import max_runs
 from infir2_jax.model.attention_impl import run_attention
-from infir2_jax.parallel import describe, make_layout
-from infir2_jax.pretrained import load_params, read_config
+from infir2_jax.parallel import describe
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
-from infir2_jax.train.optimizer import (
-    learning_rate_schedule,
-    make_optimizer,
-    schedule_change,
-    schedule_settings,
-)
-from infir2_jax.train.sharding import (
-    check_layout,
-    jit_eval_step,
-    jit_train_step,
-    state_shardings,
-    with_shardings,
-)
-from infir2_jax.train.state import (
-    ModelParts,
-    Params,
-    init_state,
-    new_state,
-    split_model,
-)
+from infir2_jax.train.optimizer import schedule_change, schedule_settings
+from infir2_jax.train.setup import prepare, start_state
+from infir2_jax.train.sharding import jit_eval_step, jit_train_step
+from infir2_jax.train.state import split_model
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
 
 
@@ -55,69 +34,7 @@ def _check_streak(streak: int, step: int, cfg: RunConfig, checkpointer: TrainChe
         )
 
 
-def _check_run_model(checkpoints: Path, step: int | None, cfg: RunConfig) -> None:
-    """A run directory is tied to its model once it holds a checkpoint (not before: a run
-    that died before saving anything leaves nothing to continue)."""
-    if step is None:
-        return
-    step_dir = checkpoints / str(step)
-    previous = read_config(step_dir)
-    mismatch = cfg.model.architecture_mismatch(previous)
-    if mismatch:
-        raise ConfigError(
-            f"{step_dir}: this run directory holds a model with {mismatch}="
-            f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
-            f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
-        )
-
-
-def _initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings):
-    """The step-0 state, created directly sharded: random parameters are generated on the
-    devices that own them (inside jit, sharding-invariant random bits); `train.init_from`
-    weights go from host memory straight to their shards."""
-    if cfg.train.init_from is None:
-        init = functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
-        return jax.jit(init, out_shardings=shardings)()
-    params, fp8 = _pretrained_params(cfg, parts)
-    params = jax.device_put(params, shardings.params)
-    return jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=shardings)(params, fp8)
-
-
-def _pretrained_params(cfg: RunConfig, parts: ModelParts) -> tuple[Params, dict]:
-    """(params, zeroed FP8 histories) from `train.init_from`, as host arrays."""
-    source = cfg.train.init_from
-    mismatch = cfg.model.architecture_mismatch(read_config(source))
-    if mismatch:
-        raise ConfigError(
-            f"train.init_from: {source} has a different {mismatch} than model.{mismatch}="
-            f"{getattr(cfg.model, mismatch)}"
-        )
-    fp8 = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), parts.fp8)
-    return traverse_util.unflatten_dict(dict(load_params(source, cfg.model))), fp8
-
-
 MODEL_INPUTS = ("input_ids", "labels", "loss_mask", "positions", "segment_ids")
-
-
-def _resume_source(cfg: RunConfig) -> tuple[Path, int]:
-    """(checkpoints root, step) of `train.resume_from`, checked to be a compatible training
-    checkpoint."""
-    try:
-        step_dir = resolve_checkpoint_dir(cfg.train.resume_from)
-    except FileNotFoundError as e:
-        raise ConfigError(f"train.resume_from: {e}") from None
-    if not (step_dir / "opt_state").is_dir():
-        raise ConfigError(
-            f"train.resume_from: {step_dir} holds weights but no optimizer state (a converted "
-            "model, not a training checkpoint); use train.init_from to start from weights"
-        )
-    mismatch = cfg.model.architecture_mismatch(read_config(step_dir))
-    if mismatch:
-        raise ConfigError(
-            f"train.resume_from: {step_dir} has a different {mismatch} than "
-            f"model.{mismatch}={getattr(cfg.model, mismatch)}"
-        )
-    return step_dir.parent, int(step_dir.name)
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -157,17 +74,12 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) training to `train.steps`; returns the metrics logged by this call."""
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.init_from is not None and cfg.train.resume_from is not None:
-        raise ConfigError("train.init_from and train.resume_from: set one, not both")
-
-    layout = make_layout(cfg.parallel)
-    check_layout(
-        layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
-    )
+    setup = prepare(cfg)
+    layout, gemm, optimizer, schedule, parts = (
+        setup.layout, setup.gemm, setup.optimizer, setup.schedule, setup.parts,
+    )  # fmt: skip
+    state_sharding = setup.state_sharding
     try:
-        gemm = make_gemm(cfg.fp8)
-        gemm.layer_mask(cfg.model.num_layers)
-        schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         attention = run_attention(
             cfg.model, seq_len=cfg.train.seq_len, context=layout.size("context")
         )
@@ -184,39 +96,8 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     )
     data = pipeline.train_iterator()
     eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    parts = split_model(cfg.model, gemm)
-
-    abstract = jax.eval_shape(
-        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
-    )
-    state_sharding = state_shardings(layout, parts, optimizer, abstract)
-    abstract = with_shardings(abstract, state_sharding)
-
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
-    start = checkpointer.latest_step()
-    _check_run_model(checkpointer.directory, start, cfg)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    meta: dict[str, Any] = {}
-    resumed = start is not None
-    if resumed:
-        state, meta = checkpointer.restore(start, abstract, data)
-        print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
-    elif cfg.train.resume_from is not None:
-        root, start = _resume_source(cfg)
-        source = TrainCheckpointer(root, cfg.checkpoint, read_only=True)
-        state, meta = source.restore(start, abstract, data if cfg.train.resume_data else None)
-        source.close()
-        position = "its data position" if cfg.train.resume_data else "fresh data order"
-        print(
-            f"continuing {root / str(start)} (weights, optimizer and FP8 state, {position}) "
-            "with this config's schedule",
-            file=out,
-            flush=True,
-        )
-    else:
-        start = 0
-        state = _initial_state(cfg, gemm, parts, optimizer, state_sharding)
+    state, start, meta, resumed = start_state(cfg, setup, checkpointer, data, out)
     schedule_meta = schedule_settings(cfg.optim, cfg.train.steps)
     change = schedule_change(meta.get(SCHEDULE_META), schedule_meta, start)
     if change:  # expected for a decay run (resume_from); a surprise when re-running a run

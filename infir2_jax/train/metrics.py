@@ -132,7 +132,11 @@ class MetricsLogger:
             flush=True,
         )
 
-    def log(self, step: int, metrics: dict[str, Any], tokens_per_sec: float) -> None:
+    def log(
+        self, step: int, metrics: dict[str, Any], tokens_per_sec: float, show: tuple = ()
+    ) -> None:
+        """One step: every metric to the files and sinks; the console line shows loss, LR,
+        gradient norm, throughput and ETA, plus the metrics named in `show`."""
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         record["tokens_per_sec"] = tokens_per_sec
         self._record(step, {k: v for k, v in record.items() if k != "step"})
@@ -152,9 +156,10 @@ class MetricsLogger:
                 f" | over-long: {int(record.get('truncated_samples', 0))} truncated, "
                 f"{int(record.get('dropped_samples', 0))} dropped"
             )
+        extra = "".join(f" | {k} {record[k]:.4g}" for k in show if k in record)
         print(
             f"step {step:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
-            f"lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f} | "
+            f"lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f}{extra} | "
             f"{_rate(tokens_per_sec)} tok/s | ETA {eta_text}{overlong}{skipped}",
             file=self.out,
             flush=True,

@@ -15,11 +15,13 @@ from jax.sharding import NamedSharding
 from infir2_jax.config import ConfigError
 from infir2_jax.parallel.rules import Layout
 from infir2_jax.train.state import (
+    LossFn,
     ModelParts,
     Params,
     TrainState,
     make_eval_step,
     make_train_step,
+    next_token_loss,
 )
 
 
@@ -81,10 +83,12 @@ def jit_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     micro_batches: int,
+    loss_fn: LossFn = next_token_loss,
 ):
-    """The train step jitted for the mesh: explicit state/batch shardings, state donated."""
+    """The train step of `loss_fn` jitted for the mesh: explicit state/batch shardings, state
+    donated."""
     return jax.jit(
-        make_train_step(parts, optimizer, schedule, micro_batches, layout),
+        make_train_step(parts, optimizer, schedule, micro_batches, layout, loss_fn),
         in_shardings=(shardings, layout.batch_sharding()),
         out_shardings=(shardings, layout.replicated()),
         donate_argnums=0,

@@ -1,0 +1,167 @@
+"""Set-up shared by every training objective (train/loop.py, rl/loop.py): the mesh, the FP8
+policy and optimizer, the sharded train state — random, from `train.init_from` weights, from
+another run's checkpoint (`train.resume_from`) or resumed from this run's own latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+
+from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
+from infir2_jax.config import ConfigError, RunConfig, dump_config
+from infir2_jax.fp8 import Gemm, make_gemm
+from infir2_jax.parallel import make_layout
+from infir2_jax.parallel.rules import Layout
+from infir2_jax.pretrained import load_params, read_config
+from infir2_jax.train.checkpointing import TrainCheckpointer
+from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from infir2_jax.train.sharding import check_layout, state_shardings, with_shardings
+from infir2_jax.train.state import (
+    ModelParts,
+    Params,
+    TrainState,
+    init_state,
+    new_state,
+    split_model,
+)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run needs before its first step."""
+
+    layout: Layout
+    gemm: Gemm
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    parts: ModelParts
+    state_sharding: TrainState  # of NamedShardings
+    abstract: TrainState  # ShapeDtypeStructs carrying those shardings
+
+
+def prepare(cfg: RunConfig) -> Setup:
+    """Mesh, GEMM policy, optimizer and schedule, model parts and state shardings; config
+    errors (a mesh that does not fit, an FP8 layer list) raise ConfigError."""
+    layout = make_layout(cfg.parallel)
+    check_layout(
+        layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
+    )
+    try:
+        gemm = make_gemm(cfg.fp8)
+        gemm.layer_mask(cfg.model.num_layers)
+        schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    parts = split_model(cfg.model, gemm)
+    abstract = jax.eval_shape(
+        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
+    )
+    sharding = state_shardings(layout, parts, optimizer, abstract)
+    return Setup(
+        layout, gemm, optimizer, schedule, parts, sharding, with_shardings(abstract, sharding)
+    )
+
+
+def start_state(
+    cfg: RunConfig, setup: Setup, checkpointer: TrainCheckpointer, data, out: TextIO
+) -> tuple[TrainState, int, dict[str, Any], bool]:
+    """(state, first step, checkpoint meta, resumed from this run's own checkpoint): this
+    run's latest checkpoint if any, else `train.resume_from`, else step 0 (random or
+    `train.init_from`). `data` (a grain iterator, or None for objectives without one) is moved
+    to the saved position. Writes the resolved config to the run directory."""
+    run_dir = Path(cfg.train.run_dir)
+    if cfg.train.init_from is not None and cfg.train.resume_from is not None:
+        raise ConfigError("train.init_from and train.resume_from: set one, not both")
+    start = checkpointer.latest_step()
+    check_run_model(checkpointer.directory, start, cfg)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if start is not None:
+        state, meta = checkpointer.restore(start, setup.abstract, data)
+        print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
+        return state, start, meta, True
+    if cfg.train.resume_from is not None:
+        root, start = resume_source(cfg)
+        source = TrainCheckpointer(root, cfg.checkpoint, read_only=True)
+        state, meta = source.restore(start, setup.abstract, data if cfg.train.resume_data else None)
+        source.close()
+        position = "its data position" if cfg.train.resume_data else "fresh data order"
+        print(
+            f"continuing {root / str(start)} (weights, optimizer and FP8 state, {position}) "
+            "with this config's schedule",
+            file=out,
+            flush=True,
+        )
+        return state, start, meta, False
+    state = initial_state(cfg, setup.gemm, setup.parts, setup.optimizer, setup.state_sharding)
+    return state, 0, {}, False
+
+
+def check_run_model(checkpoints: Path, step: int | None, cfg: RunConfig) -> None:
+    """A run directory is tied to its model once it holds a checkpoint (not before: a run
+    that died before saving anything leaves nothing to continue)."""
+    if step is None:
+        return
+    step_dir = checkpoints / str(step)
+    previous = read_config(step_dir)
+    mismatch = cfg.model.architecture_mismatch(previous)
+    if mismatch:
+        raise ConfigError(
+            f"{step_dir}: this run directory holds a model with {mismatch}="
+            f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
+            f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
+        )
+
+
+def initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings):
+    """The step-0 state, created directly sharded: random parameters are generated on the
+    devices that own them (inside jit, sharding-invariant random bits); `train.init_from`
+    weights go from host memory straight to their shards."""
+    if cfg.train.init_from is None:
+        init = functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
+        return jax.jit(init, out_shardings=shardings)()
+    params, fp8 = pretrained_params(cfg, parts)
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(lambda p, f: init_state(p, f, optimizer), out_shardings=shardings)(params, fp8)
+
+
+def pretrained_params(cfg: RunConfig, parts: ModelParts) -> tuple[Params, dict]:
+    """(params, zeroed FP8 histories) from `train.init_from`, as host arrays."""
+    source = cfg.train.init_from
+    mismatch = cfg.model.architecture_mismatch(read_config(source))
+    if mismatch:
+        raise ConfigError(
+            f"train.init_from: {source} has a different {mismatch} than model.{mismatch}="
+            f"{getattr(cfg.model, mismatch)}"
+        )
+    fp8 = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), parts.fp8)
+    return traverse_util.unflatten_dict(dict(load_params(source, cfg.model))), fp8
+
+
+def resume_source(cfg: RunConfig) -> tuple[Path, int]:
+    """(checkpoints root, step) of `train.resume_from`, checked to be a compatible training
+    checkpoint."""
+    try:
+        step_dir = resolve_checkpoint_dir(cfg.train.resume_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.resume_from: {e}") from None
+    if not (step_dir / "opt_state").is_dir():
+        raise ConfigError(
+            f"train.resume_from: {step_dir} holds weights but no optimizer state (a converted "
+            "model, not a training checkpoint); use train.init_from to start from weights"
+        )
+    mismatch = cfg.model.architecture_mismatch(read_config(step_dir))
+    if mismatch:
+        raise ConfigError(
+            f"train.resume_from: {step_dir} has a different {mismatch} than "
+            f"model.{mismatch}={getattr(cfg.model, mismatch)}"
+        )
+    return step_dir.parent, int(step_dir.name)
