@@ -224,10 +224,16 @@ class RLConfig:
     max_sampling_rounds: int = 3
     slots: int = 64  # concurrent samples in the rollout engine
     steps_per_call: int = 32
+    # A plain {"question", "answer"} record becomes this user turn ("{question}" replaced).
+    question_template: str = "{question}"
     eval_every: int = 0  # pass@1 on the evaluation prompts every N steps (0: never)
-    eval_prompts: str | None = None  # a prompt file (default: the task's own prompts)
+    # A prompt file, or a bundled set ("aime24"); default: the task's own prompts.
+    eval_prompts: str | None = None
     eval_n: int = 4
     eval_max_prompts: int = 256
+    eval_temperature: float | None = None  # unset: the rollouts' settings
+    eval_top_p: float | None = None
+    eval_max_new_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("prompts_per_step", "n", "max_new_tokens", "slots", "steps_per_call"):

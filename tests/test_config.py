@@ -28,6 +28,7 @@ def test_all_configs_parse_and_round_trip():
     assert {
         "tiny_cpt", "tiny_sft", "cpt_7b", "cpt_7b_decay", "cpt_1p5b", "cpt_1p5b_decay",
         "sft_7b_stage1", "sft_7b_stage2", "sft_1p5b_stage1", "sft_1p5b_stage2",
+        "tiny_rl", "rl_7b_stage1", "rl_7b_stage2", "rl_1p5b_stage1", "rl_1p5b_stage2",
     } <= set(names)  # fmt: skip
     for name in names:
         cfg = load_config(name)
@@ -133,3 +134,24 @@ def test_cli_exits_nonzero_naming_the_key(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode == 2 and "no_such_config" in r.stderr
+
+
+@pytest.mark.parametrize("size", ["7b", "1p5b"])
+def test_rl_recipe_configs(size):
+    """docs/recipe.md "RL": 128 x 16 samples, 384 prompts at most, 8K then 16K tokens at
+    temperature 1.0 then 1.1, clip 0.2 / 0.28, TIS cap 2, LR 1e-6, betas (0.9, 0.98)."""
+    for stage, tokens, temperature in ((1, 8192, 1.0), (2, 16384, 1.1)):
+        cfg = load_config(f"rl_{size}_stage{stage}")
+        rl = cfg.rl
+        assert (rl.prompts_per_step, rl.n, rl.prompts_per_step * rl.max_sampling_rounds) == (
+            128, 16, 384,
+        )  # fmt: skip
+        assert (rl.max_new_tokens, rl.temperature) == (tokens, temperature)
+        assert (rl.clip_low, rl.clip_high, rl.tis_cap, rl.reward) == (0.2, 0.28, 2.0, "math")
+        assert (cfg.optim.lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay) == (
+            1e-6, 0.9, 0.98, 0.1,
+        )  # fmt: skip
+        assert cfg.optim.decay_style == "constant" and cfg.fp8.recipe == "blockwise"
+        assert not cfg.fp8.power_of_two_scales and cfg.parallel.tensor == 4
+        assert cfg.train.seq_len >= rl.max_prompt_tokens + rl.max_new_tokens
+        assert (rl.eval_prompts, rl.eval_every, rl.eval_n, rl.eval_top_p) == ("aime24", 20, 16, 0.7)

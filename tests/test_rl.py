@@ -339,3 +339,51 @@ def test_one_grpo_step_moves_probability_towards_positive_advantages():
     moved = sample_logprobs(new_state.params) - sample_logprobs(params)
     flat = adv.reshape(-1)
     assert np.all(moved[flat > 0] > 0) and np.all(moved[flat < 0] < 0), (moved, flat)
+
+
+# ------------------------------------------------------------------------------ prompt sets
+def test_prompt_files_in_dapo_and_question_layouts(tmp_path, qwen_tokenizer_dir):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from infir2_jax.data.records import DataError
+    from infir2_jax.data.tokenizer import load_tokenizer
+    from infir2_jax.rl.prompts import PromptOrder, load_prompts
+
+    tokenizer = load_tokenizer(str(qwen_tokenizer_dir), "qwen2.5")
+    dapo = [
+        {"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+         "reward_model": {"ground_truth": str(i + 1), "style": "rule"}}
+        for i in range(3)
+    ]  # fmt: skip
+    rows = dapo * 4 + [{"prompt": [{"role": "user", "content": "x " * 3000}],
+                         "reward_model": {"ground_truth": "1"}}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "dapo.parquet")
+    got = load_prompts(tmp_path / "dapo.parquet", tokenizer, dedupe=True, max_tokens=256)
+    assert (len(got), got.duplicates, got.too_long) == (3, 9, 1)
+    assert [p.label for p in got.prompts] == ["1", "2", "3"]
+    text = tokenizer.decode(list(got.prompts[0].ids))
+    assert text.endswith("What is 0 + 1?<|im_end|>\n<|im_start|>assistant\n")
+    assert (
+        len(load_prompts(tmp_path / "dapo.parquet", tokenizer, dedupe=False, max_tokens=256)) == 12
+    )
+
+    aime = load_prompts("aime24", tokenizer, dedupe=True, max_tokens=4096,
+                        question_template="{question}\nPut the answer in \\boxed{}.")  # fmt: skip
+    assert len(aime) == 30 and all(p.label.isdigit() for p in aime.prompts)
+    assert "Put the answer in \\boxed{}.<|im_end|>" in tokenizer.decode(list(aime.prompts[0].ids))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"question": "q", "answer": "1"}) + "\n" + json.dumps({"x": 1}) + "\n"
+    )
+    with pytest.raises(DataError, match="bad.jsonl line 2: expected DAPO's layout"):
+        load_prompts(bad, tokenizer, dedupe=True, max_tokens=64)
+
+    order = PromptOrder(5, seed=3)
+    first = order.take(7)
+    assert sorted(first[:5]) == [0, 1, 2, 3, 4]  # an epoch is a permutation
+    resumed = PromptOrder(5, seed=3, position=4)
+    assert resumed.take(3) == first[4:7]

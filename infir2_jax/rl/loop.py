@@ -67,7 +67,10 @@ def _task(cfg: RunConfig) -> _Task:
     tokenizer = load_tokenizer(rl.tokenizer, rl.chat_template)
 
     def read(path):
-        return load_prompts(path, tokenizer, dedupe=rl.dedupe, max_tokens=rl.max_prompt_tokens)
+        return load_prompts(
+            path, tokenizer, dedupe=rl.dedupe, max_tokens=rl.max_prompt_tokens,
+            question_template=rl.question_template,
+        )  # fmt: skip
 
     prompts = read(rl.prompts)
     evaluation = read(rl.eval_prompts) if rl.eval_prompts else prompts
@@ -107,11 +110,19 @@ class _Grader:
             self.pool.close()
 
 
-def _sampling(cfg: RunConfig, task: _Task, seed: int, n: int) -> SamplingParams:
+def _sampling(
+    cfg: RunConfig, task: _Task, seed: int, n: int, evaluation: bool = False
+) -> SamplingParams:
     rl = cfg.rl
+
+    def pick(eval_value, value):
+        return value if not evaluation or eval_value is None else eval_value
+
     return SamplingParams(
-        temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens, n=n,
-        seed=seed % 2**31, stop_token_ids=task.stop_ids,
+        temperature=pick(rl.eval_temperature, rl.temperature),
+        top_p=pick(rl.eval_top_p, rl.top_p),
+        max_new_tokens=pick(rl.eval_max_new_tokens, rl.max_new_tokens),
+        n=n, seed=seed % 2**31, stop_token_ids=task.stop_ids,
     )  # fmt: skip
 
 
@@ -128,7 +139,7 @@ def _rollout_round(engine, task, grader, cfg, indices, seed):
 def _evaluate(engine, task, grader, cfg, step) -> dict[str, float]:
     """pass@1 averaged over `rl.eval_n` samples per prompt (the first `eval_max_prompts`)."""
     prompts = task.eval_prompts.prompts[: cfg.rl.eval_max_prompts]
-    sampling = _sampling(cfg, task, 1_000_003 * (step + 1), cfg.rl.eval_n)
+    sampling = _sampling(cfg, task, 1_000_003 * (step + 1), cfg.rl.eval_n, evaluation=True)
     results = engine.generate([p.ids for p in prompts], sampling)
     texts = [task.decode(c.output_ids) for per in results for c in per]
     labels = [p.label for p in prompts for _ in range(cfg.rl.eval_n)]
@@ -180,7 +191,8 @@ def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     engine = Engine(
         cfg.model, state.params, gemm=setup.gemm,
         layout=Layout(setup.layout.mesh, DECODE_RULES, "decode"), slots=rl.slots,
-        steps_per_call=rl.steps_per_call, max_len=longest + rl.max_new_tokens,
+        steps_per_call=rl.steps_per_call,
+        max_len=longest + max(rl.max_new_tokens, rl.eval_max_new_tokens or 0),
     )  # fmt: skip
     grader = _Grader(cfg)
     print(f"mesh: {describe(setup.layout)}", file=out, flush=True)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from infir2_jax.data import synthetic
+from infir2_jax.data.bundled import BUNDLED, bundled_path
 from infir2_jax.data.chat import check_turns
 from infir2_jax.data.records import DataError
 
@@ -68,7 +69,7 @@ def _records(path: Path):
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
 
 
-def _messages_and_label(record: Any, where: str) -> tuple[list[dict], str]:
+def _messages_and_label(record: Any, where: str, template: str) -> tuple[list[dict], str]:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object")
     if "prompt" in record and isinstance(record.get("reward_model"), dict):
@@ -77,7 +78,8 @@ def _messages_and_label(record: Any, where: str) -> tuple[list[dict], str]:
             messages = [{"role": "user", "content": messages}]
         label = record["reward_model"].get("ground_truth")
     elif "question" in record and "answer" in record:
-        messages = [{"role": "user", "content": record["question"]}]
+        content = template.replace("{question}", str(record["question"]))
+        messages = [{"role": "user", "content": content}]
         label = record["answer"]
     else:
         raise DataError(
@@ -90,15 +92,26 @@ def _messages_and_label(record: Any, where: str) -> tuple[list[dict], str]:
     return messages, str(label)
 
 
-def load_prompts(path: str | Path, tokenizer, *, dedupe: bool, max_tokens: int) -> PromptSet:
-    """Every prompt of the file, rendered and tokenized (see the module docstring)."""
+def load_prompts(
+    path: str | Path,
+    tokenizer,
+    *,
+    dedupe: bool,
+    max_tokens: int,
+    question_template: str = "{question}",
+) -> PromptSet:
+    """Every prompt of the file (or bundled set, e.g. "aime24"), rendered and tokenized (see
+    the module docstring); `question_template` makes a plain question a user turn."""
     if tokenizer is None:
         raise DataError("rl.tokenizer: prompt files need a tokenizer (a directory or `qwen`)")
     if not tokenizer.chat_template:
         raise DataError("rl.chat_template: the tokenizer has no chat template; set one")
     out, seen, duplicates, too_long = [], set(), 0, 0
-    for where, record in _records(Path(path)):
-        messages, label = _messages_and_label(record, where)
+    path = Path(path)
+    if not path.is_file() and str(path) in BUNDLED:
+        path = bundled_path(str(path))
+    for where, record in _records(path):
+        messages, label = _messages_and_label(record, where, question_template)
         key = (json.dumps(messages, sort_keys=True), label)
         if dedupe and key in seen:
             duplicates += 1
