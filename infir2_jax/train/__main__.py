@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 
-from infir2_jax.checkpoint import CheckpointError
-from infir2_jax.config import ConfigError, load_config
-from infir2_jax.data import DataError
-from infir2_jax.parallel.distributed import DistributedError, initialize
+from infir2_jax.train.cli import run_command
 from infir2_jax.train.loop import train
-from infir2_jax.train.stopping import NonFiniteLoss, Preempted
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infir2_jax.train", description=__doc__)
-    parser.add_argument("--config", required=True, help="a name in configs/ or a YAML path")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set train.steps=60",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        how = initialize()
-        print(f"processes: {how}", flush=True)
-        train(cfg)
-    except (ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except Preempted:
-        return 128 + signal.SIGTERM  # the conventional status of a SIGTERM'd job
-    return 0
+    return run_command("python -m infir2_jax.train", __doc__, train, argv)
 
 
 if __name__ == "__main__":
