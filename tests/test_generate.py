@@ -501,3 +501,24 @@ def test_cli_on_two_devices_with_tensor_parallelism_equals_one_device(tmp_path):
     assert [x["output_ids"] for x in one] == [x["output_ids"] for x in two]
     for a, b in zip(one, two, strict=True):
         np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)
+
+
+def test_stale_cache_entries_never_reach_a_new_sample():
+    """A slot reused by a new prompt: whatever an earlier sample left beyond the new one's
+    length (here random values) changes nothing, and non-finite K/V are never stored."""
+    from flax import nnx
+
+    from infir2_jax.model import preset
+
+    cfg = preset("tiny").replace(dtype="float32", remat="none")
+    model = Qwen2(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6)))
+    _, k, v = model.prefill(ids, jnp.array([6]))
+    fresh = KVCache.zeros(cfg, 2, 16)
+    stale = KVCache(*(jax.random.normal(jax.random.PRNGKey(i), fresh.k.shape) for i in (1, 2)))
+    rows = (jnp.array([0]), jnp.array([1]))
+    a, _ = model.decode(fresh.insert(k, v, *rows), jnp.array([3, 3]), jnp.array([0, 6]))
+    b, _ = model.decode(stale.insert(k, v, *rows), jnp.array([3, 3]), jnp.array([0, 6]))
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    poisoned = fresh.insert(k.at[0, 0, 2].set(jnp.nan), v.at[0, 0, 3].set(jnp.inf), *rows)
+    assert bool(jnp.all(jnp.isfinite(poisoned.k)) & jnp.all(jnp.isfinite(poisoned.v)))

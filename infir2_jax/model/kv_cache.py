@@ -50,7 +50,7 @@ class KVCache(NamedTuple):
         prompt = k.shape[2]
 
         def put(cache, new):
-            rows = jnp.take(new, sources, axis=1).swapaxes(2, 3).astype(cache.dtype)
+            rows = _finite(jnp.take(new, sources, axis=1).swapaxes(2, 3).astype(cache.dtype))
             updated = cache.at[:, targets, :, :prompt].set(rows, mode="drop")
             return constrain(updated, self.AXES)
 
@@ -64,11 +64,17 @@ class KVCache(NamedTuple):
 
         def put(cache, new):
             # Indices split by a slice put their dimension first: new as [slots, layers, ...].
-            new = new.swapaxes(0, 1).astype(cache.dtype)
+            new = _finite(new.swapaxes(0, 1).astype(cache.dtype))
             updated = cache.at[:, rows, :, positions].set(new, mode="drop")
             return constrain(updated, self.AXES)
 
         return KVCache(put(self.k, k), put(self.v, v))
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    """Non-finite entries as 0: a sample that produced them is broken anyway, but what it
+    leaves in its slot must not poison the next sample there (0 · NaN = NaN)."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 def decode_attention(
@@ -104,8 +110,9 @@ def decode_attention(
     top = jnp.maximum(jnp.max(cached, axis=-1), own)  # finite: own is always visible
     p_cached, p_own = jnp.exp(cached - top[..., None]), jnp.exp(own - top)
     total = jnp.sum(p_cached, axis=-1) + p_own
-    # Masked, not only zero-weighted: a stale non-finite value (0 · inf = NaN) must not leak.
-    weighted = p_cached[..., None] * cached_v[:, :, None].astype(f32)
-    out = jnp.sum(jnp.where(visible[:, None, None, :, None], weighted, 0.0), axis=3)
+    # Masked positions weigh exactly 0; the cache holds only finite values (`_finite`), so a
+    # stale entry adds nothing. (Masking the values here as well broke the fusion: XLA:GPU
+    # then copied each layer's V out of the cache every step.)
+    out = jnp.sum(p_cached[..., None] * cached_v[:, :, None].astype(f32), axis=3)
     out = (out + p_own[..., None] * v[:, 0, :, None, :].astype(f32)) / total[..., None]
     return out.reshape(slots, 1, heads, dim).astype(q.dtype)
