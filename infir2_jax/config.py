@@ -182,6 +182,33 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Where RL's rollouts come from (`rl.rollout.*`, infir2_jax/rl/rollout.py).
+
+    `jax`: the in-process generation engine on the trainer's live parameters (same devices,
+    time-sliced with training; no weight copy). `sglang`: SGLang servers at `sglang_urls`
+    (started next to the job, e.g. by launch/rl_sglang.sbatch); every step the trainer
+    exports its weights (`weights`: bf16, fp32, or fp8_block — InfiR2's block-FP8 checkpoint) to
+    `run_dir/rollout_weights/v<step>/` and the servers reload them from disk.
+    """
+
+    engine: Literal["jax", "sglang"] = "jax"
+    sglang_urls: tuple[str, ...] = ()
+    weights: Literal["bf16", "fp32", "fp8_block"] = "bf16"
+    keep_versions: int = 2  # exported weight versions kept on disk (the newest)
+    timeout: float = 3600.0  # seconds per HTTP request (a /generate holds a whole batch)
+    retries: int = 3  # per request, on a connection error or a 5xx answer
+
+    def __post_init__(self):
+        if self.engine == "sglang" and not self.sglang_urls:
+            raise ValueError("rollout.engine=sglang needs rollout.sglang_urls (server addresses)")
+        if self.keep_versions < 1 or self.retries < 0 or self.timeout <= 0:
+            raise ValueError(
+                "rollout: keep_versions >= 1, retries >= 0 and timeout > 0 are required"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class RLConfig:
     """RL: GRPO with DAPO's extras (`python -m infir2_jax.rl`, infir2_jax/rl/).
 
@@ -217,6 +244,21 @@ class RLConfig:
     )
     tis_cap: float | None = 2.0  # truncated importance sampling against rollout logprobs
     entropy_coef: float = 0.0
+    # KL to a frozen reference (the initial policy: train.init_from, or the seed's random
+    # init), k1 or k3 estimator; 0: off (InfiR2), and no reference is held.
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    # Optimizer updates per rollout batch: `ppo_epochs` passes over it, each in `mini_batches`
+    # slices (strided rows, reshuffled per epoch). With more than one update, the trainer
+    # recomputes the "old" log-probabilities before the first.
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    # Truncated responses (max_new_tokens reached): `filter` leaves them out of the loss
+    # (DAPO's overlong filtering); `penalty` adds DAPO's soft overlong punishment to the
+    # reward: 0 up to max_new_tokens - overlong_buffer tokens, then falling linearly to -1 at
+    # max_new_tokens.
+    overlong: Literal["none", "filter", "penalty"] = "none"
+    overlong_buffer: int = 0
     # DAPO dynamic sampling: groups whose rewards all agree are dropped and more prompts
     # sampled, up to this many rounds per step; the batch is then topped up with dropped
     # groups (zero advantage) so every step has the same shape.
@@ -234,15 +276,30 @@ class RLConfig:
     eval_temperature: float | None = None  # unset: the rollouts' settings
     eval_top_p: float | None = None
     eval_max_new_tokens: int | None = None
+    rollout: RolloutConfig = RolloutConfig()
 
     def __post_init__(self):
-        for name in ("prompts_per_step", "n", "max_new_tokens", "slots", "steps_per_call"):
+        for name in (
+            "prompts_per_step", "n", "max_new_tokens", "slots", "steps_per_call", "ppo_epochs",
+            "mini_batches",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n < 2:
             raise ValueError("n must be >= 2: GRPO normalises rewards within each group")
         if self.task == "prompts" and self.prompts is None:
             raise ValueError("task=prompts needs `prompts` (a JSONL or Parquet file)")
+        if self.overlong == "penalty" and not 0 < self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(
+                f"overlong=penalty needs 0 < overlong_buffer <= max_new_tokens "
+                f"({self.max_new_tokens}), got {self.overlong_buffer}"
+            )
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.ppo_epochs * self.mini_batches
 
 
 @dataclasses.dataclass(frozen=True)

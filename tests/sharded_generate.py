@@ -73,6 +73,36 @@ def _fp8_block(layout, prompts) -> dict:
     }
 
 
+def _rl_rollouts_under_context_parallelism(model, prompts) -> dict:
+    """RL's JAX rollout engine on a training mesh data 2 × tensor 2 × context 2: the context
+    ranks become extra data-parallel slots, the trainer's sharded parameters are resharded to
+    the engine (no host copy), and greedy output equals one device's."""
+    import dataclasses
+
+    from infir2_jax.config import load_config
+    from infir2_jax.rl.rollout import JaxRollout
+    from infir2_jax.train.setup import prepare
+
+    sets = ["train.init_from=null", "train.seq_len=64", "train.batch_size=8", "rl.slots=8"]
+    sets += ["parallel.data=2", "parallel.tensor=2", "parallel.context=2"]
+    cfg = dataclasses.replace(load_config("tiny_rl", sets), model=model.config)
+    setup = prepare(cfg)
+    params = jax.device_put(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)), setup.state_sharding.params
+    )
+    rollout = JaxRollout(cfg, setup, params, max_len=64)
+    rollout.sync(params, 1)
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    one = Engine.from_model(model, slots=4).generate(prompts, greedy)
+    many = rollout.generate(prompts, greedy)
+    mesh = rollout.engine.layout.mesh.shape
+    return {
+        "temperature": "rl_context",
+        "same_ids": all(a[0].output_ids == b[0].output_ids for a, b in zip(one, many, strict=True)),
+        "engine_mesh": dict(mesh),
+    }
+
+
 def main(hf_dir: str, out: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     model = from_pretrained(hf_dir, dtype="float32")
@@ -104,6 +134,7 @@ def main(hf_dir: str, out: str) -> None:
                 "cache": str(sharded_engine._empty_state(64)[0].k.sharding.spec),
             }
         )
+    cases.append(_rl_rollouts_under_context_parallelism(model, prompts))
     cases.append(_fp8_block(layout, prompts))
     with open(out, "w") as f:
         json.dump(cases, f)

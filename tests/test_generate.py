@@ -259,8 +259,10 @@ def test_tensor_by_data_sharded_generation_equals_one_device(tmp_path):
         env=env, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    *cases, fp8 = json.loads(out.read_text())
+    *cases, rl_context, fp8 = json.loads(out.read_text())
     assert [c["temperature"] for c in cases] == [0.0, 1.0]
+    assert rl_context["same_ids"], rl_context
+    assert rl_context["engine_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2, "context": 1}
     for case in cases:
         assert case["same_ids"], case
         assert case["logprobs"] < 1e-5, case

@@ -11,7 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infir2_jax.rl.advantages import DynamicSampler, group_advantages, informative
+from infir2_jax.rl.advantages import (
+    DynamicSampler,
+    group_advantages,
+    informative,
+    overlong_penalty,
+)
 from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
 from infir2_jax.rl.rewards import (
     ExactIntegerReward,
@@ -46,6 +51,35 @@ def test_dynamic_sampling_drops_uninformative_groups_and_refills():
     assert not sampler.needs_more and sampler.batch() == ["b", "d", "f"]
     assert (sampler.offered, sampler.dropped) == (8, 4)
     np.testing.assert_array_equal(informative([[1, 1, 1], [0, 1, 0]]), [False, True])
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    # max 10 tokens, buffer 4: free up to 6, then -1/4 per token, -1 at 10.
+    lengths = np.array([[1, 6, 7, 8], [9, 10, 5, 6]])
+    expected = np.array([[0, 0, -0.25, -0.5], [-0.75, -1.0, 0, 0]])
+    np.testing.assert_allclose(overlong_penalty(lengths, 10, 4), expected)
+    np.testing.assert_allclose(overlong_penalty([10], 10, 10), [-1.0])
+    with pytest.raises(ValueError, match="overlong buffer"):
+        overlong_penalty([1], 10, 0)
+
+
+def test_overlong_filtering_leaves_truncated_samples_out_of_the_batch():
+    from infir2_jax.generate import Completion
+    from infir2_jax.rl.loop import _Collected, _rollouts
+    from infir2_jax.rl.prompts import Prompt
+
+    def completion(s, reason):
+        return Completion(0, s, [5, 6], [-0.1, -0.2], reason)
+
+    group = (Prompt((1, 2), "3"), [completion(0, "stop"), completion(1, "length")])
+    rewards = np.array([[1.0, 0.0]])
+    collected = _Collected([group], rewards, [group], rewards, np.zeros_like(rewards))
+    rl = type("RL", (), {"divide_by_std": True, "overlong": "filter"})
+    kept, filtered = _rollouts(collected, rl)
+    assert filtered == 1 and len(kept) == 1 and kept[0].advantage > 0.99
+    rl.overlong = "none"
+    kept, filtered = _rollouts(collected, rl)
+    assert filtered == 0 and [r.advantage for r in kept] == pytest.approx([1, -1], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------ policy loss

@@ -63,13 +63,23 @@ def test_rl_raises_a_reward_the_model_can_reach(tmp_path):
         assert np.isfinite(last[key])
 
 
+def test_kl_reference_is_the_initial_policy(tmp_path):
+    """At the first update the policy is the reference (KL 0); after it, they part."""
+    history = run(_config(tmp_path / "kl", 2, **{"rl.kl_coef": 0.1}), out=io.StringIO())
+    assert history[0]["kl"] < 1e-6, history[0]["kl"]
+    assert history[1]["kl"] > 1e-4, history[1]["kl"]
+
+
 def test_rl_resumes_exactly(tmp_path):
-    whole = run(_config(tmp_path / "whole", 6), out=io.StringIO())
-    run(_config(tmp_path / "parts", 3), out=io.StringIO())  # a run stopped after step 3
-    resumed = run(_config(tmp_path / "parts", 6), out=io.StringIO())
+    """With several updates per rollout (old logprobs recomputed, shuffled mini-batches) and a
+    KL reference re-created on resume."""
+    ppo = {"rl.ppo_epochs": 2, "rl.mini_batches": 2, "rl.kl_coef": 0.05}
+    whole = run(_config(tmp_path / "whole", 6, **ppo), out=io.StringIO())
+    run(_config(tmp_path / "parts", 3, **ppo), out=io.StringIO())  # a run stopped after step 3
+    resumed = run(_config(tmp_path / "parts", 6, **ppo), out=io.StringIO())
     assert [h["step"] for h in resumed] == [4, 5, 6]
     for a, b in zip(whole[3:], resumed, strict=True):
-        for key in ("reward_mean", "loss", "grad_norm", "response_length_mean", "entropy"):
+        for key in ("reward_mean", "loss", "grad_norm", "response_length_mean", "entropy", "kl"):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
     lines = [json.loads(x) for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
@@ -81,6 +91,8 @@ def test_rl_resumes_exactly(tmp_path):
         ({"rl.reward": "nope"}, "rl.reward=nope"),
         ({"rl.n": 1}, "n must be >= 2"),
         ({"train.batch_size": 1}, "train.batch_size=1"),
+        ({"rl.mini_batches": 3}, "rl.mini_batches=3"),
+        ({"rl.overlong": "penalty"}, "overlong_buffer"),
     ],
 )
 def test_rl_bad_settings_are_named(tmp_path, extra, message):

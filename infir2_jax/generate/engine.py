@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from infir2_jax.config import ParallelConfig
@@ -123,6 +124,14 @@ def _sample_keys(seed: jax.Array, index: jax.Array, sample_index: jax.Array) -> 
     )
 
 
+def _fetch(tree):
+    """Device arrays (sharded over slots) whole on the host — on every process, so the host
+    loop runs identically on each (multi-process: an all-gather)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _token_keys(keys: jax.Array, generated: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in)(keys, generated)
 
@@ -178,11 +187,9 @@ class Engine:
             raise ValueError("generate: context parallelism is not supported; use tensor/data")
         self._rows_floor = data
         self._parts = split_model(cfg, gemm)
-        shardings = None if layout is None else param_shardings(layout, self._parts)
-        self._cast = jax.jit(
-            lambda p: jax.tree.map(lambda a: a.astype(cfg.dtype), p), out_shardings=shardings
-        )
-        self.params = self._cast(params)
+        self._shardings = None if layout is None else param_shardings(layout, self._parts)
+        self._cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.dtype), p))
+        self.params = self._placed(params)
         self._insert = self._jit(self._insert_fn, static_argnames=("how",), donate_argnums=(1, 2))
         self._decode = self._jit(
             self._decode_fn, static_argnames=("how", "steps"), donate_argnums=(1, 2)
@@ -198,7 +205,16 @@ class Engine:
 
     def update_params(self, params: Params) -> None:
         """New weights (an RL step): cast and placed like at construction."""
-        self.params = self._cast(params)
+        self.params = self._placed(params)
+
+    def _placed(self, params: Params) -> Params:
+        # Cast where the weights are (e.g. the trainer's mesh, whose device order may differ
+        # from the engine's), then move the compute-dtype copy to the engine's layout.
+        if self._shardings is None:
+            return self._cast(params)
+        if not all(isinstance(a, jax.Array) for a in jax.tree.leaves(params)):
+            params = jax.device_put(params, self._shardings)  # host arrays: straight to shards
+        return jax.device_put(self._cast(params), self._shardings)
 
     # ----------------------------------------------------------------- jitted pieces
     def _jit(self, fn: Callable, **kwargs) -> Callable:
@@ -397,7 +413,7 @@ class _Run:
             eng.params, self.cache, self.slots, prompts, lengths, sources, targets, budgets,
             index, sample_index, np.int32(sampling.seed), self.stop_ids, how=self.how,
         )  # fmt: skip
-        first, logprob, done = jax.device_get((first, logprob, done))
+        first, logprob, done = _fetch((first, logprob, done))
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_tokens += int(lengths[: len(rows)].sum())
         for j, key in enumerate(batch):
@@ -414,7 +430,7 @@ class _Run:
             eng.params, self.cache, self.slots, self.stop_ids, keep, bool(self.waiting),
             how=self.how, steps=eng.steps_per_call,
         )  # fmt: skip
-        tokens, logprobs, active = jax.device_get((tokens, logprobs, self.slots.active))
+        tokens, logprobs, active = _fetch((tokens, logprobs, self.slots.active))
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_calls += 1
         for slot, key in enumerate(self.owner):

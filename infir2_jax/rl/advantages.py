@@ -1,5 +1,6 @@
-"""GRPO advantages and DAPO's dynamic sampling, on the host (numpy): rewards arrive per group
-(the `n` samples of one prompt) from the graders, before any batch is packed.
+"""GRPO advantages and DAPO's dynamic sampling and overlong penalty, on the host (numpy):
+rewards arrive per group (the `n` samples of one prompt) from the graders, before any batch is
+packed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ def group_advantages(
     if divide_by_std:
         centred = centred / (rewards.std(axis=1, keepdims=True) + eps)
     return centred.astype(np.float32)
+
+
+def overlong_penalty(lengths: np.ndarray, max_new_tokens: int, buffer: int) -> np.ndarray:
+    """DAPO's soft overlong punishment, added to the reward: 0 for responses of at most
+    `max_new_tokens - buffer` tokens, then falling linearly to -1 at `max_new_tokens`."""
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"overlong buffer must be in (0, {max_new_tokens}], got {buffer}")
+    lengths = np.asarray(lengths, np.float64)
+    return np.clip((max_new_tokens - buffer - lengths) / buffer, -1.0, 0.0)
 
 
 def informative(rewards: np.ndarray) -> np.ndarray:

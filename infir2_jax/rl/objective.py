@@ -1,11 +1,17 @@
-"""The RL objective for the shared train step (train/state.py: `loss_fn(model, batch)`)."""
+"""The RL objective for the shared train step (train/state.py: `loss_fn(model, batch)`), and
+the log-probabilities it is measured against: the trainer's own before the first update (the
+"old" policy) and a frozen reference's (KL)."""
 
 from __future__ import annotations
 
-import jax
+from collections.abc import Callable
 
+import jax
+from flax import nnx
+
+from infir2_jax.parallel.rules import Layout, activation_layout
 from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
-from infir2_jax.train.state import LossFn
+from infir2_jax.train.state import Batch, LossFn, ModelParts, Params, split_micro_batches
 
 
 def policy_objective(cfg: PolicyLossConfig, num_samples: int, temperature: float) -> LossFn:
@@ -29,3 +35,31 @@ def policy_objective(cfg: PolicyLossConfig, num_samples: int, temperature: float
         )  # fmt: skip
 
     return loss_fn
+
+
+def jit_token_logprobs(
+    parts: ModelParts, layout: Layout, param_sharding: Params, micro_batches: int,
+    temperature: float,
+) -> Callable[[Params, Batch], jax.Array]:  # fmt: skip
+    """`(params, packed batch) -> log p(label)` [rows, seq] at `temperature`, for any
+    parameters shaped like the policy's (its own, or the reference's in the compute dtype),
+    computed in `micro_batches` slices (the train step's strided split) and sharded like the
+    batch. No gradient, nothing updated."""
+
+    def logprobs(params: Params, batch: Batch) -> jax.Array:
+        with activation_layout(layout):
+
+            def one(micro: Batch) -> jax.Array:
+                model = nnx.merge(parts.graphdef, params, parts.fp8, parts.probes)
+                out, _ = model.token_logprobs(
+                    micro["input_ids"], micro["labels"], micro["positions"],
+                    micro["segment_ids"], temperature=temperature,
+                )  # fmt: skip
+                return out
+
+            inputs = {k: batch[k] for k in ("input_ids", "labels", "positions", "segment_ids")}
+            out = jax.lax.map(one, split_micro_batches(inputs, micro_batches))
+            return out.swapaxes(0, 1).reshape(batch["input_ids"].shape)  # undo the split
+
+    data = layout.batch_sharding()
+    return jax.jit(logprobs, in_shardings=(param_sharding, data), out_shardings=data)

@@ -66,18 +66,27 @@ class TrainCheckpointer:
         model_cfg: ModelConfig,
         data: grain.DatasetIterator | None,
         meta: dict[str, Any],
+        step: int | None = None,
     ) -> bool:
         """Saves this step (the caller decides when; see `due`) with `meta` (JSON: counters,
         the schedule, an objective's own position) in its `meta` item, and the grain
-        iterator's position if there is one; returns whether it started."""
-        step = int(state.step)
+        iterator's position if there is one; returns whether it started. `step` names the
+        checkpoint when the run counts steps other than optimizer updates (RL: rollouts);
+        by default it is `state.step`."""
+        updates = int(state.step)
+        step = updates if step is None else step
         # The cadence is decided by the caller (Orbax's own interval logic also saves step 1).
         items = {
             PARAMS: ocp.args.StandardSave(state.params),
             OPT_STATE: ocp.args.StandardSave(state.opt_state),
             MODEL_CONFIG: ocp.args.JsonSave(model_config_to_json(model_cfg)),
             META: ocp.args.JsonSave(
-                {"step": step, "nonfinite_streak": int(state.nonfinite_streak), **meta}
+                {
+                    "step": step,
+                    "updates": updates,
+                    "nonfinite_streak": int(state.nonfinite_streak),
+                    **meta,
+                }
             ),
         }
         if data is not None:
@@ -108,7 +117,7 @@ class TrainCheckpointer:
             return jax.device_put(np.int32(value), like.sharding)
 
         state = TrainState(
-            step=scalar(step, abstract_state.step),
+            step=scalar(restored[META].get("updates", step), abstract_state.step),
             params=restored[PARAMS],
             opt_state=restored[OPT_STATE],
             fp8=restored[FP8_STATE] if abstract_state.fp8 else {},

@@ -130,7 +130,7 @@ def _traced_under(layout: Layout | None):
     return wrap
 
 
-def _split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     # Strided split (row j goes to micro-batch j % M): with the batch sharded over
     # data-parallel devices, every device contributes to every micro-batch.
     return jax.tree.map(
@@ -155,7 +155,7 @@ def make_eval_step(
     @_traced_under(layout)
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
-        micro = _split_micro_batches(batch, micro_batches)
+        micro = split_micro_batches(batch, micro_batches)
 
         def accumulate(carry, micro_batch: Batch):
             t, aux = summed_loss(state.params, probes, state.fp8, micro_batch)
@@ -203,7 +203,7 @@ def make_train_step(
             observed = jax.tree.map(jnp.maximum, observed, o)  # amaxes combine by max
             return (sums, grads, observed), None
 
-        micro = _split_micro_batches(batch, micro_batches)
+        micro = split_micro_batches(batch, micro_batches)
         first = jax.tree.map(lambda x: x[0], micro)
         shapes = jax.eval_shape(summed_loss, state.params, probes, state.fp8, first)
         sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
