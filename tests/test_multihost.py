@@ -1,4 +1,5 @@
-"""Two processes × 4 CPU devices (local coordinator) train exactly like one process × 8."""
+"""Two processes × 4 CPU devices (local coordinator) train, and run RL, exactly like one
+process × 8."""
 
 from __future__ import annotations
 
@@ -26,9 +27,36 @@ OVERRIDES = [
 ]
 
 
-def _train_cmd(run_dir) -> list[str]:
-    sets = [a for o in [*OVERRIDES, f"train.run_dir={run_dir}"] for a in ("--set", o)]
-    return [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt", *sets]
+# RL: rollouts on the training mesh (context ranks decoding as data), old and reference
+# logprobs gathered from every process, two mini-batches per rollout.
+RL_OVERRIDES = [
+    "train.steps=2",
+    "train.init_from=null",
+    "train.batch_size=16",
+    "train.seq_len=64",
+    "model.num_layers=1",
+    "parallel.data=2",
+    "parallel.fsdp=2",
+    "parallel.context=2",
+    "rl.prompts_per_step=8",
+    "rl.n=4",
+    "rl.max_new_tokens=3",
+    "rl.slots=16",
+    "rl.eval_every=2",
+    "rl.eval_max_prompts=8",
+    "rl.mini_batches=2",
+    "rl.kl_coef=0.05",
+    "checkpoint.every=1000",
+]
+
+
+def _train_cmd(run_dir, module="train", config="tiny_cpt", overrides=OVERRIDES) -> list[str]:
+    sets = [a for o in [*overrides, f"train.run_dir={run_dir}"] for a in ("--set", o)]
+    return [sys.executable, "-m", f"infir2_jax.{module}", "--config", config, *sets]
+
+
+def _rl_cmd(run_dir) -> list[str]:
+    return _train_cmd(run_dir, "rl", "tiny_rl", RL_OVERRIDES)
 
 
 def _env(devices: int, **extra) -> dict[str, str]:
@@ -41,19 +69,19 @@ def _env(devices: int, **extra) -> dict[str, str]:
     }
 
 
-def _losses(run_dir) -> list[float]:
+def _losses(run_dir, key="loss") -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    return [json.loads(line)[key] for line in lines if key in json.loads(line)]
 
 
-def test_two_processes_match_one(tmp_path):
+def _two_processes(cmd) -> list[str]:
+    """Runs `cmd` as 2 processes × 4 devices; their outputs."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    multi = tmp_path / "multi"
     procs = [
         subprocess.Popen(
-            _train_cmd(multi),
+            cmd,
             cwd=ROOT,
             env=_env(
                 4,
@@ -71,6 +99,12 @@ def test_two_processes_match_one(tmp_path):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert "process 0/2" in outputs[0] and "process 1/2" in outputs[1]
+    return outputs
+
+
+def test_two_processes_match_one(tmp_path):
+    multi = tmp_path / "multi"
+    outputs = _two_processes(_train_cmd(multi))
     assert "data2 × fsdp2 × tensor2 × context1 (8 devices, 2 processes)" in outputs[0]
 
     single = tmp_path / "single"
@@ -96,3 +130,16 @@ def test_incomplete_explicit_environment_is_an_error():
         )
     assert initialize({}) == "single process"
     assert initialize({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}) == "single process"
+
+
+def test_rl_on_two_processes_matches_one(tmp_path):
+    multi = tmp_path / "multi"
+    outputs = _two_processes(_rl_cmd(multi))
+    assert "data2 × fsdp2 × tensor1 × context2 (8 devices, 2 processes)" in outputs[0]
+    single = tmp_path / "single"
+    r = subprocess.run(_rl_cmd(single), cwd=ROOT, env=_env(8), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for key in ("reward_mean", "loss", "grad_norm", "kl", "eval_reward"):
+        got, want = _losses(multi, key), _losses(single, key)
+        assert len(got) == len(want) > 0, key
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), key
