@@ -11,35 +11,19 @@ heads over two devices (the rest of the devices: data-parallel replicas).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import jax
-from flax import traverse_util
-
 from infir2_jax.checkpoint import CheckpointError
-from infir2_jax.config import (
-    ConfigError,
-    FP8Config,
-    ParallelConfig,
-    parse_assignments,
-    parse_section,
-)
+from infir2_jax.config import ConfigError
 from infir2_jax.data import DataError
-from infir2_jax.data.tokenizer import load_tokenizer
-from infir2_jax.fp8 import make_gemm
-from infir2_jax.generate.engine import Engine, Stats, decode_layout
+from infir2_jax.generate.engine import Stats
+from infir2_jax.generate.loading import find_tokenizer, load_engine, model_config, sections
 from infir2_jax.generate.prompts import read_prompts
 from infir2_jax.generate.sampling import SamplingParams
-from infir2_jax.model import ModelConfig
-from infir2_jax.pretrained import load_params, read_config
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-SECTIONS = ("model", "fp8", "parallel")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,39 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _overrides(assignments: list[str]) -> dict[str, dict]:
-    raw = parse_assignments(assignments)
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"--set {unknown[0]}.*: generation takes {list(SECTIONS)}")
-    return {name: raw.get(name, {}) for name in SECTIONS}
-
-
-def model_config(path: str, overrides: dict) -> ModelConfig:
-    """The checkpoint's config with `model.*` overrides; weights load in `model.dtype`."""
-    try:
-        cfg = read_config(path)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"--model {path}: {e}") from None
-    base = {**dataclasses.asdict(cfg), "dtype": "bfloat16", "remat": "none"}
-    cfg2 = parse_section(ModelConfig, {**base, **overrides}, "model")
-    changed = cfg.architecture_mismatch(cfg2)
-    if changed:
-        raise ConfigError(f"model.{changed}: cannot change the checkpoint's architecture")
-    return cfg2.replace(param_dtype=cfg2.dtype)
-
-
-def _tokenizer(args: argparse.Namespace):
-    path = args.tokenizer
-    if path is None and any((Path(args.model) / f).is_file() for f in TOKENIZER_FILES):
-        path = args.model
-    if path is None:
-        if args.chat_template:
-            raise DataError("--chat-template needs a tokenizer (--tokenizer DIR)")
-        return None
-    return load_tokenizer(path, args.chat_template)
-
-
 def _write_atomically(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -116,17 +67,8 @@ def _write_atomically(path: Path, lines: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> Stats:
-    sections = _overrides(args.set)
-    cfg = model_config(args.model, sections["model"])
-    # SGLang quantizes activations with exact FP32 scales (amax/448 per 1×128 tile): the
-    # default here, unlike training's power-of-two scales.
-    fp8 = parse_section(FP8Config, {"power_of_two_scales": False, **sections["fp8"]}, "fp8")
-    if fp8.recipe not in ("none", "blockwise"):
-        raise ConfigError(f"fp8.recipe={fp8.recipe}: generation takes none or blockwise")
-    parallel = parse_section(ParallelConfig, sections["parallel"], "parallel")
-    if parallel.fsdp != 1 or parallel.context != 1:
-        raise ConfigError("parallel.fsdp / parallel.context: generation uses data × tensor only")
-    tokenizer = _tokenizer(args)
+    tokenizer = find_tokenizer(args.model, args.tokenizer, args.chat_template)
+    cfg = model_config(args.model, sections(args.set)["model"])
     max_len = args.max_len or cfg.max_position_embeddings
     prompts = read_prompts(
         args.prompts, tokenizer, chat=args.chat, vocab_size=cfg.vocab_size, max_len=max_len
@@ -150,15 +92,9 @@ def run(args: argparse.Namespace) -> Stats:
     out = Path(args.out)
     if not out.parent.is_dir() or out.is_dir():
         raise ConfigError(f"--out {out}: not a file path in an existing directory")
-    # A mesh whenever there is more than one device or one was asked for (a mesh that does
-    # not fit the devices is an error, not silently one device).
-    sharded = jax.device_count() > 1 or bool(sections["parallel"])
-    layout = decode_layout(parallel) if sharded else None
-    params = traverse_util.unflatten_dict(load_params(args.model, cfg))
-    engine = Engine(
-        cfg, params, gemm=make_gemm(fp8), layout=layout,
-        slots=args.batch_size, steps_per_call=args.steps_per_call, max_len=max_len,
-        tokenizer=tokenizer,
+    engine = load_engine(
+        args.model, args.set, tokenizer=tokenizer, slots=args.batch_size,
+        steps_per_call=args.steps_per_call, max_len=max_len,
     )  # fmt: skip
     start = time.perf_counter()
     results = engine.generate(prompts, sampling, progress=not args.no_progress)

@@ -322,11 +322,17 @@ class Engine:
         sampling: SamplingParams | None = None,
         *,
         progress: bool = False,
+        key_indices: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """`sampling.n` completions per prompt (token ids), in prompt order."""
+        """`sampling.n` completions per prompt (token ids), in prompt order. Random draws
+        depend on (sampling.seed, the prompt's key index, sample, token): the key index is the
+        prompt's position unless `key_indices` gives one per prompt (in [0, 2**31)) — a server
+        batching many requests keeps each request's samples independent of its batch."""
         sampling = sampling or SamplingParams()
         if not prompts:
             return []
+        if key_indices is not None and len(key_indices) != len(prompts):
+            raise ValueError(f"generate: {len(key_indices)} key indices for {len(prompts)} prompts")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"generate: prompt {i} is empty")
@@ -343,14 +349,18 @@ class Engine:
                 )
         if sampling.stop and self.tokenizer is None:
             raise ValueError("generate: stop strings need a tokenizer")
-        return _Run(self, prompts, sampling, progress).run()
+        keys = range(len(prompts)) if key_indices is None else key_indices
+        return _Run(self, prompts, sampling, progress, keys).run()
 
 
 class _Run:
     """One `Engine.generate` call: the queue of samples, the slot table, the results."""
 
-    def __init__(self, engine: Engine, prompts, sampling: SamplingParams, progress: bool):
+    def __init__(
+        self, engine: Engine, prompts, sampling: SamplingParams, progress: bool, key_indices
+    ):
         self.engine, self.prompts, self.sampling = engine, prompts, sampling
+        self.key_indices = list(key_indices)
         self.how = sampling.token_filter()
         stop = sampling.stop_token_ids
         stop = engine.default_stop_ids() if stop is None else stop
@@ -406,7 +416,7 @@ class _Run:
             + [1] * pad,
             np.int32,
         )
-        index = np.array([i for i, _ in batch] + [0] * pad, np.int32)
+        index = np.array([self.key_indices[i] for i, _ in batch] + [0] * pad, np.int32)
         sample_index = np.array([s for _, s in batch] + [0] * pad, np.int32)
         t0 = time.perf_counter()
         self.cache, self.slots, first, logprob, done = eng._insert(

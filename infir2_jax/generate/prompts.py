@@ -81,11 +81,16 @@ def _prompt_ids(line: str, tokenizer, chat: bool, where: str) -> list[int]:
         if not chat:
             return tokenizer(value, add_special_tokens=False)["input_ids"]
         value = [{"role": "user", "content": value}]
-    check_turns(value, where)
+    return chat_prompt_ids(value, tokenizer, where)
+
+
+def chat_prompt_ids(messages, tokenizer, where: str) -> list[int]:
+    """A chat's token ids with the assistant's generation prompt (DataError naming `where`)."""
+    check_turns(messages, where)
     if not tokenizer.chat_template:
         raise DataError(f"{where}: the tokenizer has no chat template (pass --chat-template)")
     try:
-        text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except jinja2.TemplateError as e:
         raise DataError(f"{where}: the chat template failed: {e}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

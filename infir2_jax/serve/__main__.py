@@ -1,0 +1,78 @@
+"""python -m infir2_jax.serve --model PATH [--host 127.0.0.1] [--port 8000] [--set ...]
+
+Serves a model (HF directory, Orbax checkpoint or run directory) through OpenAI's API —
+`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health` — on the generation engine:
+concurrent requests are batched into the engine's decode slots. The chat template is the
+model directory's, else `--chat-template` (e.g. qwen2.5). `--set model.dtype=float32`,
+`--set fp8.recipe=blockwise`, `--set parallel.tensor=2` as for `python -m infir2_jax.generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from infir2_jax.checkpoint import CheckpointError
+from infir2_jax.config import ConfigError
+from infir2_jax.data import DataError
+from infir2_jax.generate.loading import find_tokenizer, load_engine
+from infir2_jax.serve.app import create_app
+from infir2_jax.serve.batcher import Batcher
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infir2_jax.serve", description=__doc__)
+    p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the `model` clients send (default: the path)")
+    p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
+    p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
+    p.add_argument("--batch-size", type=int, default=64, help="decode slots (concurrent samples)")
+    p.add_argument("--max-len", type=int, help="KV cache tokens per slot (default: the model's)")
+    p.add_argument("--steps-per-call", type=int, default=32, help="decode steps per dispatch")
+    p.add_argument(
+        "--batch-window", type=float, default=0.01,
+        help="seconds a batch waits for more requests after the first",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="model.* (e.g. model.dtype=float32), fp8.* or parallel.* (repeatable)",
+    )  # fmt: skip
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace):
+    """(the app, its batcher) for these arguments: the model loaded, nothing served yet."""
+    tokenizer = find_tokenizer(args.model, args.tokenizer, args.chat_template)
+    if tokenizer is None:
+        raise DataError(f"--model {args.model}: no tokenizer beside it (pass --tokenizer DIR)")
+    engine = load_engine(
+        args.model, args.set, tokenizer=tokenizer, slots=args.batch_size,
+        steps_per_call=args.steps_per_call, max_len=args.max_len,
+    )  # fmt: skip
+    batcher = Batcher(engine, window=args.batch_window)
+    name = args.served_model_name or str(Path(args.model))
+    return create_app(batcher, model_name=name, tokenizer=tokenizer), batcher
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        app, batcher = build(args)
+    except (ConfigError, DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        batcher.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

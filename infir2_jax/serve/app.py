@@ -1,0 +1,304 @@
+"""The OpenAI-compatible API over the batcher: `/v1/chat/completions`, `/v1/completions`,
+`/v1/models`, `/health`.
+
+Request fields: `model`, `n`, `temperature` (0: greedy), `top_p`, `top_k` (extension; 0 or -1:
+off), `min_p` (extension), `max_tokens` (`max_completion_tokens` for chat), `stop` (a string
+or up to 4), `seed`, and `logprobs` (chat: true/false with `top_logprobs` 0; completions: 0 or
+1) — the log-probability of each sampled token under softmax(logits / temperature); this
+engine does not return alternatives, so a request for more top log-probabilities is refused
+rather than answered partly. Not supported (400): `stream`, `echo`, `best_of` > n,
+penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message", "type",
+"param", "code"}}`): 400 for bad JSON or an invalid field, 404 for an unknown model, 400
+`context_length_exceeded` for a prompt the KV cache cannot hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from infir2_jax.data import DataError
+from infir2_jax.generate import Completion, SamplingParams
+from infir2_jax.generate.prompts import chat_prompt_ids
+from infir2_jax.serve.batcher import Batcher
+
+MAX_STOPS = 4
+MAX_N = 128
+UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "response_format")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
+    """The HTTP app; `tokenizer` renders chats, encodes text prompts and decodes outputs."""
+    engine = batcher.engine
+    app = FastAPI(title="infir2-jax", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        return APIError(500, f"{type(error).__name__}: {error}").response()
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models():
+        model = {"id": model_name, "object": "model", "created": created, "owned_by": "infir2-jax"}
+        return {"object": "list", "data": [model]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request, model_name)
+        prompts = _completion_prompts(body.get("prompt"), tokenizer)
+        _check_lengths(prompts, engine, "prompt")
+        if body.get("echo"):
+            raise _bad("echo is not supported", "echo")
+        logprobs = _int(body, "logprobs", None, 0, 1)
+        sampling, seed = _sampling(body, "max_tokens", default_max=16)
+        per_prompt = await _generate(batcher, engine, prompts, sampling, seed)
+        choices = []
+        for i, per in enumerate(per_prompt):
+            for c in per:
+                choice = {
+                    "index": i * sampling.n + c.sample,
+                    "text": c.text or "",
+                    "logprobs": _completion_logprobs(c, tokenizer) if logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                choices.append(choice)
+        return _response("text_completion", "cmpl", model_name, choices, prompts, per_prompt)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _body(request, model_name)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("messages must be a non-empty list of {role, content}", "messages")
+        try:
+            ids = chat_prompt_ids(messages, tokenizer, "messages")
+        except DataError as e:
+            raise _bad(str(e), "messages") from None
+        prompts = [ids]
+        _check_lengths(prompts, engine, "messages")
+        if body.get("top_logprobs"):
+            raise _bad("top_logprobs > 0 is not supported (logprobs: true gives the sampled "
+                       "tokens' log-probabilities)", "top_logprobs")  # fmt: skip
+        logprobs = _bool(body, "logprobs")
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        sampling, seed = _sampling(body, key, default_max=None)
+        (per,) = await _generate(batcher, engine, prompts, sampling, seed)
+        choices = [
+            {
+                "index": c.sample,
+                "message": {"role": "assistant", "content": c.text or ""},
+                "logprobs": {"content": _chat_logprobs(c, tokenizer)} if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in per
+        ]
+        return _response("chat.completion", "chatcmpl", model_name, choices, prompts, [per])
+
+    return app
+
+
+async def _body(request: Request, model_name: str) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise APIError(404, f"The model `{model}` does not exist (this server has "
+                            f"`{model_name}`)", "model", "model_not_found")  # fmt: skip
+    if body.get("stream"):
+        raise _bad("stream is not supported", "stream")
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise _bad(f"{name} is not supported", name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name):
+            raise _bad(f"{name} is not supported", name)
+    if body.get("best_of") not in (None, body.get("n", 1)):
+        raise _bad("best_of is not supported", "best_of")
+    return body
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _bad(f"{name} must be a number in [{low}, {high}], got {value!r}", name)
+    return float(value)
+
+
+def _int(body: dict, name: str, default: int | None, low: int, high: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(f"{name} must be an integer >= {low}, got {value!r}", name)
+    if high is not None and value > high:
+        raise _bad(f"{name} must be at most {high}, got {value}", name)
+    return value
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
+def _stops(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(stops, list)
+        or not all(isinstance(s, str) and s for s in stops)
+        or len(stops) > MAX_STOPS
+    ):
+        raise _bad(f"stop must be a non-empty string or a list of up to {MAX_STOPS}", "stop")
+    return tuple(stops)
+
+
+def _sampling(body: dict, max_key: str, default_max: int | None) -> tuple[SamplingParams, Any]:
+    """(sampling parameters, the request's seed or None)."""
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < 1e-3:
+        temperature = 0.0  # a near-zero temperature is greedy
+    top_k = _int(body, "top_k", 0, -1, None)
+    max_tokens = _int(body, max_key, default_max, 1, None)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad(f"seed must be an integer, got {seed!r}", "seed")
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
+        top_k=max(top_k, 0),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        max_new_tokens=max_tokens or 2**31 - 1,  # unset: until a stop or the cache is full
+        n=_int(body, "n", 1, 1, MAX_N),
+        stop=_stops(body.get("stop")),
+    )
+    return sampling, seed
+
+
+def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token ids."""
+
+    def is_ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x
+        )  # fmt: skip
+
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif is_ids(prompt):
+        return [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        return prompt
+    else:
+        raise _bad("prompt must be a string, a list of strings, or token ids", "prompt")
+    if any(not p for p in prompts):
+        raise _bad("prompt must not be empty", "prompt")
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def _check_lengths(prompts: list[list[int]], engine, param: str) -> None:
+    for ids in prompts:
+        bad = [t for t in ids if not 0 <= t < engine.cfg.vocab_size]
+        if bad:
+            raise _bad(f"token id {bad[0]} is outside the vocabulary", param)
+        if len(ids) >= engine.max_len:
+            raise _bad(
+                f"This model's maximum context length is {engine.max_len} tokens; the prompt "
+                f"has {len(ids)} (and needs room for at least one new token)",
+                param,
+                "context_length_exceeded",
+            )
+
+
+async def _generate(batcher, engine, prompts, sampling, seed) -> list[list[Completion]]:
+    return await asyncio.wrap_future(batcher.submit(prompts, sampling, seed))
+
+
+def _response(obj, prefix, model_name, choices, prompts, per_prompt) -> dict[str, Any]:
+    completion_tokens = sum(len(c.output_ids) for per in per_prompt for c in per)
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _token_strings(ids: list[int], tokenizer) -> list[str]:
+    return [tokenizer.decode([t]) for t in ids]
+
+
+def _completion_logprobs(c: Completion, tokenizer) -> dict[str, Any]:
+    ids, logprobs = _answer_tokens(c, tokenizer)
+    tokens = _token_strings(ids, tokenizer)
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None,
+            "text_offset": offsets}  # fmt: skip
+
+
+def _chat_logprobs(c: Completion, tokenizer) -> list[dict[str, Any]]:
+    ids, logprobs = _answer_tokens(c, tokenizer)
+    return [
+        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+        for t, lp in zip(_token_strings(ids, tokenizer), logprobs, strict=True)
+    ]
+
+
+def _answer_tokens(c: Completion, tokenizer) -> tuple[list[int], list[float]]:
+    """The sampled tokens that are part of the answer: a final special stop token (EOS,
+    `<|im_end|>`) is not, as OpenAI's APIs leave stop sequences out."""
+    ids, logprobs = list(c.output_ids), list(c.logprobs)
+    if c.finish_reason == "stop" and ids and ids[-1] in tokenizer.all_special_ids:
+        return ids[:-1], logprobs[:-1]
+    return ids, logprobs

@@ -1,0 +1,209 @@
+"""`python -m infir2_jax.serve` through a real OpenAI client: chat and completions against
+`transformers` greedy output, `n`, seeds, stops, `max_tokens`, logprobs, batching of concurrent
+requests, and every error case as OpenAI-style JSON."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import pytest
+import requests
+import torch
+import uvicorn
+from conftest import make_hf_model
+from transformers import AutoTokenizer
+
+from infir2_jax.serve.__main__ import build, parse_args
+
+NAME = "tiny-qwen"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, qwen_tokenizer_dir):
+    """A tiny random model with Qwen2.5's vocabulary, the real Qwen tokenizer beside it."""
+    directory = tmp_path_factory.mktemp("served")
+    make_hf_model(
+        directory, vocab_size=151936, hidden_size=32, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, std=0.1,
+    )  # fmt: skip
+    for f in qwen_tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, directory / f.name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = parse_args(
+        ["--model", str(model_dir), "--served-model-name", NAME, "--chat-template", "qwen2.5",
+         "--batch-size", "16", "--max-len", "64", "--batch-window", "0.5",
+         "--set", "model.dtype=float32"]
+    )  # fmt: skip
+    app, batcher = build(args)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    httpd = uvicorn.Server(config)
+    thread = threading.Thread(target=httpd.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    yield client, url, batcher
+    httpd.should_exit = True
+    thread.join(timeout=10)
+    batcher.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _hf_greedy(reference, ids, new_tokens):
+    model, _ = reference
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+def test_models_and_health(server):
+    client, url, _ = server
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert requests.get(f"{url}/health").status_code == 200
+
+
+def test_greedy_completion_equals_transformers(server, reference):
+    client, _, _ = server
+    _, tokenizer = reference
+    prompt = "The answer is"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=1
+    )
+    expected = _hf_greedy(reference, ids, 10)
+    (choice,) = r.choices
+    assert choice.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 10
+    assert choice.finish_reason == "length"
+    # logprobs: log-softmax of the full forward at each sampled token (temperature 0: T = 1)
+    model, _ = reference
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + expected])).logits[0, len(ids) - 1 : -1]
+    want = torch.log_softmax(logits.double(), -1)[torch.arange(10), torch.tensor(expected)]
+    np.testing.assert_allclose(choice.logprobs.token_logprobs, want.numpy(), atol=1e-4)
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in expected]
+
+
+def test_chat_greedy_equals_transformers_on_the_qwen25_template(server, reference):
+    client, _, _ = server
+    _, tokenizer = reference
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    from infir2_jax.data.tokenizer import load_tokenizer
+
+    templated = load_tokenizer(str(tokenizer.name_or_path), "qwen2.5")
+    text = templated.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>system\nYou are Qwen" in text  # Qwen2.5's default system turn
+    ids = templated(text, add_special_tokens=False)["input_ids"]
+    expected = _hf_greedy(reference, ids, 8)
+    assert r.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_n_seed_stop_and_max_tokens(server):
+    client, _, _ = server
+    kwargs = dict(model=NAME, prompt="Once upon a time", max_tokens=12, temperature=1.0, n=3)
+    a = client.completions.create(seed=7, **kwargs)
+    b = client.completions.create(seed=7, **kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # the seed decides
+    assert len({c.text for c in a.choices}) > 1  # three different samples
+    assert a.usage.completion_tokens <= 36
+    stop = a.choices[0].text[3:5]
+    if stop:
+        c = client.completions.create(seed=7, stop=[stop], **kwargs)
+        assert stop not in c.choices[0].text and c.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
+        temperature=1.0, seed=1, n=2, logprobs=True,
+    )  # fmt: skip
+    for choice in chat.choices:
+        assert choice.finish_reason in ("length", "stop")
+        assert 1 <= len(choice.logprobs.content) <= 3
+        assert all(t.logprob <= 0 for t in choice.logprobs.content)
+
+
+def test_concurrent_requests_are_one_engine_batch(server):
+    client, _, batcher = server
+    before = len(batcher.batches)
+
+    def ask(i):
+        return client.completions.create(
+            model=NAME, prompt=f"Request {i}:", max_tokens=4, temperature=1.0, seed=i
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert batcher.batches[before:] == [8]  # the engine saw one batch of all eight
+    alone = ask(3)  # a seeded request's samples do not depend on its batch
+    assert alone.choices[0].text == answers[3].choices[0].text
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        ({"model": "other", "prompt": "x"}, 404, "model"),
+        ({"model": NAME, "prompt": "x", "n": 0}, 400, "n"),
+        ({"model": NAME, "prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"model": NAME, "prompt": "x", "stream": True}, 400, "stream"),
+        ({"model": NAME, "prompt": "x", "logprobs": 5}, 400, "logprobs"),
+        ({"model": NAME, "prompt": ""}, 400, "prompt"),
+        ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": NAME, "prompt": list(range(70))}, 400, "prompt"),  # > --max-len 64
+    ],
+)
+def test_errors_are_openai_json(server, body, status, param):
+    _, url, _ = server
+    if isinstance(body, bytes):
+        r = requests.post(f"{url}/v1/completions", data=body)
+    else:
+        r = requests.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    if body == {"model": NAME, "prompt": list(range(70))}:
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_errors_through_the_client(server):
+    client, _, _ = server
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "word " * 80}]
+        )
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "robot", "content": "x"}])
