@@ -40,6 +40,7 @@ def _config(run_dir, steps, **extra):
         "rl.reward": "starts_with_digit",
         "rl.prompts_per_step": 16,
         "rl.n": 8,
+        "rl.mini_batches": 1,
         "rl.max_new_tokens": 2,
         "rl.dynamic_sampling": "false",
         "rl.eval_every": 0,
