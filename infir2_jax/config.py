@@ -302,6 +302,75 @@ class RLConfig:
         return self.ppo_epochs * self.mini_batches
 
 
+BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """One evalscope benchmark (`aime24`, `aime25`, `gpqa_diamond`, `live_code_bench`,
+    `math_500`, `gsm8k`) and how to run it."""
+
+    name: str
+    repeats: int = 1  # samples per question; pass@1 is their mean
+    limit: int | None = None  # the first N questions (None: all)
+    # A local copy in evalscope's layout (a directory), or `bundled` (gsm8k and aime24 ship
+    # in the package); None: evalscope's hub (needs the network).
+    dataset: str | None = None
+    max_tokens: int | None = None  # None: eval.max_tokens
+    subset: str | None = None  # evalscope subset (e.g. live_code_bench `v5`)
+    extra: tuple[str, ...] = ()  # evalscope `extra_params` as KEY=VALUE (e.g. start_date=...)
+
+    def __post_init__(self):
+        if self.repeats < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"benchmark {self.name}: repeats and limit must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`python -m infir2_jax.eval` (infir2_jax/eval/): evalscope in service mode against an
+    OpenAI-compatible server — SGLang, our own (`python -m infir2_jax.serve`), or a URL."""
+
+    run_dir: str
+    benchmarks: tuple[Benchmark, ...]
+    engine: Literal["jax", "sglang", "url"] = "jax"
+    url: str | None = None  # engine=url: the server's base URL (…/v1)
+    weights: Literal["bf16", "fp8_block"] = "bf16"  # an Orbax model is exported to this first
+    tokenizer: str | None = None  # copied beside an exported model (default: none found → error)
+    chat_template: str | None = "qwen2.5"  # engine=jax when the model has none of its own
+    system_prompt: str | None = BOXED_SYSTEM_PROMPT
+    temperature: float = 0.65
+    top_p: float = 0.95
+    max_tokens: int = 31000
+    concurrency: int = 64  # requests in flight
+    timeout: float = 3600.0  # seconds per request
+    seed: int = 0
+    served_model_name: str = "infir2"
+    port: int = 8000
+    startup_timeout: float = 1800.0  # seconds for the server to answer /health
+    # engine=sglang: `python -m sglang.launch_server` settings.
+    tensor_parallel: int = 1
+    data_parallel: int = 1
+    mem_fraction: float = 0.85
+    # engine=jax: `python -m infir2_jax.serve` settings.
+    serve_batch_size: int = 64
+    serve_max_len: int | None = None
+    serve_set: tuple[str, ...] = ()  # its --set assignments, e.g. [model.dtype=float32]
+    # The interpreter that has evalscope (it may live in its own environment).
+    evalscope_python: str | None = None
+    model_size: Literal["7b", "1.5b"] | None = None  # report.md: InfiR2's published scores
+
+    def __post_init__(self):
+        if not self.benchmarks:
+            raise ValueError("benchmarks: at least one")
+        if self.engine == "url" and not self.url:
+            raise ValueError("engine=url needs eval.url (or --url)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRunConfig:
+    eval: EvalConfig
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -472,3 +541,17 @@ def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def load_eval_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> EvalConfig:
+    """An eval config (a YAML file with an `eval` section) with `--set eval.key=value`."""
+    path = resolve_config_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict) or "eval" not in raw:
+        raise ConfigError(f"{path}: an eval config has an `eval` section")
+    for assignment in overrides:
+        _set_dotted(raw, assignment)
+    return _parse_dataclass(EvalRunConfig, raw, "").eval

@@ -31,8 +31,29 @@ def test_all_configs_parse_and_round_trip():
         "tiny_rl", "rl_7b_stage1", "rl_7b_stage2", "rl_1p5b_stage1", "rl_1p5b_stage2",
     } <= set(names)  # fmt: skip
     for name in names:
+        if name.startswith("eval_"):  # evaluation configs: test_eval_configs
+            continue
         cfg = load_config(name)
         assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_eval_configs():
+    from infir2_jax.config import load_eval_config
+
+    for name in ("eval_tiny", "eval_recipe_7b", "eval_recipe_1p5b"):
+        cfg = load_eval_config(name)
+        assert cfg.system_prompt.endswith("within \\boxed{}.")
+    recipe = load_eval_config("eval_recipe_7b")
+    assert (recipe.temperature, recipe.top_p, recipe.weights) == (0.65, 0.95, "fp8_block")
+    settings = {b.name: (b.repeats, b.max_tokens or recipe.max_tokens) for b in recipe.benchmarks}
+    assert settings == {
+        "aime24": (32, 31000), "aime25": (32, 31000), "gpqa_diamond": (8, 26000),
+        "live_code_bench": (8, 27000),
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="eval.benchmarks\\[0\\].repeats|repeats"):
+        load_eval_config("eval_tiny", ["eval.benchmarks=[{name: gsm8k, repeats: 0}]"])
+    with pytest.raises(ConfigError, match="unknown config key 'eval.tempeature'"):
+        load_eval_config("eval_tiny", ["eval.tempeature=0"])
 
 
 @pytest.mark.parametrize("name,params", [("cpt_7b", 7_615_616_512), ("cpt_1p5b", 1_543_714_304)])

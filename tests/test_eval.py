@@ -1,0 +1,202 @@
+"""`python -m infir2_jax.eval` with the real evalscope: against our own server on a tiny model
+(the `jax` engine: started, used and stopped by the command), and against a server at a URL
+that answers some questions right — the report's scores must equal an independent grading
+of the predictions evalscope wrote.
+
+evalscope pins its own huggingface_hub/datasets versions, so it may live in its own
+environment: INFIR2_EVALSCOPE_PYTHON names that interpreter (.ci/run makes one); default:
+this one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import uvicorn
+from conftest import make_hf_model
+from fastapi import FastAPI, Request
+
+from infir2_jax.data.bundled import bundled_path
+from infir2_jax.eval.__main__ import main
+from infir2_jax.rl.rewards import MathReward
+
+PYTHON = os.environ.get("INFIR2_EVALSCOPE_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def evalscope_installed():
+    """Skipped, with the reason, where evalscope is not installed; CI installs it and fails
+    if it cannot be used."""
+    r = subprocess.run([PYTHON, "-c", "import evalscope"], capture_output=True, text=True)
+    if r.returncode != 0:
+        message = (
+            f"evalscope is not importable by {PYTHON} (pip install -r requirements-eval.txt, "
+            f"or set INFIR2_EVALSCOPE_PYTHON): {r.stderr.strip().splitlines()[-1:]}"
+        )
+        if os.environ.get("CI") or "INFIR2_EVALSCOPE_PYTHON" in os.environ:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sets(run_dir, port, *extra):
+    sets = [f"eval.run_dir={run_dir}", f"eval.port={port}", f"eval.evalscope_python={PYTHON}"]
+    return [a for s in [*sets, *extra] for a in ("--set", s)]
+
+
+def _independent_grade(run_dir, benchmark) -> tuple[float, int]:
+    """Mean reward of evalscope's raw model outputs (predictions files, thinking not yet
+    removed) under our grader, which takes the text after the last </think> itself."""
+    grade, scores = MathReward(), []
+    predictions = run_dir / "evalscope" / benchmark / "predictions" / "infir2"
+    for path in predictions.glob(f"{benchmark}_*.jsonl"):
+        for line in path.read_text().splitlines():
+            p = json.loads(line)
+            content = p["model_output"]["choices"][0]["message"]["content"]
+            if not isinstance(content, str):  # evalscope split a <think> block out: put it back
+                content = "".join(
+                    f"<think>{c['reasoning']}</think>" if c["type"] == "reasoning" else c["text"]
+                    for c in content
+                )
+            scores.append(grade(content, _gold(benchmark, p)))
+    return sum(scores) / len(scores), len(scores)
+
+
+def _gold(benchmark, prediction) -> str:
+    question = next(m for m in prediction["messages"] if m["role"] == "user")["content"]
+    for record in _records(benchmark):
+        if _question(benchmark, record) in question:
+            return _answer(benchmark, record)
+    raise AssertionError(f"question not found: {question[:80]}")
+
+
+def _records(benchmark):
+    name = "gsm8k_test" if benchmark == "gsm8k" else "aime24"
+    return [json.loads(x) for x in bundled_path(name).read_text().splitlines()]
+
+
+def _question(benchmark, record) -> str:
+    return record["question"] if benchmark == "gsm8k" else record["problem"]
+
+
+def _answer(benchmark, record) -> str:
+    if benchmark == "gsm8k":
+        return record["answer"].split("####")[-1].strip().replace(",", "")
+    return str(record["answer"])
+
+
+def test_eval_tiny_against_our_server(tmp_path, qwen_tokenizer_dir):
+    model = tmp_path / "model"
+    make_hf_model(
+        model, vocab_size=151936, hidden_size=32, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, std=0.1,
+    )  # fmt: skip
+    for f in qwen_tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, model / f.name)
+    run_dir, port = tmp_path / "eval", _port()
+    args = ["--config", "eval_tiny", "--model", str(model), *_sets(run_dir, port)]
+    assert main(args) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["gsm8k"]["samples"] == 4 and report["aime24"]["samples"] == 4  # 2 × 2
+    assert report["aime24"]["repeats"] == 2
+    for name, result in report.items():
+        ours, count = _independent_grade(run_dir, name)
+        assert count == result["samples"]
+        assert result["score"] == pytest.approx(ours) == pytest.approx(result["regraded"])
+    table = (run_dir / "report.md").read_text()
+    assert "| gsm8k |" in table and "| aime24 |" in table
+    assert "serving" in (run_dir / "server-jax.log").read_text()
+    assert not _answers(f"http://127.0.0.1:{port}")  # stopped at the end
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture
+def oracle():
+    """An OpenAI-compatible server that reasons in a <think> block (holding a wrong boxed
+    answer) and then boxes the right answer to every other question, a wrong one otherwise."""
+    app = FastAPI()
+    seen = []
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        question = body["messages"][-1]["content"]
+        seen.append(body)
+        answer = None
+        for benchmark in ("gsm8k", "aime24"):
+            for i, record in enumerate(_records(benchmark)):
+                if _question(benchmark, record) in question:
+                    right = _answer(benchmark, record)
+                    answer = right if i % 2 == 0 else str(int(right) + 1)
+        content = f"<think>Maybe \\boxed{{12345}}.</think>The answer is \\boxed{{{answer}}}."
+        return {
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }  # fmt: skip
+
+    port = _port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not _answers(f"http://127.0.0.1:{port}"):
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_url_engine_scores_equal_an_independent_grading(tmp_path, oracle):
+    url, seen = oracle
+    run_dir = tmp_path / "eval"
+    args = ["--config", "eval_tiny", "--engine", "url", "--url", url, *_sets(run_dir, 1)]
+    assert main(args) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    # gsm8k: questions 0..3, right on 0 and 2; aime24: questions 0 and 1 twice, right on 0.
+    assert report["gsm8k"]["score"] == pytest.approx(0.5)
+    assert report["aime24"]["score"] == pytest.approx(0.5)
+    for name, result in report.items():
+        ours, count = _independent_grade(run_dir, name)
+        assert (result["score"], result["samples"]) == (pytest.approx(ours), count)
+        assert result["regraded"] == pytest.approx(ours)
+    request = seen[0]
+    assert request["messages"][0] == {
+        "role": "system",
+        "content": "Please reason step by step, and put your final answer within \\boxed{}.",
+    }
+    assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.65, 0.95, 24)
+    table = (run_dir / "report.md").read_text()
+    assert re.search(r"\| gsm8k \| \w+ \| 50.00 \| 50.00 \| 4 \| 1 \|", table), table
+
+
+def test_bad_input_is_named(tmp_path):
+    base = ["--config", "eval_tiny", *_sets(tmp_path / "e", 1)]
+    assert main([*base, "--model", str(tmp_path / "missing")]) == 2
+    assert main([*base, "--engine", "url"]) == 2  # no URL
+    assert main([*base]) == 2  # no model for the jax engine
