@@ -319,6 +319,7 @@ class Benchmark:
     max_tokens: int | None = None  # None: eval.max_tokens
     subset: str | None = None  # evalscope subset (e.g. live_code_bench `v5`)
     extra: tuple[str, ...] = ()  # evalscope `extra_params` as KEY=VALUE (e.g. start_date=...)
+    pass_at_k: bool = False  # also report pass@k for k = 1..repeats (the score stays the mean)
 
     def __post_init__(self):
         if self.repeats < 1 or (self.limit is not None and self.limit < 1):

@@ -181,6 +181,8 @@ def test_url_engine_scores_equal_an_independent_grading(tmp_path, oracle):
     # gsm8k: questions 0..3, right on 0 and 2; aime24: questions 0 and 1 twice, right on 0.
     assert report["gsm8k"]["score"] == pytest.approx(0.5)
     assert report["aime24"]["score"] == pytest.approx(0.5)
+    # pass@k over 2 repeats: question 0 always right, question 1 never
+    assert report["aime24"]["pass_at_k"] == {"1": pytest.approx(0.5), "2": pytest.approx(0.5)}
     for name, result in report.items():
         ours, count = _independent_grade(run_dir, name)
         assert (result["score"], result["samples"]) == (pytest.approx(ours), count)
@@ -192,7 +194,8 @@ def test_url_engine_scores_equal_an_independent_grading(tmp_path, oracle):
     }
     assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.65, 0.95, 24)
     table = (run_dir / "report.md").read_text()
-    assert re.search(r"\| gsm8k \| \w+ \| 50.00 \| 50.00 \| 4 \| 1 \|", table), table
+    assert re.search(r"\| gsm8k \| \w+ \| 50.00 \| 50.00 \| – \| 4 \| 1 \|", table), table
+    assert "| 50.00 (k=2) | 4 | 2 |" in table
 
 
 def test_bad_input_is_named(tmp_path):
@@ -200,3 +203,16 @@ def test_bad_input_is_named(tmp_path):
     assert main([*base, "--model", str(tmp_path / "missing")]) == 2
     assert main([*base, "--engine", "url"]) == 2  # no URL
     assert main([*base]) == 2  # no model for the jax engine
+
+
+def test_a_server_that_dies_is_an_error_with_its_log(tmp_path, qwen_tokenizer_dir, capsys):
+    model = tmp_path / "model"
+    make_hf_model(model)
+    for f in qwen_tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, model / f.name)
+    sets = _sets(tmp_path / "e", _port(), "eval.serve_set=[bogus.key=1]")
+    assert main(["--config", "eval_tiny", "--model", str(model), *sets]) == 1
+    error = capsys.readouterr().err
+    assert "the jax server exited with status 2 before answering" in error
+    assert "--set bogus.*" in error  # the end of the server's own log

@@ -71,9 +71,13 @@ def _run_benchmark(cfg: EvalConfig, spec: dict, spec_path: Path, log: Path) -> N
     python = cfg.evalscope_python or sys.executable
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [python, str(TASK_SCRIPT), str(spec_path)], stdout=out, stderr=subprocess.STDOUT
-        )
+            [python, str(TASK_SCRIPT), str(spec_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        )  # fmt: skip
         try:
+            for line in process.stdout:  # evalscope's progress, shown and kept
+                out.write(line)
+                print(f"  {line}", end="", flush=True)
             status = process.wait()
         finally:
             if process.poll() is None:

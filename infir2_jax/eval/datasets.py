@@ -53,6 +53,11 @@ def dataset_args(benchmark: Benchmark, system_prompt: str | None, data_dir: Path
         source = str(path)
     if source is not None:
         args["dataset_id"] = source
+    if benchmark.pass_at_k:
+        # The headline stays the mean over samples (pass@1 averaged, as InfiR2 reports); the
+        # runner turns this selector into evalscope's MetricSelector.
+        args["aggregation"] = "mean_and_pass_at_k"
+        args["primary_metric"] = {"name": "accuracy", "aggregation": "mean"}
     if benchmark.subset:
         args["subset_list"] = [benchmark.subset]
     if benchmark.extra:

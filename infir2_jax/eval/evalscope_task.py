@@ -34,6 +34,11 @@ def main(spec_path: str) -> int:
             file=sys.stderr,
         )
         return 2
+    for args in spec.get("dataset_args", {}).values():
+        if isinstance(args.get("primary_metric"), dict):
+            from evalscope.api.metric.semantics import MetricSelector
+
+            args["primary_metric"] = MetricSelector(**args["primary_metric"])
     run_task(TaskConfig(**spec))
     return 0
 

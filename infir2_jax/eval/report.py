@@ -26,7 +26,15 @@ def read_evalscope_report(work_dir: Path, model_id: str, benchmark: str) -> dict
     metrics = report["metrics"]
     chosen = next((m for m in metrics if m.get("identity") == primary), metrics[0])
     name = chosen.get("identity", {}).get("name") or chosen.get("name")
-    return {"metric": name, "score": float(chosen["score"]), "samples": int(chosen["num"])}
+    result = {"metric": name, "score": float(chosen["score"]), "samples": int(chosen["num"])}
+    pass_at = {
+        int(m["identity"]["dimensions"]["k"]): float(m["score"])
+        for m in metrics
+        if m.get("identity", {}).get("aggregation") == "pass_at_k"
+    }
+    if pass_at:
+        result["pass_at_k"] = {str(k): pass_at[k] for k in sorted(pass_at)}
+    return result
 
 
 MATH_BENCHMARKS = ("gsm8k", "math_500", "aime24", "aime25", "aime26")
@@ -56,17 +64,20 @@ def write_reports(cfg: EvalConfig, results: dict[str, dict[str, Any]], out_dir: 
     """Writes report.json and report.md; returns the markdown table."""
     (out_dir / "report.json").write_text(json.dumps(results, indent=2) + "\n")
     published = PUBLISHED.get(cfg.model_size or "", {})
-    header = "| benchmark | metric | score (%) | our grader (%) | samples | repeats |"
-    rule = "|---|---|---|---|---|---|"
+    header = "| benchmark | metric | score (%) | our grader (%) | pass@k (%) | samples | repeats |"
+    rule = "|---|---|---|---|---|---|---|"
     if published:
         header += f" InfiR2-{cfg.model_size.upper()}-FP8 (%) |"
         rule += "---|"
     lines = [header, rule]
     for name, r in results.items():
         ours = "–" if r.get("regraded") is None else f"{100 * r['regraded']:.2f}"
+        pass_at = r.get("pass_at_k") or {}
+        largest = max(pass_at, key=int) if pass_at else None
+        pass_k = f"{100 * pass_at[largest]:.2f} (k={largest})" if largest else "–"
         row = (
-            f"| {name} | {r['metric']} | {100 * r['score']:.2f} | {ours} | {r['samples']} | "
-            f"{r['repeats']} |"
+            f"| {name} | {r['metric']} | {100 * r['score']:.2f} | {ours} | {pass_k} | "
+            f"{r['samples']} | {r['repeats']} |"
         )
         if published:
             row += f" {published[name]:.2f} |" if name in published else " – |"

@@ -2,9 +2,10 @@
 
 Serves a model (HF directory, Orbax checkpoint or run directory) through OpenAI's API —
 `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health` — on the generation engine:
-concurrent requests are batched into the engine's decode slots. The chat template is the
-model directory's, else `--chat-template` (e.g. qwen2.5). `--set model.dtype=float32`,
-`--set fp8.recipe=blockwise`, `--set parallel.tensor=2` as for `python -m infir2_jax.generate`.
+concurrent requests are batched into the engine's decode slots. The chat template is
+`--chat-template` (a built-in name or a Jinja file), else the model directory's, else
+Qwen2.5's. `--set model.dtype=float32`, `--set fp8.recipe=blockwise`, `--set
+parallel.tensor=2` as for `python -m infir2_jax.generate`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import uvicorn
 from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.config import ConfigError
 from infir2_jax.data import DataError
+from infir2_jax.data.tokenizer import chat_template_path
 from infir2_jax.generate.loading import find_tokenizer, load_engine
 from infir2_jax.serve.app import create_app
 from infir2_jax.serve.batcher import Batcher
+
+DEFAULT_CHAT_TEMPLATE = "qwen2.5"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +54,8 @@ def build(args: argparse.Namespace):
     tokenizer = find_tokenizer(args.model, args.tokenizer, args.chat_template)
     if tokenizer is None:
         raise DataError(f"--model {args.model}: no tokenizer beside it (pass --tokenizer DIR)")
+    if not tokenizer.chat_template:  # a model without one is served with Qwen2.5's
+        tokenizer.chat_template = chat_template_path(DEFAULT_CHAT_TEMPLATE).read_text()
     engine = load_engine(
         args.model, args.set, tokenizer=tokenizer, slots=args.batch_size,
         steps_per_call=args.steps_per_call, max_len=args.max_len,
