@@ -527,7 +527,8 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     return _parse_dataclass(RunConfig, raw, "")
 
 
-def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> RunConfig:
+def _read_config(name: str | os.PathLike, overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """The raw sections of config NAME with `--set section.key=value` applied."""
     path = resolve_config_path(name)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -537,7 +538,11 @@ def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for assignment in overrides:
         _set_dotted(raw, assignment)
-    return parse_config(raw)
+    return raw
+
+
+def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    return parse_config(_read_config(name, overrides))
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -546,13 +551,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 def load_eval_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> EvalConfig:
     """An eval config (a YAML file with an `eval` section) with `--set eval.key=value`."""
-    path = resolve_config_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict) or "eval" not in raw:
-        raise ConfigError(f"{path}: an eval config has an `eval` section")
-    for assignment in overrides:
-        _set_dotted(raw, assignment)
+    raw = _read_config(name, overrides)
+    if "eval" not in raw:
+        raise ConfigError(f"config {name}: an eval config has an `eval` section")
     return _parse_dataclass(EvalRunConfig, raw, "").eval

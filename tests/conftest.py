@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def make_hf_model(directory: Path, *, seed: int = 0, std: float = 0.2, **config)
             p.normal_(0.0, std)
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def make_qwen_model(directory: Path, tokenizer_dir: Path, **config) -> Path:
+    """A tiny random model with Qwen2.5's vocabulary (unless `config` says otherwise) and the
+    real Qwen tokenizer beside it: what the servers and command lines load from a path."""
+    defaults = dict(
+        vocab_size=151936, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, std=0.1,
+    )  # fmt: skip
+    make_hf_model(directory, **{**defaults, **config})
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, directory / f.name)
+    return directory
 
 
 @pytest.fixture

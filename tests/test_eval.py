@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 import pytest
 import requests
 import uvicorn
-from conftest import make_hf_model
+from conftest import make_qwen_model
 from fastapi import FastAPI, Request
 
 from infir2_jax.data.bundled import bundled_path
@@ -100,14 +99,7 @@ def _answer(benchmark, record) -> str:
 
 
 def test_eval_tiny_against_our_server(tmp_path, qwen_tokenizer_dir):
-    model = tmp_path / "model"
-    make_hf_model(
-        model, vocab_size=151936, hidden_size=32, intermediate_size=64,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, std=0.1,
-    )  # fmt: skip
-    for f in qwen_tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, model / f.name)
+    model = make_qwen_model(tmp_path / "model", qwen_tokenizer_dir)
     run_dir, port = tmp_path / "eval", _port()
     args = ["--config", "eval_tiny", "--model", str(model), *_sets(run_dir, port)]
     assert main(args) == 0
@@ -206,11 +198,7 @@ def test_bad_input_is_named(tmp_path):
 
 
 def test_a_server_that_dies_is_an_error_with_its_log(tmp_path, qwen_tokenizer_dir, capsys):
-    model = tmp_path / "model"
-    make_hf_model(model)
-    for f in qwen_tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, model / f.name)
+    model = make_qwen_model(tmp_path / "model", qwen_tokenizer_dir, vocab_size=300)
     sets = _sets(tmp_path / "e", _port(), "eval.serve_set=[bogus.key=1]")
     assert main(["--config", "eval_tiny", "--model", str(model), *sets]) == 1
     error = capsys.readouterr().err

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_hf_model
+from conftest import ROOT, make_hf_model, make_qwen_model
 
 from infir2_jax import from_pretrained
 from infir2_jax.config import FP8Config
@@ -278,15 +277,7 @@ def test_tensor_by_data_sharded_generation_equals_one_device(tmp_path):
 @pytest.fixture(scope="module")
 def qwen_model_dir(tmp_path_factory, qwen_tokenizer_dir):
     """A tiny random model with Qwen2.5's vocabulary and the real Qwen tokenizer beside it."""
-    directory = tmp_path_factory.mktemp("qwen")
-    make_hf_model(
-        directory, vocab_size=151936, hidden_size=32, intermediate_size=64,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, std=0.1,
-    )  # fmt: skip
-    for f in qwen_tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, directory / f.name)
-    return directory
+    return make_qwen_model(tmp_path_factory.mktemp("qwen"), qwen_tokenizer_dir)
 
 
 def _write(path: Path, records) -> Path:

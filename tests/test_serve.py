@@ -4,7 +4,6 @@ requests, and every error case as OpenAI-style JSON."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
@@ -16,7 +15,7 @@ import pytest
 import requests
 import torch
 import uvicorn
-from conftest import make_hf_model
+from conftest import make_qwen_model
 from transformers import AutoTokenizer
 
 from infir2_jax.serve.__main__ import build, parse_args
@@ -27,15 +26,7 @@ NAME = "tiny-qwen"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, qwen_tokenizer_dir):
     """A tiny random model with Qwen2.5's vocabulary, the real Qwen tokenizer beside it."""
-    directory = tmp_path_factory.mktemp("served")
-    make_hf_model(
-        directory, vocab_size=151936, hidden_size=32, intermediate_size=64,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, std=0.1,
-    )  # fmt: skip
-    for f in qwen_tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, directory / f.name)
-    return directory
+    return make_qwen_model(tmp_path_factory.mktemp("served"), qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
