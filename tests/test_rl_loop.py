@@ -12,6 +12,7 @@ import pytest
 from infir2_jax.config import ConfigError, load_config
 from infir2_jax.rl.loop import run
 from infir2_jax.rl.rewards import REWARDS, register_reward
+from infir2_jax.train.stopping import NonFiniteLoss
 
 
 def _starts_with_digit(response: str, label: str) -> float:
@@ -62,6 +63,13 @@ def test_rl_raises_a_reward_the_model_can_reach(tmp_path):
     assert 0.99 < last["tis_weight_mean"] < 1.01
     for key in ("accuracy", "response_length_mean", "entropy", "clip_fraction_high"):
         assert np.isfinite(last[key])
+
+
+def test_a_diverging_run_stops_like_training(tmp_path):
+    """Non-finite updates are skipped; `train.max_nonfinite_streak` in a row stop the run."""
+    cfg = _config(tmp_path / "nan", 8, **{"optim.lr": 1e9, "train.max_nonfinite_streak": 2})
+    with pytest.raises(NonFiniteLoss, match="2 steps in a row .*max_nonfinite_streak=2"):
+        run(cfg, out=io.StringIO())
 
 
 def test_kl_reference_is_the_initial_policy(tmp_path):

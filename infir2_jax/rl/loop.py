@@ -36,6 +36,7 @@ from infir2_jax.rl.prompts import PromptOrder, PromptSet, arithmetic_prompts, lo
 from infir2_jax.rl.rewards import RewardPool, make_reward
 from infir2_jax.rl.rollout import make_rollout
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
+from infir2_jax.train.loop import check_streak
 from infir2_jax.train.metrics import MetricsLogger, make_sinks
 from infir2_jax.train.optimizer import schedule_settings
 from infir2_jax.train.setup import prepare, pretrained_params, start_state
@@ -375,6 +376,7 @@ def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     history, stop = [], StopRequest()
 
     def save(done: int) -> None:
+        check_streak(int(state.nonfinite_streak), done, cfg, checkpointer)
         meta = {SCHEDULE_META: schedule_meta, PROMPT_POSITION: order.position}
         checkpointer.save(state, cfg.model, None, meta, step=done)
 
@@ -422,6 +424,9 @@ def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
                 logged.update(_evaluate(rollout, task, grader, cfg, step))
             logger.log(done, logged, tokens / max(t_train - t_rollout, 1e-9), show=CONSOLE)
             history.append({"step": done, **logged})
+            # Optimizer updates whose loss or gradient was non-finite were skipped; too many
+            # in a row stop the run, the latest checkpoint intact (as in training).
+            check_streak(int(metrics["nonfinite_streak"]), done, cfg, checkpointer)
             if checkpointer.due(done) or done == cfg.train.steps:
                 save(done)
     finally:

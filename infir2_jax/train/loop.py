@@ -25,7 +25,7 @@ from infir2_jax.train.state import split_model
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
 
 
-def _check_streak(streak: int, step: int, cfg: RunConfig, checkpointer: TrainCheckpointer):
+def check_streak(streak: int, step: int, cfg: RunConfig, checkpointer: TrainCheckpointer):
     if streak >= cfg.train.max_nonfinite_streak:
         raise NonFiniteLoss(
             f"the loss or gradient was non-finite for {streak} steps in a row (up to step "
@@ -151,7 +151,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     stop = StopRequest()
 
     def save() -> None:
-        _check_streak(int(state.nonfinite_streak), int(state.step), cfg, checkpointer)
+        check_streak(int(state.nonfinite_streak), int(state.step), cfg, checkpointer)
         checkpointer.save(state, cfg.model, data, {**counters, SCHEDULE_META: schedule_meta})
 
     try:
@@ -184,7 +184,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
                     metrics = {**metrics, **counters}
                 logger.log(done, metrics, rate)
                 history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
-                _check_streak(int(metrics["nonfinite_streak"]), done, cfg, checkpointer)
+                check_streak(int(metrics["nonfinite_streak"]), done, cfg, checkpointer)
             if eval_batches and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                 loss_sum, tokens = 0.0, 0.0
                 for batch in eval_batches:
