@@ -1,10 +1,13 @@
 """Loss curves of every FP8 recipe against BF16 on the tiny model (CPU), same data and seed.
 
     python bench/fp8_curves.py [--steps 300] [--batch 16] [--seq 64] [--out curves.json]
+    python bench/fp8_curves.py --recipes none,current,te_current,te_delayed --steps 200
 
 Also trains BF16 with another seed, as a yardstick for how far two equally good runs drift
 apart. Reports the loss at a few steps and the final loss (mean of the last 20 steps)
-relative to BF16.
+relative to BF16. TransformerEngine's recipes need TE-JAX (launch/install_te_jax.sh); on a
+machine without a GPU they run TE's own pure-JAX implementation, loaded through the
+compile-only setup (infir2_jax.fp8.te_deviceless).
 """
 
 from __future__ import annotations
@@ -58,8 +61,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     parser.add_argument("--out", help="write the curves as JSON")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
     args = parser.parse_args()
-    curves = run_curves(RECIPES, args.steps, args.batch, args.seq, args.set)
+    recipes = ["none", *(r for r in args.recipes.split(",") if r != "none")]  # the yardstick
+    if any(r.startswith("te_") for r in recipes):
+        from infir2_jax.fp8 import te_deviceless
+
+        te_deviceless.enable()  # no-op where a CUDA driver is present
+    curves = run_curves(recipes, args.steps, args.batch, args.seq, args.set)
     if args.out:
         Path(args.out).write_text(json.dumps(curves))
     marks = [1, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps]

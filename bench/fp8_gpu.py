@@ -3,6 +3,7 @@ micro-batch 2 (published, Megatron+TE on H100: BF16 2030 ms / 340 TFLOPS, FP8 15
 376 TFLOPS). Runs every recipe; see bench/fp8_step.py for what is measured.
 
     python bench/fp8_gpu.py [--steps 10] [--recipes none,delayed,current,rowwise,blockwise]
+    (te_current and te_delayed join the default list where TransformerEngine-JAX is installed)
     python bench/fp8_gpu.py --tiny      # the same script at a CPU-sized model
 """
 

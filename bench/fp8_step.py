@@ -27,6 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RECIPES = ("none", "delayed", "current", "rowwise", "blockwise")
+# TransformerEngine's recipes join the default list where TE-JAX is installed
+# (launch/install_te_jax.sh); on a GPU TE loads as it is.
+TE_RECIPES = ("te_current", "te_delayed")
+
+
+def default_recipes() -> tuple[str, ...]:
+    import importlib.util
+
+    return RECIPES + (TE_RECIPES if importlib.util.find_spec("transformer_engine") else ())
 
 
 def measure(recipe: str, preset: str, seq: int, batch: int, steps: int, remat: str) -> dict:
@@ -100,7 +109,7 @@ def main(defaults: dict | None = None) -> None:
     parser.add_argument("--batch", type=int, default=defaults.get("batch", 2))
     parser.add_argument("--steps", type=int, default=defaults.get("steps", 10))
     parser.add_argument("--remat", default=defaults.get("remat", "full"))
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(default_recipes()))
     parser.add_argument("--tiny", action="store_true", help="CPU smoke size: tiny preset, seq 256")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # child process: one recipe
     args = parser.parse_args()

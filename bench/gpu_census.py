@@ -7,6 +7,8 @@ H100 on this machine (no GPU): GEMM census and per-device peak memory.
 Each case is one `python -m infir2_jax.plan --target h100 --json` process (JAX's device set is
 fixed per process). Prints a Markdown table for BENCHMARKS.md. Counts are per loop body (the
 layer scan's forward and backward bodies each appear once in the optimized module).
+TransformerEngine's recipes (`--recipes ...,te_current,te_delayed`) need TE-JAX installed
+(launch/install_te_jax.sh); the planner compiles them with TE's compile-only setup.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [
         "| setting | fp8.recipe | FP8 GEMMs (FP32 out) | BF16 GEMMs | FP32-operand GEMMs "
-        "| Pallas | attention (cuDNN calls) | [seq, seq] shapes | peak / device | vs BF16 "
-        "| InfiR2 BF16 / FP8 | compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Pallas | TE GEMMs / quantize | attention (cuDNN calls) | [seq, seq] shapes "
+        "| peak / device | vs BF16 | InfiR2 BF16 / FP8 | compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in args.settings.split(","):
         config, devices, overrides, published = SETTINGS[setting]
@@ -77,6 +79,7 @@ def main() -> None:
             rows.append(
                 f"| {setting} | {recipe} | {c['fp8_gemms']} ({c['fp8_gemms_f32_out']}) "
                 f"| {c['bf16_gemms']} | {c['f32_gemms']} | {c['pallas_kernels']} "
+                f"| {c['te_gemms']} / {c['te_quantize']} "
                 f"| {f['attention']} ({c['attention_kernels']}) | {c['seq_by_seq_buffers']} "
                 f"| {f['peak'] / GiB:.1f} GiB | {ratio} | {published[0]} / {published[1]} GB "
                 f"| {time.perf_counter() - began:.0f} s |"

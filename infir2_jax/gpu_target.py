@@ -87,12 +87,16 @@ class Census:
     attention_kernels: int = 0  # cuDNN fused attention calls
     pallas_kernels: int = 0  # Pallas Mosaic GPU / Triton kernels
     all_gemms: int = 0
+    te_gemms: int = 0  # TransformerEngine GEMM calls (cuBLASLt inside TE; in all_gemms too)
+    te_fp8_gemms: int = 0  # ... on FP8 operands (in fp8_gemms too)
+    te_quantize: int = 0  # TransformerEngine quantize kernels (cast, amax, transpose)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
-_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(?[\w\[\]{},:\s]*?\)?)\s+([\w\-]+)\(")
+# Tuple types of more than five elements carry "/*index=5*/" comments.
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(?[\w\[\]{},:\s/*=]*?\)?)\s+([\w\-]+)\(")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OPERANDS = re.compile(r"custom-call\(([^)]*)\)")
 _ELEMENT = re.compile(r"\b(f8e4m3fn|f8e5m2|bf16|f16|f32|f64|s8|s32|u8|pred)\[")
@@ -137,6 +141,19 @@ def census(hlo_text: str) -> Census:
                 out.f32_gemms += 1
             else:
                 out.bf16_gemms += 1
+        elif target.startswith("te_gemm"):
+            # TE's GEMM: operands (lhs, lhs scale_inv, rhs, rhs scale_inv, ...).
+            operand_types = [t for o in operands[0:3:2] for t in _element_types(types.get(o, ""))]
+            fp8 = any(t.startswith("f8") for t in operand_types)
+            out.all_gemms += 1
+            out.te_gemms += 1
+            out.te_fp8_gemms += fp8
+            if fp8:
+                out.fp8_gemms += 1
+            else:
+                out.bf16_gemms += 1
+        elif target.startswith("te_") and "quantize" in target:
+            out.te_quantize += 1
         elif target.startswith("__cudnn$fmha"):
             out.attention_kernels += 1
         elif "mosaic" in target or "triton" in target:

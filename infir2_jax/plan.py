@@ -61,7 +61,7 @@ def plan(
     import jax.numpy as jnp
     import numpy as np
 
-    from infir2_jax.fp8 import make_gemm
+    from infir2_jax.fp8 import make_gemm, te_deviceless
     from infir2_jax.gpu_target import census, gpu_devices, square_buffers, target_capability
     from infir2_jax.kernels.cudnn_attention import compile_target
     from infir2_jax.model.attention_impl import run_attention
@@ -88,6 +88,11 @@ def plan(
     check_layout(
         layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
     )
+    if cfg.fp8.recipe.startswith("te_"):
+        # TransformerEngine imports and traces here only with the compile-only stand-ins for
+        # the CUDA driver (a no-op where a real driver is present).
+        major, minor = target_capability(target) if target != "cpu" else (9, 0)
+        te_deviceless.enable(10 * major + minor)
     gemm = make_gemm(cfg.fp8)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
@@ -193,6 +198,11 @@ def plan(
             f"{c['attention_kernels']} cuDNN attention, {c['pallas_kernels']} Pallas/Triton "
             f"kernels; {c['seq_by_seq_buffers']} [seq, seq] buffer shapes",
         ]
+        if c["te_gemms"] or c["te_quantize"]:
+            lines.append(
+                f"TransformerEngine: {c['te_gemms']} GEMM calls ({c['te_fp8_gemms']} FP8), "
+                f"{c['te_quantize']} quantize kernels (counted in the GEMMs above too)"
+            )
     if not as_json:
         print("\n".join(lines), file=out, flush=True)
     return figures

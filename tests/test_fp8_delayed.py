@@ -16,7 +16,7 @@ from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import Fp8History, Fp8Probe, make_gemm
 from infir2_jax.model.layers import Linear
 from infir2_jax.train import train
-from infir2_jax.train.state import update_fp8_histories
+from infir2_jax.train.state import update_fp8_state
 
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 HISTORY, LR, STEPS = 4, 0.05, 6
@@ -87,7 +87,7 @@ def test_delayed_scaling_matches_hand_recomputation():
             grads = jax.tree.map(jnp.add, grads, g)
             observed = jax.tree.map(jnp.maximum, observed, o)
         p = jax.tree.map(lambda a, b: a - LR * b, p, grads)
-        return p, update_fp8_histories(hist, observed)
+        return p, update_fp8_state(gemm, hist, observed)
 
     w_ref = np.asarray(params["lin"]["kernel"])
     h_ref = np.zeros((3, HISTORY), np.float32)

@@ -166,16 +166,6 @@ def test_bf16_layers_run_without_fp8():
         make_gemm(FP8Config(recipe="current", bf16_layers=(5,))).layer_mask(3)
 
 
-@pytest.mark.parametrize("recipe", ["te_delayed", "te_current"])
-def test_transformer_engine_recipes_name_the_missing_package(recipe):
-    import importlib.util
-
-    if importlib.util.find_spec("transformer_engine") is not None:
-        pytest.skip("TransformerEngine is installed")
-    with pytest.raises(ValueError, match="transformer_engine"):
-        make_gemm(FP8Config(recipe=recipe))
-
-
 @pytest.mark.parametrize("contract", [(1, 0), (1, 1), (0, 0)])  # fprop, dgrad, wgrad
 def test_gpu_form_of_per_tensor_dots_computes_the_same_product(contract):
     """The dequantized form the GPU lowering uses (`_dequantized_dot`) is the same product as

@@ -32,6 +32,9 @@ ENTRY %main (p0: bf16[64,32], p1: f8e4m3fn[32,16]) -> bf16[64,16] {
   %g4 = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%f, %b), custom_call_target="__cublas$gemm"
   %d = f32[64,16]{1,0} dot(%f, %f), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   %att = (bf16[1,4,64,32]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p0, %p0), custom_call_target="__cudnn$fmhaSoftmax"
+  %q = (f8e4m3fn[64,32]{1,0}, f8e4m3fn[1]{0}, f32[1]{0}, f32[1]{0}, f32[1]{0}, /*index=5*/bf16[1]{0}, f32[1]{0}) custom-call(%p0, %s), custom_call_target="te_dbias_quantize_ffi"
+  %qa = f8e4m3fn[64,32]{1,0} get-tuple-element(%q), index=0
+  %t = (bf16[64,16]{1,0}, u8[33554688]{0}) custom-call(%qa, %s, %p1, %s), custom_call_target="te_gemm_v2_ffi"
   ROOT %k = bf16[64,16]{1,0} custom-call(%p0), custom_call_target="mosaic_gpu_v2"
 }
 """
@@ -40,8 +43,9 @@ ENTRY %main (p0: bf16[64,32], p1: f8e4m3fn[32,16]) -> bf16[64,16] {
 def test_census_counts_each_kind_of_call():
     c = census(HLO)
     assert c.as_dict() == dict(
-        fp8_gemms=2, fp8_gemms_f32_out=1, bf16_gemms=1, f32_gemms=1, xla_dots=1,
-        attention_kernels=1, pallas_kernels=1, all_gemms=4,
+        fp8_gemms=3, fp8_gemms_f32_out=1, bf16_gemms=1, f32_gemms=1, xla_dots=1,
+        attention_kernels=1, pallas_kernels=1, all_gemms=5, te_gemms=1, te_fp8_gemms=1,
+        te_quantize=1,
     )  # fmt: skip
 
 

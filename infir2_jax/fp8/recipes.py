@@ -9,7 +9,6 @@ never branch on the recipe: they call `policy(x, w, state)`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Callable
 
 import jax
@@ -28,10 +27,20 @@ from infir2_jax.parallel.partitioned import partitioned_gemm
 from infir2_jax.parallel.rules import current_layout
 
 
-class Fp8History(nnx.Variable):
-    """Delayed scaling's amax history [3, H] (rows x, w, g; column 0 newest). Not a parameter:
-    no optimizer, weight decay, clipping or averaging ever sees it; it is rolled once per
-    optimizer step with the amaxes the probes report."""
+class Fp8State(nnx.Variable):
+    """State of a stateful FP8 recipe. Not a parameter: no optimizer, weight decay, clipping or
+    averaging ever sees it; the recipe updates it once per optimizer step from the amaxes the
+    probes report (`Gemm.update_state`). Saved in checkpoints, replicated on every device."""
+
+
+class Fp8History(Fp8State):
+    """An amax history [3, H] (rows x, w, g). `delayed`: column 0 newest; `te_delayed`: TE's
+    layout (TE's DelayedScaleQuantizer rolls it)."""
+
+
+class Fp8Scale(Fp8State):
+    """`te_delayed`: TE's current scales [3] (x, w, g), computed from the history at the last
+    update."""
 
 
 class Fp8Probe(nnx.Variable):
@@ -57,6 +66,11 @@ class Gemm:
 
     def init_state(self) -> dict[str, nnx.Variable]:
         return {}
+
+    def update_state(self, state: dict[str, jax.Array], observed: jax.Array) -> dict:
+        """One GEMM's state after an optimizer step, from the probe's cotangent `observed`
+        [..., uses, 3] (amaxes of x, w, g per application; leading axes: stacked layers)."""
+        return state
 
     def fp8_dots(self, x: jax.Array, ws: tuple, states: tuple, uses: tuple, axes: tuple) -> tuple:
         """x @ w for each w in `ws` in FP8 (one quantization of x where the recipe allows)."""
@@ -180,6 +194,9 @@ class DelayedGemm(Gemm):
             )
         return delayed_scaling_dot(x, w, state["fp8_history"], state["fp8_probe"][use], self.spec)
 
+    def update_state(self, state, observed):
+        return {"fp8_history": roll_history(state["fp8_history"], observed)}
+
 
 def roll_history(history: jax.Array, probe_grad: jax.Array) -> jax.Array:
     """history [..., 3, H] <- this step's amaxes: the max over the probe rows [..., uses, 3]
@@ -195,16 +212,31 @@ def _formats(fmt: str | None, default: str) -> tuple:
 
 
 def _te(name: str) -> Callable[..., Gemm]:
+    """TransformerEngine's recipe `name` (infir2_jax/fp8/te.py), TE imported on first use."""
+
     def build(cfg) -> Gemm:
-        if importlib.util.find_spec("transformer_engine") is None:
+        from infir2_jax.fp8.te import TeGemm, TransformerEngineError, import_te
+
+        try:
+            import_te()
+        except TransformerEngineError as err:
+            raise ValueError(f"fp8.recipe={name}: {err}") from err
+        delayed = name == "te_delayed"
+        if delayed and cfg.amax_history < 2:
             raise ValueError(
-                f"fp8.recipe={name} needs TransformerEngine-JAX (package transformer_engine, "
-                "`pip install transformer_engine[jax]`, built against a CUDA toolkit); "
-                "it is not installed. Use fp8.recipe=delayed or current for the XLA path."
+                f"fp8.amax_history: te_delayed needs at least 2 entries (TE resets one slot "
+                f"per step), got {cfg.amax_history}"
             )
-        raise ValueError(
-            f"fp8.recipe={name}: TransformerEngine is installed, but the TE backend is not "
-            "wired into infir2-jax yet; use fp8.recipe=delayed or current"
+        fwd, bwd = _formats(cfg.format, "hybrid")
+        return TeGemm(
+            name,
+            tuple(cfg.bf16_layers),
+            delayed=delayed,
+            fwd=fwd.name,
+            bwd=bwd.name,
+            margin=float(cfg.margin),
+            history=cfg.amax_history,
+            max_uses=cfg.max_uses,
         )
 
     return build

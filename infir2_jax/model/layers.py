@@ -66,6 +66,7 @@ class Linear(nnx.Module):
         self.axes = axes
         state = gemm.init_state()
         self.fp8_history = state.get("fp8_history")
+        self.fp8_scale = state.get("fp8_scale")
         self.fp8_probe = state.get("fp8_probe")
         self._uses = 0
 
@@ -74,9 +75,11 @@ class Linear(nnx.Module):
 
     def _gemm_inputs(self) -> tuple[jax.Array, dict[str, jax.Array], int]:
         """(kernel in the compute dtype, FP8 state, this application's probe row)."""
-        state = {}
-        if self.fp8_history is not None:
-            state = {"fp8_history": self.fp8_history[...], "fp8_probe": self.fp8_probe[...]}
+        state = {
+            name: var[...]
+            for name in ("fp8_history", "fp8_scale", "fp8_probe")
+            if (var := getattr(self, name)) is not None
+        }
         use = self._uses
         if self.gemm.stateful:
             self._uses += 1

@@ -111,13 +111,21 @@ def partitioned_gemm(
     ws: tuple[jax.Array, ...],
     axes: tuple[tuple[str, str], ...],
     layout: Layout,
+    *,
+    replicated: tuple = (),
+    per_device: tuple = (),
+    check_vma: bool = True,
 ) -> tuple[jax.Array, ...]:
-    """gemm(x, ws, gathered) -> one [tokens, out_i] per weight, run per device on its shards
-    (see the module docstring). The weights share the input x, so their `in` axes must place
-    it alike. Each weight enters as its parameter is sharded; `gathered[i]` (a GatheredWeight
-    or None) tells the GEMM how to make it whole."""
+    """gemm(x, ws, gathered, *replicated, *per_device) -> one [tokens, out_i] per weight, run
+    per device on its shards (see the module docstring). The weights share the input x, so
+    their `in` axes must place it alike. Each weight enters as its parameter is sharded;
+    `gathered[i]` (a GatheredWeight or None) tells the GEMM how to make it whole.
+    Extra inputs (a recipe's FP8 state): `replicated` pytrees reach every device whole;
+    `per_device` pytrees have a leading axis of one row per device, and each device gets its
+    row ([1, ...]). `check_vma=False` for GEMMs whose results are not typed with the mesh
+    axes they vary over (see jax.shard_map)."""
     if layout.mesh.size == 1:
-        return gemm(x, ws, (None,) * len(ws))
+        return gemm(x, ws, (None,) * len(ws), *replicated, *per_device)
     specs = [gemm_specs(layout, a) for a in axes]
     x_spec, _, _, contracted = specs[0]
     if any(spec[0] != x_spec for spec in specs):
@@ -127,13 +135,19 @@ def partitioned_gemm(
         strict=True,
     )
 
-    def local(x_shard: jax.Array, w_shards: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        ys = gemm(x_shard, w_shards, gathered)
+    def local(x_shard: jax.Array, w_shards: tuple[jax.Array, ...], *extra) -> tuple:
+        ys = gemm(x_shard, w_shards, gathered, *extra)
         return tuple(jax.lax.psum(y, contracted) if contracted else y for y in ys)
 
     return jax.shard_map(
         local,
         mesh=layout.mesh,
-        in_specs=(x_spec, tuple(w_specs)),
+        in_specs=(
+            x_spec,
+            tuple(w_specs),
+            *(PartitionSpec() for _ in replicated),
+            *(PartitionSpec(layout.mesh.axis_names) for _ in per_device),
+        ),
         out_specs=tuple(s[2] for s in specs),
-    )(x, tuple(ws))
+        check_vma=check_vma,
+    )(x, tuple(ws), *replicated, *per_device)

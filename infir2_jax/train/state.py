@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct, traverse_util
 
-from infir2_jax.fp8 import Fp8History, Fp8Probe, Gemm, roll_history
+from infir2_jax.fp8 import Fp8Probe, Fp8State, Gemm
 from infir2_jax.model import ModelConfig, Qwen2
 from infir2_jax.parallel.rules import Layout, activation_layout
 
@@ -25,35 +25,36 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Params
     opt_state: optax.OptState
-    fp8: dict[str, Any]  # delayed-scaling amax histories ({} for stateless recipes)
+    fp8: dict[str, Any]  # stateful recipes' FP8 state, e.g. amax histories ({} if stateless)
     nonfinite_streak: jax.Array  # int32: consecutive steps skipped for a non-finite loss/grad
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelParts:
-    """The model split by role: structure, parameters, FP8 histories, FP8 probes."""
+    """The model split by role: structure, parameters, FP8 state, FP8 probes."""
 
     graphdef: nnx.GraphDef
     params: Params  # abstract (ShapeDtypeStruct leaves)
     fp8: dict[str, Any]
     probes: dict[str, Any]
     param_axes: dict[str, Any]  # like `params`, leaves: logical axis names (tuples)
+    gemm: Gemm  # the FP8 recipe, which updates `fp8` once per step
 
 
 def split_model(cfg: ModelConfig, gemm: Gemm) -> ModelParts:
     """Abstract split of the model (nothing allocated)."""
     abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), gemm=gemm))
-    graphdef, params, fp8, probes = nnx.split(abstract, nnx.Param, Fp8History, Fp8Probe)
+    graphdef, params, fp8, probes = nnx.split(abstract, nnx.Param, Fp8State, Fp8Probe)
     pure = [nnx.to_pure_dict(s) for s in (params, fp8, probes)]
     axes = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(params)))
-    return ModelParts(graphdef, *pure, param_axes=axes)
+    return ModelParts(graphdef, *pure, param_axes=axes, gemm=gemm)
 
 
 def init_params(cfg: ModelConfig, seed: int, gemm: Gemm) -> tuple[Params, dict[str, Any]]:
-    """Random parameters and zeroed FP8 histories."""
+    """Random parameters and the FP8 recipe's initial state."""
     model = Qwen2(cfg, rngs=nnx.Rngs(seed), gemm=gemm)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(
-        nnx.state(model, Fp8History)
+        nnx.state(model, Fp8State)
     )
 
 
@@ -76,15 +77,19 @@ def init_state(
     )
 
 
-def update_fp8_histories(fp8: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any]:
-    """Rolls each GEMM's history with the amaxes its probe observed this step."""
+def update_fp8_state(gemm: Gemm, fp8: dict[str, Any], observed: dict[str, Any]) -> dict:
+    """Each GEMM's FP8 state after this step, from the amaxes its probe observed."""
     if not fp8:
         return fp8
-    histories = traverse_util.flatten_dict(fp8)
+    states: dict[tuple, dict[str, jax.Array]] = {}
+    for path, value in traverse_util.flatten_dict(fp8).items():
+        states.setdefault(path[:-1], {})[path[-1]] = value
     probes = traverse_util.flatten_dict(observed)
-    return traverse_util.unflatten_dict(
-        {path: roll_history(h, probes[(*path[:-1], "fp8_probe")]) for path, h in histories.items()}
-    )
+    updated = {}
+    for layer, state in states.items():
+        for name, value in gemm.update_state(state, probes[(*layer, "fp8_probe")]).items():
+            updated[(*layer, name)] = value
+    return traverse_util.unflatten_dict(updated)
 
 
 # An objective: (model, batch) -> (loss summed over what it covers, the weight to divide that
@@ -216,7 +221,7 @@ def make_train_step(
         updated = (
             optax.apply_updates(state.params, updates),
             opt_state,
-            update_fp8_histories(state.fp8, observed),
+            update_fp8_state(parts.gemm, state.fp8, observed),
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state, fp8 = jax.tree.map(
