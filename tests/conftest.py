@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,37 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# A small tiny_cpt whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).
+SMALL_PLAN = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_size=2",
+              "train.steps=10", "model.remat=full"]  # fmt: skip
+
+
+def plan_h100(*overrides: str, devices: int = 1) -> dict:
+    """`python -m infir2_jax.plan --target h100 --json` of SMALL_PLAN plus `overrides`, in a
+    process of its own (the planner sets XLA flags before JAX starts)."""
+    sets = [a for o in [*SMALL_PLAN, *overrides] for a in ("--set", o)]
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.plan", "--config", "tiny_cpt", "--target", "h100",
+         "--devices", str(devices), "--json", *sets],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def train_interrupted(config: str, overrides: list[str], run_dir: Path, stop_at: int) -> list:
+    """Trains `config` with `overrides` in `run_dir` until step `stop_at`, then runs the whole
+    command again (which resumes from the checkpoint); returns the resumed run's metrics."""
+    import io
+
+    from infir2_jax.config import load_config
+    from infir2_jax.train import train
+
+    overrides = [*overrides, f"train.run_dir={run_dir}"]
+    train(load_config(config, [*overrides, f"train.steps={stop_at}"]), out=io.StringIO())
+    return train(load_config(config, overrides), out=io.StringIO())
 
 
 def make_hf_model(directory: Path, *, seed: int = 0, std: float = 0.2, **config):

@@ -153,45 +153,51 @@ def compare_gemms() -> list[dict]:
     return results
 
 
+def sharded_steps(recipe: str, cases, batch):
+    """For each (rules table, mesh sizes) of `cases`: one train step on the mesh against the
+    same step on one device. Yields (the differences every recipe has, the mesh's FP8 state,
+    the one-device FP8 state)."""
+    floor = noise_floor(recipe, batch)
+    ref_metrics, ref_params, ref_fp8, ref_init = one_step(recipe, None, batch)
+    ref_grads = jax.tree.map(lambda a, b: a - b, ref_init, ref_params)
+    for rules, sizes in cases:
+        layout = make_layout(ParallelConfig(**sizes, rules=rules))
+        metrics, params, fp8, init = one_step(recipe, layout, batch)
+        grads = jax.tree.map(lambda a, b: a - b, init, params)
+        case = dict(
+            rules=rules,
+            mesh=sizes,
+            recipe=recipe,
+            init=rel_diff(init, ref_init),
+            loss=abs(float(metrics["loss"]) - float(ref_metrics["loss"]))
+            / abs(float(ref_metrics["loss"])),
+            grads=norm_diff(grads, ref_grads),
+            grads_noise_floor=floor,
+        )
+        yield case, fp8, ref_fp8
+
+
 def compare_steps() -> list[dict]:
     batch = packed_batch()
     results = []
     for recipe in RECIPES:
-        floor = noise_floor(recipe, batch)
-        ref_metrics, ref_params, ref_fp8, ref_init = one_step(recipe, None, batch)
-        ref_grads = jax.tree.map(lambda a, b: a - b, ref_init, ref_params)
-        for rules, sizes in CASES:
-            layout = make_layout(ParallelConfig(**sizes, rules=rules))
-            metrics, params, fp8, init = one_step(recipe, layout, batch)
-            grads = jax.tree.map(lambda a, b: a - b, init, params)
-            results.append(
-                dict(
-                    rules=rules,
-                    mesh=sizes,
-                    recipe=recipe,
-                    init=rel_diff(init, ref_init),
-                    loss=abs(float(metrics["loss"]) - float(ref_metrics["loss"]))
-                    / abs(float(ref_metrics["loss"])),
-                    grads=norm_diff(grads, ref_grads),
-                    grads_noise_floor=floor,
-                    # amax histories: rows x and w are maxima of forward values; row g
-                    # (gradients) inherits the FP8 backward's chaos
-                    fp8_forward_amax=rel_diff(
-                        [h[..., :2, :] for h in jax.tree.leaves(fp8)],
-                        [h[..., :2, :] for h in jax.tree.leaves(ref_fp8)],
-                    )
-                    if ref_fp8
-                    else 0.0,
-                    fp8_grad_amax=rel_diff(
-                        [h[..., 2, :] for h in jax.tree.leaves(fp8)],
-                        [h[..., 2, :] for h in jax.tree.leaves(ref_fp8)],
-                    )
-                    if ref_fp8
-                    else 0.0,
-                    fp8_histories=len(jax.tree.leaves(fp8)),
+        for case, fp8, ref_fp8 in sharded_steps(recipe, CASES, batch):
+            if ref_fp8:
+                # amax histories: rows x and w are maxima of forward values; row g
+                # (gradients) inherits the FP8 backward's chaos
+                case["fp8_forward_amax"] = rel_diff(
+                    [h[..., :2, :] for h in jax.tree.leaves(fp8)],
+                    [h[..., :2, :] for h in jax.tree.leaves(ref_fp8)],
                 )
-            )
-            print(json.dumps(results[-1]), flush=True)
+                case["fp8_grad_amax"] = rel_diff(
+                    [h[..., 2, :] for h in jax.tree.leaves(fp8)],
+                    [h[..., 2, :] for h in jax.tree.leaves(ref_fp8)],
+                )
+            else:
+                case["fp8_forward_amax"] = case["fp8_grad_amax"] = 0.0
+            case["fp8_histories"] = len(jax.tree.leaves(fp8))
+            results.append(case)
+            print(json.dumps(case), flush=True)
     return results
 
 

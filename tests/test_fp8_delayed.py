@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from conftest import train_interrupted
 from flax import nnx
 
 from infir2_jax.config import FP8Config, load_config
@@ -127,11 +128,6 @@ def test_train_step_updates_histories_once_per_step_and_resumes(tmp_path):
 
     # A resumed delayed run (state restored from the step-2 checkpoint) reproduces step 3.
     # (All 3 steps are inside the 30-step warmup, so train.steps=2 vs 3 leaves the LR equal.)
-    cfg_b = load_config(
-        "tiny_cpt", [*overrides[:-1], f"train.run_dir={tmp_path / 'b'}", "train.steps=2"]
-    )
-    train(cfg_b, out=io.StringIO())
-    cfg_b = load_config("tiny_cpt", [*overrides[:-1], f"train.run_dir={tmp_path / 'b'}"])
-    resumed = train(cfg_b, out=io.StringIO())
+    resumed = train_interrupted("tiny_cpt", overrides[:-1], tmp_path / "b", stop_at=2)
     assert resumed[-1]["step"] == 3
     np.testing.assert_allclose(resumed[-1]["loss"], history_a[-1]["loss"], rtol=1e-6)

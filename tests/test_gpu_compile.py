@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, plan_h100
 
 from infir2_jax.gpu_target import census, square_buffers, target_capability, target_config
 
@@ -65,26 +65,10 @@ def test_target_descriptions_load_without_fields_jaxlib_rejects():
         assert target_capability(name) == (9, 0)
 
 
-# A small model whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).
-SMALL = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_size=2",
-         "train.steps=10", "model.remat=full"]  # fmt: skip
-
-
-def _plan_h100(*overrides: str, devices: int = 1) -> dict:
-    sets = [a for o in [*SMALL, *overrides] for a in ("--set", o)]
-    r = subprocess.run(
-        [sys.executable, "-m", "infir2_jax.plan", "--config", "tiny_cpt", "--target", "h100",
-         "--devices", str(devices), "--json", *sets],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def h100_plans() -> dict[str, dict]:
     recipes = ("none", "current", "delayed", "blockwise")
-    return {recipe: _plan_h100(f"fp8.recipe={recipe}") for recipe in recipes}
+    return {recipe: plan_h100(f"fp8.recipe={recipe}") for recipe in recipes}
 
 
 @needs_plugin
@@ -128,11 +112,11 @@ def test_auto_attention_is_cudnn_flash_attention_on_hopper_with_no_seq_by_seq_bu
     """`auto` on an H100: cuDNN flash attention over the packed rows (one forward, one
     backward call per layer body), and no [seq, seq] buffer of any dtype anywhere; the
     explicit-mask XLA path, for contrast, holds several."""
-    flash = _plan_h100(*SEQ, "model.attention_impl=auto")
+    flash = plan_h100(*SEQ, "model.attention_impl=auto")
     assert flash["attention"] == "cudnn"
     assert flash["census"]["attention_kernels"] == 2, flash["census"]
     assert flash["census"]["seq_by_seq_buffers"] == 0, flash["census"]
-    masked = _plan_h100(*SEQ, "model.attention_impl=xla")
+    masked = plan_h100(*SEQ, "model.attention_impl=xla")
     assert masked["census"]["seq_by_seq_buffers"] > 0
     assert flash["peak"] < masked["peak"]
 
@@ -141,7 +125,7 @@ def test_auto_attention_is_cudnn_flash_attention_on_hopper_with_no_seq_by_seq_bu
 def test_cudnn_attention_under_tensor_parallelism_with_one_row_per_device():
     """Heads split over 2 devices, one row: the call is partitioned by hand (JAX's own rule
     for the packed call fails Shardy's verifier with one row, jax 0.10.2)."""
-    plan = _plan_h100(
+    plan = plan_h100(
         *SEQ, "model.attention_impl=cudnn", "parallel.tensor=2", "parallel.data=1",
         "model.vocab_size=258",
         "train.batch_size=1", devices=2,
@@ -155,11 +139,11 @@ def test_pallas_flash_attention_compiles_for_hopper_alone_and_under_context_para
     """The Pallas kernel lowered for an H100 (Triton): forward, dK/dV and dQ kernels, no
     [seq, seq] buffer; `auto` picks it under context parallelism, where cuDNN's packed form
     does not apply."""
-    alone = _plan_h100(*SEQ, "model.attention_impl=pallas")
+    alone = plan_h100(*SEQ, "model.attention_impl=pallas")
     assert alone["attention"] == "pallas"
     assert alone["census"]["pallas_kernels"] == 3, alone["census"]
     assert alone["census"]["seq_by_seq_buffers"] == 0, alone["census"]
-    context = _plan_h100(
+    context = plan_h100(
         *SEQ, "model.attention_impl=auto", "parallel.context=2", "parallel.data=1",
         "model.attention_block=64",
         "train.batch_size=1", devices=2,

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT
+from conftest import ROOT, plan_h100, train_interrupted
 from flax import nnx
 
 from infir2_jax.config import FP8Config, load_config
@@ -182,12 +182,7 @@ def test_te_delayed_training_checkpoints_its_state_and_resumes_exactly(te, tmp_p
     ).all()
     assert (q_proj["fp8_scale"] != 1).all()
 
-    cfg_b = load_config(
-        "tiny_cpt", [*overrides[:-1], f"train.run_dir={tmp_path / 'b'}", "train.steps=2"]
-    )
-    train(cfg_b, out=io.StringIO())
-    cfg_b = load_config("tiny_cpt", [*overrides[:-1], f"train.run_dir={tmp_path / 'b'}"])
-    resumed = train(cfg_b, out=io.StringIO())
+    resumed = train_interrupted("tiny_cpt", overrides[:-1], tmp_path / "b", stop_at=2)
     assert resumed[-1]["step"] == 3
     np.testing.assert_allclose(resumed[-1]["loss"], history_a[-1]["loss"], rtol=1e-6)
     # TE's recipe trains like ours: the same loss curve to FP8 precision.
@@ -228,22 +223,6 @@ def test_te_sharded_step_equals_single_device(tmp_path):
             assert case["fp8_states"] == 0 and case["loss"] < 1e-3, case
 
 
-# A small model whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).
-SMALL = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_size=2",
-         "train.steps=10", "model.remat=full"]  # fmt: skip
-
-
-def _plan_h100(*overrides: str, devices: int = 1) -> dict:
-    sets = [a for o in [*SMALL, *overrides] for a in ("--set", o)]
-    r = subprocess.run(
-        [sys.executable, "-m", "infir2_jax.plan", "--config", "tiny_cpt", "--target", "h100",
-         "--devices", str(devices), "--json", *sets],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 @needs_te
 @pytest.mark.skipif(not HAS_PLUGIN, reason="CUDA plugin absent: requirements-gpu-compile.txt")
 @pytest.mark.parametrize("recipe,tensor", [("te_delayed", 1), ("te_delayed", 2), ("te_current", 2)])
@@ -252,7 +231,7 @@ def test_te_recipes_compile_to_te_kernels_for_h100(recipe, tensor):
     fprop + 7 dgrad + 7 wgrad), fed by TE's quantize kernels; no FP8 or FP32 GEMM of XLA's
     own is left. Alone and under tensor parallelism 2."""
     extra = [] if tensor == 1 else ["parallel.tensor=2", "parallel.data=1", "model.vocab_size=258"]
-    c = _plan_h100(f"fp8.recipe={recipe}", *extra, devices=tensor)["census"]
+    c = plan_h100(f"fp8.recipe={recipe}", *extra, devices=tensor)["census"]
     assert c["te_gemms"] == c["te_fp8_gemms"] == c["fp8_gemms"] == 27, c
     assert c["f32_gemms"] == 0 and c["fp8_gemms_f32_out"] == 0, c
     # te_delayed quantizes x, w and g of every GEMM with stored scales; te_current computes

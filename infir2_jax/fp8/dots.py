@@ -326,7 +326,7 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     return jax.lax.platform_dependent(*args, cuda=kernel, default=emulated)
 
 
-def _row_major(a: jax.Array) -> jax.Array:
+def row_major(a: jax.Array) -> jax.Array:
     """`a` pinned to the row-major layout. The kernel reads some operands transposed (8-bit
     wgmma wants both K-major); unpinned, XLA's layout assignment pushes that transpose back
     through elementwise producers into the layer scan's stacked residuals, and then keeps a
@@ -338,7 +338,7 @@ def _row_major(a: jax.Array) -> jax.Array:
 def _blockwise_fwd(x, ws, spec, gathered):
     b = spec.block
     gathered = gathered or (None,) * len(ws)
-    x = _row_major(x)
+    x = row_major(x)
     qx, sx = _block_quant(x, (1, b), spec.fwd, spec)  # [t, in], [t, in/b]
     # wgrad contracts tokens: x in B×1 tiles along them, quantized from xᵀ as 1×B tiles so the
     # FP8 copy is written in the layout the kernel reads (A = xᵀ, [in, t]); kept for the
@@ -347,14 +347,14 @@ def _blockwise_fwd(x, ws, spec, gathered):
     qx_tt, sx_tt = qx_t.T, sx_t.T  # [in, t], [in, t/b]: transposed in FP8 (half the bytes)
     ys, wres = [], []
     for w, split in zip(ws, gathered, strict=True):
-        whole = _row_major(split.gather(w) if split else w)
+        whole = row_major(split.gather(w) if split else w)
         qw, sw = _block_quant(whole, (b, b), spec.fwd, spec)  # [in, out], [in/b, out/b]
         ys.append(_block_matmul(qx, sx, qw.T, sw.T, "block", x.dtype, spec))
-        wres.append((_row_major(split.local(qw) if split else qw), sw))
+        wres.append((row_major(split.local(qw) if split else qw), sw))
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
     # Power-of-two scales are kept as their exponents (int16: half the bytes of FP32).
     sx_kept = pow2_exponents(sx_tt) if spec.power_of_two else sx_tt
-    return tuple(ys), (_row_major(qx_tt), sx_kept, tuple(wres), tokens)
+    return tuple(ys), (row_major(qx_tt), sx_kept, tuple(wres), tokens)
 
 
 def _blockwise_bwd(spec, gathered, residuals, gs):
@@ -364,7 +364,7 @@ def _blockwise_bwd(spec, gathered, residuals, gs):
     gathered = gathered or (None,) * len(gs)
     dxs, dws = [], []
     for g, (qw, sw), wt, split in zip(gs, wres, wts, gathered, strict=True):
-        g = _row_major(g)
+        g = row_major(g)
         qw = split.gather(qw) if split else qw  # the FP8 weight, gathered in FP8
         qg, sg = _block_quant(g, (1, b), spec.bwd, spec)  # [t, out], [t, out/b]
         # dgrad: dx = g · wᵀ; B = wᵀ is [out, in], K-major that is w itself ([in, out]).
@@ -372,7 +372,7 @@ def _blockwise_bwd(spec, gathered, residuals, gs):
         # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t], whose
         # 1×B tiles are g's B×1 tiles along tokens.
         qg_t, sg_t = _block_quant(g, (b, 1), spec.bwd, spec)  # [t, out], [t/b, out]
-        qg_tt, sg_tt = _row_major(qg_t.T), sg_t.T  # [out, t], [out, t/b]
+        qg_tt, sg_tt = row_major(qg_t.T), sg_t.T  # [out, t], [out, t/b]
         dw = _block_matmul(qx_tt, sx_tt, qg_tt, sg_tt, "column", wt.dtype, spec)
         dws.append(_cotangent_like(split.reduce_scatter(dw) if split else dw, wt))
     return _cotangent_like(_sum_cotangents(dxs, xt.dtype), xt), tuple(dws)

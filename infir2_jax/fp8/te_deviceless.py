@@ -1,7 +1,8 @@
 """Compile-only support: TransformerEngine-JAX on a machine without a GPU.
 
-Used by `python -m infir2_jax.plan --target h100` and by the tests, never by training. Two
-things stand between TE and a machine with no CUDA driver:
+Used by `python -m infir2_jax.plan --target h100`, the tests and `bench/fp8_curves.py` (TE's
+pure-JAX implementation on the CPU), never by training. Two things stand between TE and a
+machine with no CUDA driver:
 
 - Import: TE loads every cuDNN library, and cuDNN's runtime-compiled engine library links six
   CUDA driver functions (`cuModuleLoadData`, `cuTensorMapEncodeTiled`, ...), so the dynamic
@@ -110,14 +111,26 @@ def capability_shim(capability: int) -> None:
     gemm.get_device_compute_capability = get_device_compute_capability
 
 
+_active = False  # the stand-ins are loaded in this process
+
+
 def enable(capability: int = 90) -> bool:
     """Makes TE importable and traceable here if there is no CUDA driver; returns whether
     the compile-only setup is active (False on a machine with a GPU driver)."""
-    if has_cuda_driver():
-        return False
-    stub_driver()
-    from infir2_jax.fp8.te import import_te
+    global _active
+    if not _active:
+        if has_cuda_driver():
+            return False
+        import jax
 
-    import_te()
+        if not jax.config.jax_platforms:
+            # Without a driver there is nothing but the CPU to run on; and with the stub
+            # loaded, jax's CUDA plugin would try it and log an initialization error.
+            jax.config.update("jax_platforms", "cpu")
+        stub_driver()
+        from infir2_jax.fp8.te import import_te
+
+        import_te()
+        _active = True
     capability_shim(capability)
     return True
