@@ -33,9 +33,9 @@ TE_RECIPES = ("te_current", "te_delayed")
 
 
 def default_recipes() -> tuple[str, ...]:
-    import importlib.util
+    from infir2_jax.fp8.te import te_installed
 
-    return RECIPES + (TE_RECIPES if importlib.util.find_spec("transformer_engine") else ())
+    return RECIPES + (TE_RECIPES if te_installed() else ())
 
 
 def measure(recipe: str, preset: str, seq: int, batch: int, steps: int, remat: str) -> dict:

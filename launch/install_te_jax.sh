@@ -15,7 +15,10 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 TE_VERSION=${TE_VERSION:-2.20.2}
-TE_SDIST_SHA256=${TE_SDIST_SHA256:-b5d65e6f747de90d98fe9041322b532481e8de2b21b303a7e6f1365c665201ca}
+# The sdist's sha256 (PyPI's) for the tested version; set TE_SDIST_SHA256 for another one.
+if [[ -z "${TE_SDIST_SHA256:-}" && "$TE_VERSION" == 2.20.2 ]]; then
+  TE_SDIST_SHA256=b5d65e6f747de90d98fe9041322b532481e8de2b21b303a7e6f1365c665201ca
+fi
 WHEELHOUSE=${WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/infir2_jax/wheels}
 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 pip=("$PYTHON" -m pip install --disable-pip-version-check --quiet)
@@ -37,30 +40,36 @@ echo "install_te_jax: TransformerEngine-JAX $TE_VERSION for jax $jax_version ($P
 
 mkdir -p "$WHEELHOUSE"
 shopt -s nullglob
-wheels=("$WHEELHOUSE"/transformer_engine_jax-"$TE_VERSION"-*.whl)
+# One wheel per TE version and Python (the extension is built for one CPython ABI).
+python_tag=$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+pattern="transformer_engine_jax-$TE_VERSION-$python_tag-*.whl"
+wheels=("$WHEELHOUSE"/$pattern)
 if [[ ${#wheels[@]} -eq 0 ]]; then
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT
   sdist="transformer_engine_jax-$TE_VERSION.tar.gz"
-  # pip cannot download this sdist on its own: it would prepare its metadata in an isolated
-  # build environment, which fails without TE's build setup. So fetch it from the index and
-  # check its hash.
-  index=$("$PYTHON" -m pip config get global.index-url 2>/dev/null || echo https://pypi.org/simple)
-  page=$(curl -fsSL "${index%/}/transformer-engine-jax/")
-  url=$(grep -o "href=\"[^\"]*$sdist[^\"]*\"" <<<"$page" | sed -n '1s/^href="\([^"#]*\).*/\1/p')
-  if [[ -z "$url" ]]; then
-    echo "install_te_jax: $sdist not found on ${index}" >&2
-    exit 1
+  # pip prepares an sdist's metadata before saving it; in an isolated build environment TE's
+  # setup fails, so it runs here, where the build tools above are installed. (pip: so the
+  # download honours the environment's index, mirrors and certificates.)
+  NVTE_FRAMEWORK=jax NVTE_BUILD_USE_NVIDIA_WHEELS=1 "$PYTHON" -m pip download \
+    --disable-pip-version-check --quiet --no-deps --no-binary :all: --no-build-isolation \
+    -d "$build" "transformer-engine-jax==$TE_VERSION"
+  if [[ -n "${TE_SDIST_SHA256:-}" ]]; then
+    echo "$TE_SDIST_SHA256  $build/$sdist" | sha256sum --check --quiet
+  else
+    echo "install_te_jax: no sha256 given for $sdist (TE_SDIST_SHA256); not checked" >&2
   fi
-  curl -fsSL -o "$build/$sdist" "$url"
-  echo "$TE_SDIST_SHA256  $build/$sdist" | sha256sum --check --quiet
   echo "install_te_jax: building $sdist (MAX_JOBS=$MAX_JOBS; about 4 minutes on 2 cores)"
   # NVTE_BUILD_USE_NVIDIA_WHEELS: take CUDA headers from the nvidia-* wheels, not from a
   # system CUDA (a machine without a toolkit may still have an `nvcc` wrapper on PATH).
   MAX_JOBS=$MAX_JOBS NVTE_FRAMEWORK=jax NVTE_BUILD_USE_NVIDIA_WHEELS=1 \
     "$PYTHON" -m pip wheel --disable-pip-version-check --quiet --no-deps --no-build-isolation \
     -w "$WHEELHOUSE" "$build/$sdist"
-  wheels=("$WHEELHOUSE"/transformer_engine_jax-"$TE_VERSION"-*.whl)
+  wheels=("$WHEELHOUSE"/$pattern)
+  if [[ ${#wheels[@]} -eq 0 ]]; then
+    echo "install_te_jax: the build left no $pattern in $WHEELHOUSE" >&2
+    exit 1
+  fi
 fi
 wheel=${wheels[0]}
 "${pip[@]}" --no-deps --force-reinstall "$wheel"

@@ -55,6 +55,11 @@ def compare_steps() -> list[dict]:
                 case["forward_scale"] = rel_diff(
                     _rows(fp8, "fp8_scale", forward), _rows(ref_fp8, "fp8_scale", forward)
                 )
+                # g: maxima of gradients, which FP8 rounding in the backward moves a little
+                case["grad_amax"] = rel_diff(
+                    _rows(fp8, "fp8_history", slice(2, 3)),
+                    _rows(ref_fp8, "fp8_history", slice(2, 3)),
+                )
                 case["amax_observed"] = min(
                     float(h[..., -1].min()) for h in _rows(fp8, "fp8_history", slice(0, 3))
                 )

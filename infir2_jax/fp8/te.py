@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -67,9 +68,20 @@ def _preload_nccl() -> None:
         ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
 
 
+def te_installed() -> bool:
+    """Whether TE's JAX extension is installed. (The core wheels alone already provide
+    `transformer_engine/jax`'s Python files; the compiled extension is a distribution of its
+    own, installed under transformer_engine/wheel_lib.)"""
+    try:
+        importlib.metadata.version("transformer_engine_jax")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def import_te():
     """`transformer_engine.jax`, or a TransformerEngineError that says what to do."""
-    if importlib.util.find_spec("transformer_engine") is None:
+    if not te_installed():
         raise TransformerEngineError(f"TransformerEngine-JAX is not installed; {INSTALL_HINT}")
     _preload_nccl()
     try:
@@ -89,18 +101,21 @@ def import_te():
 
 @contextlib.contextmanager
 def _te_trace(kernels: bool) -> Iterator[None]:
-    """While TE traces: its GPU kernels or its pure-JAX implementation, and an empty
-    MeshResource (we partition; TE adds no collectives)."""
+    """While TE traces: an empty MeshResource (we partition; TE adds no collectives), and
+    off a GPU TE's pure-JAX implementation (its switch NVTE_JAX_CUSTOM_CALLS=false, which TE
+    reads while tracing; process-wide, so tracing is assumed single-threaded). On a GPU a
+    user's own NVTE_JAX_CUSTOM_CALLS (e.g. one primitive off) is left as it is."""
     from transformer_engine.jax.sharding import MeshResource, global_shard_guard
 
     before = os.environ.get("NVTE_JAX_CUSTOM_CALLS")
-    os.environ["NVTE_JAX_CUSTOM_CALLS"] = "true" if kernels else "false"
+    if not kernels:
+        os.environ["NVTE_JAX_CUSTOM_CALLS"] = "false"
     try:
         with global_shard_guard(MeshResource()):
             yield
     finally:
         if before is None:
-            del os.environ["NVTE_JAX_CUSTOM_CALLS"]
+            os.environ.pop("NVTE_JAX_CUSTOM_CALLS", None)
         else:
             os.environ["NVTE_JAX_CUSTOM_CALLS"] = before
 
@@ -167,14 +182,16 @@ class TeGemm(Gemm):
             if self.delayed
             else ScalingMode.CURRENT_TENSOR_SCALING
         )
-        extra = {"margin": self.margin} if self.delayed else {}
         qs = QuantizerFactory.create_set(
-            scaling_mode=mode, fwd_dtype=_DTYPES[self.fwd], bwd_dtype=_DTYPES[self.bwd], **extra
+            scaling_mode=mode, fwd_dtype=_DTYPES[self.fwd], bwd_dtype=_DTYPES[self.bwd]
         )
         if self.delayed:
+            # Our state in TE's quantizers. (The scale TE recomputes while tracing is not
+            # kept: `update_state` applies TE's update, margin included, once per step.)
             for row, q in enumerate((qs.x, qs.kernel, qs.dgrad)):
                 q.scale = scale[row : row + 1]
                 q.amax_history = history[row]
+                q.margin = self.margin
         return qs
 
     def fp8_dots(self, x, ws, states, uses, axes):

@@ -12,14 +12,15 @@ machine with no CUDA driver:
   which it asks the driver for (`transformer_engine_jax.get_device_compute_capability`), and
   that raises without one. `capability_shim(90)` answers for the GPU being compiled for.
 
-`enable(capability)` does both, and only when no real driver is present: on a GPU machine it
-changes nothing.
+`enable(capability)` does what this machine needs: the stub only where no driver library
+exists, the capability answer wherever the driver sees no GPU (also a login node with a
+driver); on a machine with a GPU it changes nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
+import hashlib
 import importlib
 import os
 import subprocess
@@ -50,23 +51,33 @@ CUresult cuGetErrorName(CUresult error, const char **text) { *text = kMessage; r
 """
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "infir2_jax"
+_stub_loaded = False  # the stub answers to libcuda.so.1 in this process
 
 
 class DevicelessError(RuntimeError):
     """The compile-only TE setup cannot be made here (no C compiler, TE missing)."""
 
 
-def has_cuda_driver() -> bool:
-    """Whether a real CUDA driver library can be loaded in this process."""
+def cuda_devices() -> int | None:
+    """GPUs the CUDA driver of this machine sees: None without a driver library, 0 with a
+    driver but no GPU (a login node, a CPU container)."""
+    if _stub_loaded:
+        return None  # what answers to libcuda.so.1 now is our stub
     try:
-        ctypes.CDLL("libcuda.so.1")
+        driver = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return False
-    return True
+        return None
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
-def build_stub_driver(directory: Path = CACHE / "stub_cuda") -> Path:
-    """`libcuda.so.1` with the stub functions (built once with the system C compiler)."""
+def build_stub_driver(directory: Path | None = None) -> Path:
+    """`libcuda.so.1` with the stub functions (built once with the system C compiler, in a
+    cache directory named by the source's hash)."""
+    digest = hashlib.sha256(_STUB_SOURCE.encode()).hexdigest()[:12]
+    directory = directory or CACHE / f"stub_cuda-{digest}"
     target = directory / "libcuda.so.1"
     if target.exists():
         return target
@@ -87,12 +98,13 @@ def build_stub_driver(directory: Path = CACHE / "stub_cuda") -> Path:
     return target
 
 
-@functools.cache
 def stub_driver() -> Path:
     """Loads the stub driver process-wide (RTLD_GLOBAL), so that libraries asking for
-    `libcuda.so.1` get it. Only call without a real driver."""
+    `libcuda.so.1` get it. Only call where no driver library exists."""
+    global _stub_loaded
     path = build_stub_driver()
     ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    _stub_loaded = True
     return path
 
 
@@ -109,28 +121,29 @@ def capability_shim(capability: int) -> None:
 
     transformer_engine_jax.get_device_compute_capability = get_device_compute_capability
     gemm.get_device_compute_capability = get_device_compute_capability
-
-
-_active = False  # the stand-ins are loaded in this process
+    # TE caches what it derived from the capability; a new answer must reach those too.
+    device_utils = importlib.import_module("transformer_engine.jax.quantize.device_utils")
+    device_utils.get_device_compute_capability.cache_clear()
+    device_utils.is_fp8_gemm_with_all_layouts_supported.cache_clear()
 
 
 def enable(capability: int = 90) -> bool:
-    """Makes TE importable and traceable here if there is no CUDA driver; returns whether
-    the compile-only setup is active (False on a machine with a GPU driver)."""
-    global _active
-    if not _active:
-        if has_cuda_driver():
-            return False
-        import jax
+    """Makes TE importable and traceable here if this machine has no GPU; returns whether
+    the compile-only setup is active (False where the CUDA driver sees a GPU: there TE needs
+    none of it)."""
+    devices = cuda_devices()
+    if devices:
+        return False
+    import jax
 
-        if not jax.config.jax_platforms:
-            # Without a driver there is nothing but the CPU to run on; and with the stub
-            # loaded, jax's CUDA plugin would try it and log an initialization error.
-            jax.config.update("jax_platforms", "cpu")
-        stub_driver()
-        from infir2_jax.fp8.te import import_te
+    if not jax.config.jax_platforms:
+        # Without a GPU there is nothing but the CPU to run on; and with the stub loaded,
+        # jax's CUDA plugin would try it and log an initialization error.
+        jax.config.update("jax_platforms", "cpu")
+    if devices is None and not _stub_loaded:
+        stub_driver()  # no driver library at all: TE's libraries need one to load
+    from infir2_jax.fp8.te import import_te
 
-        import_te()
-        _active = True
+    import_te()
     capability_shim(capability)
     return True
