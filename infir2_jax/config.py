@@ -232,7 +232,7 @@ class RLConfig:
     max_new_tokens: int = 8192
     temperature: float = 1.0
     top_p: float = 1.0
-    reward: str = "math"  # a registered reward (rl/rewards.py): math, exact_integer, ...
+    reward: str = "math"  # a registered reward (infir2_jax/grading.py): math, exact_integer, ...
     require_thinking: bool = False  # math: no `</think>` scores 0
     reward_workers: int = 4  # grading processes (0: in this process, no timeout)
     reward_timeout: float = 10.0  # seconds per sample

@@ -73,7 +73,8 @@ def plan(
         state_shardings,
         with_shardings,
     )
-    from infir2_jax.train.state import new_state, split_model
+    from infir2_jax.model.parts import split_model
+    from infir2_jax.train.state import new_state
 
     if target == "cpu":
         if jax.device_count() < devices:

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 
 from infir2_jax.data.bundled import bundled_path
 from infir2_jax.eval.__main__ import main
-from infir2_jax.rl.rewards import MathReward
+from infir2_jax.grading import MathReward
 
 PYTHON = os.environ.get("INFIR2_EVALSCOPE_PYTHON", sys.executable)
 

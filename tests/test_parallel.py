@@ -67,7 +67,7 @@ def _golden() -> dict[str, dict[str, tuple]]:
 def test_partition_specs_match_golden_table(table):
     from flax import traverse_util
 
-    from infir2_jax.train.state import split_model
+    from infir2_jax.model.parts import split_model
 
     parts = split_model(PRESETS["tiny-untied"], Gemm())
     got = {

@@ -18,7 +18,7 @@ from infir2_jax.rl.advantages import (
     overlong_penalty,
 )
 from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
-from infir2_jax.rl.rewards import (
+from infir2_jax.grading import (
     ExactIntegerReward,
     MathReward,
     RewardPool,
@@ -334,7 +334,8 @@ def test_one_grpo_step_moves_probability_towards_positive_advantages():
     from infir2_jax.model import preset
     from infir2_jax.rl.batch import Rollout, pack_rollouts
     from infir2_jax.rl.objective import policy_objective
-    from infir2_jax.train.state import init_params, init_state, make_train_step, split_model
+    from infir2_jax.model.parts import init_params, split_model
+    from infir2_jax.train.state import init_state, make_train_step
 
     cfg = preset("tiny").replace(dtype="float32", remat="none", init_std=0.05)
     params, fp8 = init_params(cfg, 0, Gemm())

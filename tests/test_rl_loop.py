@@ -11,7 +11,7 @@ import pytest
 
 from infir2_jax.config import ConfigError, load_config
 from infir2_jax.rl.loop import run
-from infir2_jax.rl.rewards import REWARDS, register_reward
+from infir2_jax.grading import REWARDS, register_reward
 from infir2_jax.train.stopping import NonFiniteLoss
 
 

@@ -41,12 +41,12 @@ MATH_BENCHMARKS = ("gsm8k", "math_500", "aime24", "aime25", "aime26")
 
 
 def regrade(work_dir: Path, model_id: str, benchmark: str) -> float | None:
-    """The mean reward of evalscope's predictions under our own grader (rl/rewards.py `math`,
+    """The mean reward of evalscope's predictions under our own grader (infir2_jax/grading.py `math`,
     what RL's periodic evaluation uses), from evalscope's review files; None for benchmarks
     that are not graded as math answers."""
     if benchmark not in MATH_BENCHMARKS:
         return None
-    from infir2_jax.rl.rewards import MathReward
+    from infir2_jax.grading import MathReward
 
     grade = MathReward()
     scores = []

@@ -34,10 +34,10 @@ from infir2_jax.generate.sampling import SamplingParams, TokenFilter, sample
 from infir2_jax.model import ModelConfig, Qwen2
 from infir2_jax.model.kv_cache import KVCache
 from infir2_jax.model.layers import BF16
+from infir2_jax.model.parts import Params, split_model
+from infir2_jax.parallel.params import param_shardings
 from infir2_jax.parallel.mesh import make_mesh
 from infir2_jax.parallel.rules import DECODE_RULES, Layout, activation_layout, constrain
-from infir2_jax.train.sharding import param_shardings
-from infir2_jax.train.state import Params, split_model
 
 FinishReason = str  # "stop" (a stop token or string) | "length" (max_new_tokens or the cache)
 
@@ -187,7 +187,11 @@ class Engine:
             raise ValueError("generate: context parallelism is not supported; use tensor/data")
         self._rows_floor = data
         self._parts = split_model(cfg, gemm)
-        self._shardings = None if layout is None else param_shardings(layout, self._parts)
+        self._shardings = (
+            None
+            if layout is None
+            else param_shardings(layout, self._parts.param_axes, self._parts.params)
+        )
         self._cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.dtype), p))
         self.params = self._placed(params)
         self._insert = self._jit(self._insert_fn, static_argnames=("how",), donate_argnums=(1, 2))
@@ -227,7 +231,7 @@ class Engine:
         return jax.jit(traced, **kwargs)
 
     def _model(self, params: Params) -> Qwen2:
-        return nnx.merge(self._parts.graphdef, params, self._parts.fp8, self._parts.probes)
+        return self._parts.bind(params)
 
     def _empty_state(self, length: int) -> tuple[KVCache, Slots]:
         if length not in self._empty:

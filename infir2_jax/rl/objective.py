@@ -11,7 +11,8 @@ from flax import nnx
 
 from infir2_jax.parallel.rules import Layout, activation_layout
 from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
-from infir2_jax.train.state import Batch, LossFn, ModelParts, Params, split_micro_batches
+from infir2_jax.model.parts import ModelParts, Params
+from infir2_jax.train.state import Batch, LossFn, split_micro_batches
 
 
 def policy_objective(cfg: PolicyLossConfig, num_samples: int, temperature: float) -> LossFn:
@@ -50,7 +51,7 @@ def jit_token_logprobs(
         with activation_layout(layout):
 
             def one(micro: Batch) -> jax.Array:
-                model = nnx.merge(parts.graphdef, params, parts.fp8, parts.probes)
+                model = parts.bind(params)
                 out, _ = model.token_logprobs(
                     micro["input_ids"], micro["labels"], micro["positions"],
                     micro["segment_ids"], temperature=temperature,

@@ -21,7 +21,7 @@ from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_r
 from infir2_jax.train.optimizer import schedule_change, schedule_settings
 from infir2_jax.train.setup import prepare, start_state
 from infir2_jax.train.sharding import jit_eval_step, jit_train_step
-from infir2_jax.train.state import split_model
+from infir2_jax.model.parts import split_model
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
 
 

@@ -24,14 +24,8 @@ from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.sharding import check_layout, state_shardings, with_shardings
-from infir2_jax.train.state import (
-    ModelParts,
-    Params,
-    TrainState,
-    init_state,
-    new_state,
-    split_model,
-)
+from infir2_jax.model.parts import ModelParts, Params, split_model
+from infir2_jax.train.state import TrainState, init_state, new_state
 
 
 @dataclasses.dataclass

@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import jax
 import optax
-from flax import traverse_util
-from jax.sharding import NamedSharding
 
 from infir2_jax.config import ConfigError
+from infir2_jax.model.parts import ModelParts
+from infir2_jax.parallel.params import param_shardings
 from infir2_jax.parallel.rules import Layout
 from infir2_jax.train.state import (
     LossFn,
-    ModelParts,
-    Params,
     TrainState,
     make_eval_step,
     make_train_step,
     next_token_loss,
 )
-
-
-def param_shardings(layout: Layout, parts: ModelParts) -> Params:
-    """NamedSharding per parameter; a dimension that does not split evenly is an error naming
-    the parameter, its shape and the mesh axes."""
-    flat_axes = traverse_util.flatten_dict(parts.param_axes)
-    flat_params = traverse_util.flatten_dict(parts.params)
-    out = {}
-    for path, axes in flat_axes.items():
-        shape = flat_params[path].shape
-        spec = layout.spec(axes)
-        for dim, (size, entry) in enumerate(zip(shape, spec, strict=False)):
-            if entry is None:
-                continue
-            mesh_axes = (entry,) if isinstance(entry, str) else entry
-            pieces = 1
-            for axis in mesh_axes:
-                pieces *= layout.mesh.shape[axis]
-            if size % pieces:
-                raise ConfigError(
-                    f"parameter {'/'.join(path)} {shape}: dimension {dim} ({axes[dim]}={size}) "
-                    f"does not split over {'×'.join(mesh_axes)} = {pieces} devices "
-                    f"(rules {layout.name}); change parallel.* or parallel.rules"
-                )
-        out[path] = NamedSharding(layout.mesh, spec)
-    return traverse_util.unflatten_dict(out)
 
 
 def state_shardings(
@@ -59,7 +31,7 @@ def state_shardings(
 ) -> TrainState:
     """A TrainState of NamedShardings for `abstract` (from `jax.eval_shape` of the init)."""
     replicated = layout.replicated()
-    params = param_shardings(layout, parts)
+    params = param_shardings(layout, parts.param_axes, parts.params)
     opt_state = optax.tree_map_params(
         optimizer,
         lambda _, sharding: sharding,

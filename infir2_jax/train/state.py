@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct, traverse_util
 
-from infir2_jax.fp8 import Fp8Probe, Fp8State, Gemm
+from infir2_jax.fp8 import Gemm
 from infir2_jax.model import ModelConfig, Qwen2
+from infir2_jax.model.parts import ModelParts, Params, init_params
 from infir2_jax.parallel.rules import Layout, activation_layout
 
 Batch = dict[str, jax.Array]
-Params = dict[str, Any]  # nested dict of FP32 master weights, as `nnx.to_pure_dict` gives
 
 
 @struct.dataclass
@@ -27,35 +27,6 @@ class TrainState:
     opt_state: optax.OptState
     fp8: dict[str, Any]  # stateful recipes' FP8 state, e.g. amax histories ({} if stateless)
     nonfinite_streak: jax.Array  # int32: consecutive steps skipped for a non-finite loss/grad
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """The model split by role: structure, parameters, FP8 state, FP8 probes."""
-
-    graphdef: nnx.GraphDef
-    params: Params  # abstract (ShapeDtypeStruct leaves)
-    fp8: dict[str, Any]
-    probes: dict[str, Any]
-    param_axes: dict[str, Any]  # like `params`, leaves: logical axis names (tuples)
-    gemm: Gemm  # the FP8 recipe, which updates `fp8` once per step
-
-
-def split_model(cfg: ModelConfig, gemm: Gemm) -> ModelParts:
-    """Abstract split of the model (nothing allocated)."""
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), gemm=gemm))
-    graphdef, params, fp8, probes = nnx.split(abstract, nnx.Param, Fp8State, Fp8Probe)
-    pure = [nnx.to_pure_dict(s) for s in (params, fp8, probes)]
-    axes = jax.tree.map(tuple, nnx.to_pure_dict(nnx.get_partition_spec(params)))
-    return ModelParts(graphdef, *pure, param_axes=axes, gemm=gemm)
-
-
-def init_params(cfg: ModelConfig, seed: int, gemm: Gemm) -> tuple[Params, dict[str, Any]]:
-    """Random parameters and the FP8 recipe's initial state."""
-    model = Qwen2(cfg, rngs=nnx.Rngs(seed), gemm=gemm)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(
-        nnx.state(model, Fp8State)
-    )
 
 
 def new_state(
@@ -114,7 +85,7 @@ def _summed_loss_fn(parts: ModelParts, loss_fn: LossFn = next_token_loss):
     """(params, probes, fp8, batch) -> (summed loss, (weight, summed metrics))."""
 
     def summed_loss(params: Params, probes: dict, fp8: dict, batch: Batch):
-        total, weight, metrics = loss_fn(nnx.merge(parts.graphdef, params, fp8, probes), batch)
+        total, weight, metrics = loss_fn(parts.bind(params, fp8, probes), batch)
         return total, (weight, metrics)
 
     return summed_loss
