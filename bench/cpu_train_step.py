@@ -27,9 +27,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from infir2_jax.config import OptimConfig  # noqa: E402
 from infir2_jax.fp8 import Gemm  # noqa: E402
+from infir2_jax.model.parts import split_model  # noqa: E402
 from infir2_jax.pretrained import load_params, read_config  # noqa: E402
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from infir2_jax.model.parts import split_model  # noqa: E402
 from infir2_jax.train.state import init_state, make_train_step  # noqa: E402
 
 

@@ -45,8 +45,8 @@ def measure(recipe: str, preset: str, seq: int, batch: int, steps: int, remat: s
     from infir2_jax.config import FP8Config, OptimConfig
     from infir2_jax.fp8 import make_gemm
     from infir2_jax.model import preset as get_preset
-    from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.model.parts import init_params, split_model
+    from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.train.state import init_state, make_train_step
 
     cfg = get_preset(preset).replace(dtype="bfloat16", param_dtype="float32", remat=remat)

@@ -65,6 +65,7 @@ def plan(
     from infir2_jax.gpu_target import census, gpu_devices, square_buffers, target_capability
     from infir2_jax.kernels.cudnn_attention import compile_target
     from infir2_jax.model.attention_impl import run_attention
+    from infir2_jax.model.parts import split_model
     from infir2_jax.parallel import describe, make_layout
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.train.sharding import (
@@ -73,7 +74,6 @@ def plan(
         state_shardings,
         with_shardings,
     )
-    from infir2_jax.model.parts import split_model
     from infir2_jax.train.state import new_state
 
     if target == "cpu":

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from infir2_jax.config import FP8Config, ParallelConfig  # noqa: E402
 from infir2_jax.fp8 import make_gemm  # noqa: E402
 from infir2_jax.model import PRESETS, Qwen2  # noqa: E402
+from infir2_jax.model.parts import init_params, split_model  # noqa: E402
 from infir2_jax.parallel import activation_layout, make_layout  # noqa: E402
 from infir2_jax.train.sharding import jit_train_step, state_shardings  # noqa: E402
-from infir2_jax.model.parts import init_params, split_model  # noqa: E402
 from infir2_jax.train.state import _summed_loss_fn, make_train_step, new_state  # noqa: E402
 
 MODEL = PRESETS["tiny"].replace(dtype="float32", attention_impl="xla")

@@ -15,8 +15,8 @@ from flax import nnx
 from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import make_gemm
 from infir2_jax.model import Qwen2, preset
-from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.model.parts import init_params, split_model
+from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.state import init_state, make_train_step
 
 # Unit roundoff of each format: 2^-(mantissa bits + 1).

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from infir2_jax.config import ConfigError, load_config
-from infir2_jax.rl.loop import run
 from infir2_jax.grading import REWARDS, register_reward
+from infir2_jax.rl.loop import run
 from infir2_jax.train.stopping import NonFiniteLoss
 
 

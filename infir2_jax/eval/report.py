@@ -41,7 +41,7 @@ MATH_BENCHMARKS = ("gsm8k", "math_500", "aime24", "aime25", "aime26")
 
 
 def regrade(work_dir: Path, model_id: str, benchmark: str) -> float | None:
-    """The mean reward of evalscope's predictions under our own grader (infir2_jax/grading.py `math`,
+    """The mean reward of evalscope's predictions under our own grader (grading.py `math`,
     what RL's periodic evaluation uses), from evalscope's review files; None for benchmarks
     that are not graded as math answers."""
     if benchmark not in MATH_BENCHMARKS:

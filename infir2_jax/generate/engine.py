@@ -35,8 +35,8 @@ from infir2_jax.model import ModelConfig, Qwen2
 from infir2_jax.model.kv_cache import KVCache
 from infir2_jax.model.layers import BF16
 from infir2_jax.model.parts import Params, split_model
-from infir2_jax.parallel.params import param_shardings
 from infir2_jax.parallel.mesh import make_mesh
+from infir2_jax.parallel.params import param_shardings
 from infir2_jax.parallel.rules import DECODE_RULES, Layout, activation_layout, constrain
 
 FinishReason = str  # "stop" (a stop token or string) | "length" (max_new_tokens or the cache)

@@ -27,13 +27,14 @@ from infir2_jax.config import ConfigError, RunConfig
 from infir2_jax.data import synthetic
 from infir2_jax.data.tokenizer import load_tokenizer
 from infir2_jax.generate import Completion, SamplingParams
+from infir2_jax.grading import RewardPool, make_reward
+from infir2_jax.model.parts import Params, init_params
 from infir2_jax.parallel import describe
 from infir2_jax.rl.advantages import DynamicSampler, group_advantages, overlong_penalty
 from infir2_jax.rl.batch import Rollout, pack_rollouts
 from infir2_jax.rl.objective import jit_token_logprobs, policy_objective
 from infir2_jax.rl.policy_loss import PolicyLossConfig
 from infir2_jax.rl.prompts import PromptOrder, PromptSet, arithmetic_prompts, load_prompts
-from infir2_jax.grading import RewardPool, make_reward
 from infir2_jax.rl.rollout import make_rollout
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
 from infir2_jax.train.loop import check_streak
@@ -41,7 +42,6 @@ from infir2_jax.train.metrics import MetricsLogger, make_sinks
 from infir2_jax.train.optimizer import schedule_settings
 from infir2_jax.train.setup import prepare, pretrained_params, start_state
 from infir2_jax.train.sharding import jit_train_step
-from infir2_jax.model.parts import Params, init_params
 from infir2_jax.train.stopping import Preempted, StopRequest
 
 PROMPT_POSITION = "prompt_position"  # checkpoint meta: prompts drawn so far

@@ -15,13 +15,13 @@ from infir2_jax.config import ConfigError, RunConfig
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.kernels.cudnn_attention import max_runs
 from infir2_jax.model.attention_impl import run_attention
+from infir2_jax.model.parts import split_model
 from infir2_jax.parallel import describe
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
 from infir2_jax.train.optimizer import schedule_change, schedule_settings
 from infir2_jax.train.setup import prepare, start_state
 from infir2_jax.train.sharding import jit_eval_step, jit_train_step
-from infir2_jax.model.parts import split_model
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
 
 

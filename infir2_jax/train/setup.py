@@ -18,13 +18,13 @@ from flax import traverse_util
 from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config
 from infir2_jax.fp8 import Gemm, make_gemm
+from infir2_jax.model.parts import ModelParts, Params, split_model
 from infir2_jax.parallel import make_layout
 from infir2_jax.parallel.rules import Layout
 from infir2_jax.pretrained import load_params, read_config
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.sharding import check_layout, state_shardings, with_shardings
-from infir2_jax.model.parts import ModelParts, Params, split_model
 from infir2_jax.train.state import TrainState, init_state, new_state
 
 
