@@ -117,6 +117,44 @@ def test_wrong_shape_tensor_is_named_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "ob").exists()
 
 
+@pytest.mark.parametrize("script", ["hf_to_orbax.py", "hf_to_fp8.py"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda shape: np.zeros(shape, np.int32), "is stored as I32"),
+        (lambda shape: np.full(shape, np.nan, np.float32), f"{120 * 60:,} non-finite values"),
+    ],
+)
+def test_non_float_or_non_finite_tensor_is_refused_by_name(tmp_path, script, bad, message):
+    make_hf_model(tmp_path / "hf")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors = _tensors(tmp_path / "hf")
+    tensors[name] = bad(tensors[name].shape)  # [heads × head_dim, hidden] = [120, 60]
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    r = _convert(script, "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert name in r.stderr and message in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_index_outside_the_model_directory_is_refused(tmp_path):
+    make_hf_model(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    names = _tensors_of(tmp_path / "elsewhere.safetensors")
+    index = {"weight_map": dict.fromkeys(names, "../elsewhere.safetensors")}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        hf_weight_map(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
+        hf_weight_map(tmp_path / "hf")
+
+
+def _tensors_of(file) -> list[str]:
+    with safe_open(file, framework="numpy") as f:
+        return list(f.keys())
+
+
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
     make_hf_model(tmp_path / "hf")
     cfg = read_hf_config(tmp_path / "hf")

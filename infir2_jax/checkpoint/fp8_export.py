@@ -25,6 +25,7 @@ from infir2_jax.checkpoint.hf_io import (
     SAFETENSORS_INDEX,
     atomic_output_dir,
     check_fresh_output_dir,
+    checked_tensor,
     copy_tokenizer_files,
     hf_weight_map,
     read_hf_config,
@@ -133,7 +134,7 @@ def export_fp8(
             shard = {}
             with safe_open(file, framework="numpy") as f:
                 for name in sorted(by_file[file]):
-                    tensor = f.get_tensor(name)
+                    tensor = checked_tensor(f, name, file)
                     if name in targets:
                         q, s = quantize_weight_blocks(tensor, power_of_two=scale_format == "e8m0")
                         shard[name], shard[f"{name}_scale_inv"] = q, s

@@ -53,14 +53,20 @@ def read_hf_config(hf_dir: str | os.PathLike, **overrides: Any) -> ModelConfig:
 
 
 def hf_weight_map(hf_dir: str | os.PathLike) -> dict[str, Path]:
-    """HF tensor name -> safetensors file holding it (sharded index or a single file)."""
+    """HF tensor name -> safetensors file holding it (sharded index or a single file). An
+    index that is not valid JSON, or that names a file outside `hf_dir`, is refused."""
     hf_dir = Path(hf_dir)
     index = hf_dir / SAFETENSORS_INDEX
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {name: hf_dir / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {str(name): hf_dir / str(file) for name, file in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        root = hf_dir.resolve()
         for file in sorted(set(files.values())):
+            if not file.resolve().is_relative_to(root):
+                raise CheckpointError(f"{index}: shard {file} is outside the model directory")
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: listed in {index} but missing")
         return files
@@ -71,6 +77,25 @@ def hf_weight_map(hf_dir: str | os.PathLike) -> dict[str, Path]:
     raise FileNotFoundError(
         f"{hf_dir}: no {SAFETENSORS_INDEX} or model.safetensors (only safetensors are supported)"
     )
+
+
+# safetensors dtype names of the floating formats a checkpoint's weights may be stored in.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+def checked_tensor(f, name: str, file: Path) -> np.ndarray:
+    """Tensor `name` of the open safetensors `f`, refused (naming it) unless it is floating
+    point and every value is finite: a NaN weight would poison every step trained on it."""
+    stored = f.get_slice(name).get_dtype()
+    if stored not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{file}: tensor {name} is stored as {stored}; weights must be one of {FLOAT_DTYPES}"
+        )
+    tensor = f.get_tensor(name)
+    bad = tensor.size - int(np.count_nonzero(np.isfinite(tensor)))
+    if bad:
+        raise CheckpointError(f"{file}: tensor {name} has {bad:,} non-finite values (NaN/inf)")
+    return tensor
 
 
 def read_hf_params(
@@ -119,7 +144,7 @@ def read_hf_params(
                     raise CheckpointError(
                         f"{file}: tensor {name} has shape {got}, the config expects {expected}"
                     )
-                tensor = f.get_tensor(name)
+                tensor = checked_tensor(f, name, file)
                 if rule.transpose:
                     tensor = tensor.T
                 if rule.per_layer:
