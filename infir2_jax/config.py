@@ -216,6 +216,34 @@ class RolloutConfig:
             )
 
 
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """RL's policy loss (`rl.loss.*`; the formulas: infir2_jax/rl/policy_loss.py). InfiR2:
+    clip 0.2 / 0.28, TIS cap 2, no KL, no entropy bonus."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: Aggregation = "seq_mean_token_mean"
+    tis_cap: float | None = 2.0  # truncated importance sampling against rollout logprobs
+    # (None: no importance correction against the rollout engine)
+    entropy_coef: float = 0.0
+    # KL to a frozen reference (the initial policy: train.init_from, or the seed's random
+    # init), k1 or k3 estimator; 0: off (InfiR2), and no reference is held.
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0: {self}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be positive (or null), got {self.tis_cap}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """RL: GRPO with DAPO's extras (`python -m infir2_jax.rl`, infir2_jax/rl/).
@@ -245,17 +273,7 @@ class RLConfig:
     reward_workers: int = 4  # grading processes (0: in this process, no timeout)
     reward_timeout: float = 10.0  # seconds per sample
     divide_by_std: bool = True  # GRPO advantages (false: Dr. GRPO)
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = (
-        "seq_mean_token_mean"
-    )
-    tis_cap: float | None = 2.0  # truncated importance sampling against rollout logprobs
-    entropy_coef: float = 0.0
-    # KL to a frozen reference (the initial policy: train.init_from, or the seed's random
-    # init), k1 or k3 estimator; 0: off (InfiR2), and no reference is held.
-    kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    loss: PolicyLossConfig = PolicyLossConfig()
     # Optimizer updates per rollout batch: `ppo_epochs` passes over it, each in `mini_batches`
     # slices (strided rows, reshuffled per epoch). With more than one update, the trainer
     # recomputes the "old" log-probabilities before the first.
@@ -302,8 +320,6 @@ class RLConfig:
                 f"overlong=penalty needs 0 < overlong_buffer <= max_new_tokens "
                 f"({self.max_new_tokens}), got {self.overlong_buffer}"
             )
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
     @property
     def updates_per_rollout(self) -> int:
@@ -418,8 +434,10 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _parse_value(option, value, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]  # as is: it names the key at fault
+        raise ConfigError(f"{key}: invalid value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -457,6 +475,16 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config field type {tp}")
 
 
+# Keys that moved: naming the old one says where it went.
+RENAMED_KEYS = {
+    f"rl.{name}": f"rl.loss.{name}"
+    for name in (
+        "clip_low", "clip_high", "aggregation", "tis_cap", "entropy_coef", "kl_coef",
+        "kl_estimator",
+    )
+}  # fmt: skip
+
+
 def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
@@ -465,6 +493,8 @@ def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if name in RENAMED_KEYS:
+            raise ConfigError(f"config key '{name}' is now '{RENAMED_KEYS[name]}'", key=name)
         raise ConfigError(
             f"unknown config key '{name}' (known in this section: {sorted(fields)})", key=name
         )

@@ -192,6 +192,21 @@ def test_bad_keys_and_values_are_named(override, message):
         load_config("tiny_cpt", [override])
 
 
+def test_rl_loss_is_a_nested_section_and_old_keys_name_the_new_one(tmp_path):
+    cfg = load_config("tiny_rl", ["rl.loss.kl_coef=0.1", "rl.loss.aggregation=token_mean"])
+    assert (cfg.rl.loss.kl_coef, cfg.rl.loss.aggregation, cfg.rl.loss.clip_high) == (
+        0.1, "token_mean", 0.28,
+    )  # fmt: skip
+    assert not hasattr(cfg.rl, "kl_coef")  # no copies beside the section
+    with pytest.raises(ConfigError, match="'rl.clip_low' is now 'rl.loss.clip_low'"):
+        load_config("tiny_rl", ["rl.clip_low=0.1"])
+    old = _write(tmp_path / "old.yaml", "base: tiny_rl\nrl: {kl_coef: 0.1}\n")
+    with pytest.raises(ConfigError, match="old.yaml: config key 'rl.kl_coef' is now 'rl.loss"):
+        load_config(old)
+    with pytest.raises(ConfigError, match="rl.loss: kl_coef must be >= 0"):
+        load_config("tiny_rl", ["rl.loss.kl_coef=-1"])
+
+
 def test_cli_exits_nonzero_naming_the_key(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt",
@@ -219,7 +234,8 @@ def test_rl_recipe_configs(size):
             128, 16, 384,
         )  # fmt: skip
         assert (rl.max_new_tokens, rl.temperature) == (tokens, temperature)
-        assert (rl.clip_low, rl.clip_high, rl.tis_cap, rl.reward) == (0.2, 0.28, 2.0, "math")
+        loss = rl.loss
+        assert (loss.clip_low, loss.clip_high, loss.tis_cap, rl.reward) == (0.2, 0.28, 2.0, "math")
         assert (cfg.optim.lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay) == (
             1e-6, 0.9, 0.98, 0.1,
         )  # fmt: skip
