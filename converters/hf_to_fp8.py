@@ -6,7 +6,6 @@ SGLang and vLLM load for block-FP8 inference.
         [--scale-format fp32|e8m0] [--check-tp 4]
 """
 
-import argparse
 import sys
 
 import _bootstrap
@@ -16,9 +15,7 @@ from infir2_jax.checkpoint.hf_io import read_hf_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _bootstrap.parser(__doc__)
     parser.add_argument("--hf-dir", required=True, help="HF directory: config.json + safetensors")
     parser.add_argument("--out", required=True, help="new FP8 checkpoint directory")
     parser.add_argument(

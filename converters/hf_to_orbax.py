@@ -3,7 +3,6 @@
 python converters/hf_to_orbax.py --hf-dir Qwen2.5-7B --out ckpt/qwen2.5-7b [--dtype auto]
 """
 
-import argparse
 import sys
 
 import _bootstrap
@@ -12,9 +11,7 @@ from infir2_jax.checkpoint.convert import hf_to_orbax
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _bootstrap.parser(__doc__)
     parser.add_argument("--hf-dir", required=True, help="HF directory: config.json + safetensors")
     parser.add_argument("--out", required=True, help="new Orbax checkpoint directory")
     parser.add_argument(

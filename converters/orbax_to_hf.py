@@ -9,7 +9,6 @@ checkpoint, whose master weights are float32: `--dtype float32` or `--dtype auto
 keeps those.
 """
 
-import argparse
 import sys
 
 import _bootstrap
@@ -19,9 +18,7 @@ from infir2_jax.checkpoint.orbax_io import stored_param_dtype
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _bootstrap.parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="Orbax checkpoint or run directory")
     parser.add_argument("--out", required=True, help="new HF directory")
     parser.add_argument(

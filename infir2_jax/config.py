@@ -23,7 +23,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+    """A config file or override is invalid; the message names the key.
+
+    `key` is the dotted key at fault, where one is: the loader uses it to name the file that
+    set that key (a config and its bases are merged before they are parsed).
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +216,34 @@ class RolloutConfig:
             )
 
 
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """RL's policy loss (`rl.loss.*`; the formulas: infir2_jax/rl/policy_loss.py). InfiR2:
+    clip 0.2 / 0.28, TIS cap 2, no KL, no entropy bonus."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    aggregation: Aggregation = "seq_mean_token_mean"
+    tis_cap: float | None = 2.0  # truncated importance sampling against rollout logprobs
+    # (None: no importance correction against the rollout engine)
+    entropy_coef: float = 0.0
+    # KL to a frozen reference (the initial policy: train.init_from, or the seed's random
+    # init), k1 or k3 estimator; 0: off (InfiR2), and no reference is held.
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0: {self}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be positive (or null), got {self.tis_cap}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """RL: GRPO with DAPO's extras (`python -m infir2_jax.rl`, infir2_jax/rl/).
@@ -237,17 +273,7 @@ class RLConfig:
     reward_workers: int = 4  # grading processes (0: in this process, no timeout)
     reward_timeout: float = 10.0  # seconds per sample
     divide_by_std: bool = True  # GRPO advantages (false: Dr. GRPO)
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = (
-        "seq_mean_token_mean"
-    )
-    tis_cap: float | None = 2.0  # truncated importance sampling against rollout logprobs
-    entropy_coef: float = 0.0
-    # KL to a frozen reference (the initial policy: train.init_from, or the seed's random
-    # init), k1 or k3 estimator; 0: off (InfiR2), and no reference is held.
-    kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    loss: PolicyLossConfig = PolicyLossConfig()
     # Optimizer updates per rollout batch: `ppo_epochs` passes over it, each in `mini_batches`
     # slices (strided rows, reshuffled per epoch). With more than one update, the trainer
     # recomputes the "old" log-probabilities before the first.
@@ -294,8 +320,6 @@ class RLConfig:
                 f"overlong=penalty needs 0 < overlong_buffer <= max_new_tokens "
                 f"({self.max_new_tokens}), got {self.overlong_buffer}"
             )
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
     @property
     def updates_per_rollout(self) -> int:
@@ -410,8 +434,10 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _parse_value(option, value, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]  # as is: it names the key at fault
+        raise ConfigError(f"{key}: invalid value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -449,6 +475,16 @@ def _parse_value(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config field type {tp}")
 
 
+# Keys that moved: naming the old one says where it went.
+RENAMED_KEYS = {
+    f"rl.{name}": f"rl.loss.{name}"
+    for name in (
+        "clip_low", "clip_high", "aggregation", "tis_cap", "entropy_coef", "kl_coef",
+        "kl_estimator",
+    )
+}  # fmt: skip
+
+
 def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
@@ -457,12 +493,20 @@ def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key '{name}' (known in this section: {sorted(fields)})")
+        if name in RENAMED_KEYS:
+            raise ConfigError(f"config key '{name}' is now '{RENAMED_KEYS[name]}'", key=name)
+        raise ConfigError(
+            f"unknown config key '{name}' (known in this section: {sorted(fields)})", key=name
+        )
     values = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name in raw:
-            values[name] = _parse_value(hints[name], raw[name], key)
+            try:
+                values[name] = _parse_value(hints[name], raw[name], key)
+            except ConfigError as e:
+                e.key = e.key or key  # the innermost field at fault
+                raise
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key '{key}'")
     try:
@@ -482,7 +526,7 @@ def _parse_model(raw: Any) -> ModelConfig:
         try:
             base = dataclasses.asdict(preset(name))
         except KeyError as e:
-            raise ConfigError(f"model.preset: {e.args[0]}") from None
+            raise ConfigError(f"model.preset: {e.args[0]}", key="model.preset") from None
         raw = {**base, **raw}
     return _parse_dataclass(ModelConfig, raw, "model")
 
@@ -527,22 +571,94 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
     return _parse_dataclass(RunConfig, raw, "")
 
 
-def _read_config(name: str | os.PathLike, overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """The raw sections of config NAME with `--set section.key=value` applied."""
-    path = resolve_config_path(name)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for assignment in overrides:
-        _set_dotted(raw, assignment)
     return raw
 
 
+def _resolve_base(name: Any, child: Path) -> Path:
+    """A `base:` value: a path relative to the file naming it, or a name in configs/."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{child}: base: expected a config name or path, got {name!r}")
+    path = Path(name)
+    for folder in (child.parent, CONFIG_DIR):
+        for candidate in (folder / path, folder / f"{path}.yaml"):
+            if candidate.is_file():
+                return candidate.resolve()
+    raise ConfigError(
+        f"{child}: base {name!r} not found (a path relative to {child.parent}, or a name in "
+        f"{CONFIG_DIR})"
+    )
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _record_origins(raw: dict[str, Any], origin: str, origins: dict[str, str], prefix=""):
+    """Which file set each leaf key, so that a bad key's error can name the file to fix."""
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _record_origins(value, origin, origins, f"{dotted}.")
+        else:
+            origins[dotted] = origin
+
+
+def _read_chain(path: Path, origins: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
+    """File PATH merged over its chain of bases (`base:`, followed until a file has none)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config base cycle: {' -> '.join(map(str, (*seen, path)))}")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    merged = {} if base is None else _read_chain(_resolve_base(base, path), origins, (*seen, path))
+    _record_origins(raw, str(path), origins)
+    return _merge(merged, raw)
+
+
+def _read_config(
+    name: str | os.PathLike, overrides: typing.Sequence[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw sections of config NAME, merged over its bases, with `--set section.key=value`
+    applied last; and the file each key came from (overridden keys: none)."""
+    origins: dict[str, str] = {}
+    raw = _read_chain(resolve_config_path(name), origins)
+    for assignment in overrides:
+        _set_dotted(raw, assignment)
+        key = assignment.partition("=")[0]
+        for dotted in [k for k in origins if k == key or k.startswith(f"{key}.")]:
+            del origins[dotted]
+    return raw, origins
+
+
+def _parse_run(cls: type, raw: dict[str, Any], origins: dict[str, str]) -> Any:
+    """Parse a merged config; an error about a key names the file that set it."""
+    try:
+        return _parse_dataclass(cls, raw, "")
+    except ConfigError as e:
+        key = e.key or ""
+        while key and key not in origins:  # a field of a list item: the file of the list
+            key = key[: max(key.rfind("."), key.rfind("["), 0)]
+        if not key:
+            raise
+        raise ConfigError(f"{origins[key]}: {e}", key=e.key) from None
+
+
 def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    return parse_config(_read_config(name, overrides))
+    return _parse_run(RunConfig, *_read_config(name, overrides))
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -551,7 +667,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 def load_eval_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> EvalConfig:
     """An eval config (a YAML file with an `eval` section) with `--set eval.key=value`."""
-    raw = _read_config(name, overrides)
+    raw, origins = _read_config(name, overrides)
     if "eval" not in raw:
         raise ConfigError(f"config {name}: an eval config has an `eval` section")
-    return _parse_dataclass(EvalRunConfig, raw, "").eval
+    return _parse_run(EvalRunConfig, raw, origins).eval

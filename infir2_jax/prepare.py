@@ -13,7 +13,6 @@ The output directory appears only once complete (written under a temporary name)
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from infir2_jax.checkpoint.hf_io import CheckpointError, atomic_output_dir
-from infir2_jax.config import ConfigError, DataConfig, load_config
+from infir2_jax.cli import USAGE, Exit, add_config, add_set, attempt, command_parser
+from infir2_jax.config import ConfigError, DataConfig, RunConfig, load_config
 from infir2_jax.data.examples import CptExamples, SftExamples
 from infir2_jax.data.pipeline import needs_tokenizer, open_source, split_bounds
 from infir2_jax.data.records import PREPARED_INFO, DataError
@@ -151,26 +151,30 @@ def prepare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infir2_jax.prepare", description=__doc__)
-    parser.add_argument("--config", required=True, help="a run config (its data section)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser = command_parser("python -m infir2_jax.prepare", __doc__)
+    add_config(parser, help="a run config (its data section)")
+    add_set(parser, help=None)
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--docs-per-shard", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
-    try:
+
+    def load_and_prepare() -> tuple[RunConfig, dict]:
         run = load_config(args.config, args.set)
-        cfg = run.data
         summary = prepare(
-            cfg,
+            run.data,
             args.out,
             seq_len=run.train.seq_len,
             docs_per_shard=args.docs_per_shard,
             workers=args.workers,
         )
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run, summary
+
+    status, done = attempt(load_and_prepare, Exit((ConfigError, DataError, CheckpointError), USAGE))
+    if status:
+        return status
+    run, summary = done
+    cfg = run.data
     extra = f", {summary['loss_tokens']:,} in the loss" if cfg.kind == "sft" else ""
     print(
         f"prepared {summary['documents']:,} documents, {summary['tokens']:,} tokens{extra} "

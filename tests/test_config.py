@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -54,6 +55,56 @@ def test_eval_configs():
         load_eval_config("eval_tiny", ["eval.benchmarks=[{name: gsm8k, repeats: 0}]"])
     with pytest.raises(ConfigError, match="unknown config key 'eval.tempeature'"):
         load_eval_config("eval_tiny", ["eval.tempeature=0"])
+
+
+def _write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_merges_mappings_and_replaces_lists_and_scalars(tmp_path):
+    _write(
+        tmp_path / "parent.yaml", "base: tiny_cpt\ntrain: {steps: 7}\nfp8: {bf16_layers: [0, 1]}\n"
+    )
+    child = _write(
+        tmp_path / "sub" / "child.yaml",  # a base path is relative to the file naming it
+        "base: ../parent\noptim: {lr: 1.0e-3}\nfp8: {bf16_layers: [-1]}\n",
+    )
+    cfg, tiny = load_config(child), load_config("tiny_cpt")
+    assert cfg.train == dataclasses.replace(tiny.train, steps=7)  # chained: tiny_cpt -> parent
+    assert cfg.optim == dataclasses.replace(tiny.optim, lr=1e-3)  # merged key by key
+    assert cfg.fp8.bf16_layers == (-1,)  # a list replaces, it does not append
+    assert cfg.model == tiny.model and cfg.data == tiny.data
+    over = load_config(child, ["train.steps=9", "fp8.bf16_layers=[2]"])  # --set after the merge
+    assert (over.train.steps, over.fp8.bf16_layers, over.optim.lr) == (9, (2,), 1e-3)
+    assert "base" not in yaml.safe_load(dump_config(cfg))
+
+
+def test_base_errors_name_the_files(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b\ntrain: {steps: 1}\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(a)
+    missing = _write(tmp_path / "m.yaml", "base: no_such_base\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: base 'no_such_base' not found"):
+        load_config(missing)
+    child = _write(tmp_path / "c.yaml", "base: tiny_cpt\ntrain: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'train\.stepz'"):
+        load_config(child)
+    _write(tmp_path / "p.yaml", "base: tiny_cpt\ntrain: {steps: many}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: train\.steps: expected an integer"):
+        load_config(_write(tmp_path / "q.yaml", "base: p\n"))  # the file that set the key
+    with pytest.raises(ConfigError, match="^unknown config key 'train.stepz'"):
+        load_config(child, ["train={steps: 3, stepz: 4}"])  # overridden: no file to name
+
+
+def test_recipe_configs_inherit_and_bases_are_not_listed():
+    assert (CONFIG_DIR / "base" / "cpt.yaml").is_file()
+    with pytest.raises(ConfigError) as e:
+        load_config("no_such_config")
+    assert "cpt_7b" in str(e.value) and "'cpt'" not in str(e.value)
+    assert "base:" in (CONFIG_DIR / "sft_7b_stage2.yaml").read_text()
 
 
 @pytest.mark.parametrize("name,params", [("cpt_7b", 7_615_616_512), ("cpt_1p5b", 1_543_714_304)])
@@ -141,6 +192,21 @@ def test_bad_keys_and_values_are_named(override, message):
         load_config("tiny_cpt", [override])
 
 
+def test_rl_loss_is_a_nested_section_and_old_keys_name_the_new_one(tmp_path):
+    cfg = load_config("tiny_rl", ["rl.loss.kl_coef=0.1", "rl.loss.aggregation=token_mean"])
+    assert (cfg.rl.loss.kl_coef, cfg.rl.loss.aggregation, cfg.rl.loss.clip_high) == (
+        0.1, "token_mean", 0.28,
+    )  # fmt: skip
+    assert not hasattr(cfg.rl, "kl_coef")  # no copies beside the section
+    with pytest.raises(ConfigError, match="'rl.clip_low' is now 'rl.loss.clip_low'"):
+        load_config("tiny_rl", ["rl.clip_low=0.1"])
+    old = _write(tmp_path / "old.yaml", "base: tiny_rl\nrl: {kl_coef: 0.1}\n")
+    with pytest.raises(ConfigError, match="old.yaml: config key 'rl.kl_coef' is now 'rl.loss"):
+        load_config(old)
+    with pytest.raises(ConfigError, match="rl.loss: kl_coef must be >= 0"):
+        load_config("tiny_rl", ["rl.loss.kl_coef=-1"])
+
+
 def test_cli_exits_nonzero_naming_the_key(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt",
@@ -168,7 +234,8 @@ def test_rl_recipe_configs(size):
             128, 16, 384,
         )  # fmt: skip
         assert (rl.max_new_tokens, rl.temperature) == (tokens, temperature)
-        assert (rl.clip_low, rl.clip_high, rl.tis_cap, rl.reward) == (0.2, 0.28, 2.0, "math")
+        loss = rl.loss
+        assert (loss.clip_low, loss.clip_high, loss.tis_cap, rl.reward) == (0.2, 0.28, 2.0, "math")
         assert (cfg.optim.lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay) == (
             1e-6, 0.9, 0.98, 0.1,
         )  # fmt: skip

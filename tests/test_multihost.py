@@ -45,7 +45,7 @@ RL_OVERRIDES = [
     "rl.eval_every=2",
     "rl.eval_max_prompts=8",
     "rl.mini_batches=2",
-    "rl.kl_coef=0.05",
+    "rl.loss.kl_coef=0.05",
     "checkpoint.every=1000",
 ]
 

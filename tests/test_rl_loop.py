@@ -74,7 +74,7 @@ def test_a_diverging_run_stops_like_training(tmp_path):
 
 def test_kl_reference_is_the_initial_policy(tmp_path):
     """At the first update the policy is the reference (KL 0); after it, they part."""
-    history = run(_config(tmp_path / "kl", 2, **{"rl.kl_coef": 0.1}), out=io.StringIO())
+    history = run(_config(tmp_path / "kl", 2, **{"rl.loss.kl_coef": 0.1}), out=io.StringIO())
     assert history[0]["kl"] < 1e-6, history[0]["kl"]
     assert history[1]["kl"] > 1e-4, history[1]["kl"]
 
@@ -82,7 +82,7 @@ def test_kl_reference_is_the_initial_policy(tmp_path):
 def test_rl_resumes_exactly(tmp_path):
     """With several updates per rollout (old logprobs recomputed, shuffled mini-batches) and a
     KL reference re-created on resume."""
-    ppo = {"rl.ppo_epochs": 2, "rl.mini_batches": 2, "rl.kl_coef": 0.05}
+    ppo = {"rl.ppo_epochs": 2, "rl.mini_batches": 2, "rl.loss.kl_coef": 0.05}
     whole = run(_config(tmp_path / "whole", 6, **ppo), out=io.StringIO())
     run(_config(tmp_path / "parts", 3, **ppo), out=io.StringIO())  # a run stopped after step 3
     resumed = run(_config(tmp_path / "parts", 6, **ppo), out=io.StringIO())

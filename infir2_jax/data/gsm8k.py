@@ -14,13 +14,13 @@ the built-in Qwen tokenizer) under `tokenizer/`, which `data.source: jsonl` can 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from infir2_jax.cli import USAGE, Exit, attempt, command_parser
 from infir2_jax.data.bundled import bundled_path
 from infir2_jax.data.records import DataError, InMemorySource, JsonlSource, expand_paths
 from infir2_jax.data.tokenizer import tokenizer_dir
@@ -86,22 +86,17 @@ def write_tiny_sft(out: str | Path, tokenizer: str | Path | None, gsm8k: str | P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m infir2_jax.data.gsm8k",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m infir2_jax.data.gsm8k", __doc__, raw_doc=True)
     parser.add_argument("--gsm8k", default=None, help="GSM8K-format JSONL (default: bundled)")
     parser.add_argument("--out", default="data/tiny_sft")
     parser.add_argument("--tokenizer", default="qwen", help="tokenizer to copy ('qwen': built in)")
     args = parser.parse_args(argv)
-    try:
-        out = write_tiny_sft(args.out, args.tokenizer, args.gsm8k)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out / 'sft.jsonl'} and {out / 'tokenizer'}")
-    return 0
+    status, out = attempt(
+        lambda: write_tiny_sft(args.out, args.tokenizer, args.gsm8k), Exit(DataError, USAGE)
+    )
+    if status == 0:
+        print(f"wrote {out / 'sft.jsonl'} and {out / 'tokenizer'}")
+    return status
 
 
 if __name__ == "__main__":

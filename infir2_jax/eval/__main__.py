@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from infir2_jax.checkpoint import CheckpointError
+from infir2_jax.cli import USAGE, Exit, add_config, add_set, command_parser, run_main
 from infir2_jax.config import ConfigError, EvalConfig, load_eval_config
 from infir2_jax.eval.datasets import dataset_args
 from infir2_jax.eval.model import serving_model
@@ -29,15 +30,16 @@ TASK_SCRIPT = Path(__file__).with_name("evalscope_task.py")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m infir2_jax.eval", description=__doc__)
-    p.add_argument("--config", required=True, help="a name in configs/ or a YAML path")
+    p = command_parser("python -m infir2_jax.eval", __doc__)
+    add_config(p)
     p.add_argument("--model", help="HF directory, Orbax checkpoint or run dir (not with url)")
     p.add_argument("--engine", choices=("sglang", "jax", "url"), help="default: the config's")
     p.add_argument("--url", help="engine url: a running OpenAI-compatible server (…/v1)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="eval.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set eval.temperature=0",
-    )  # fmt: skip
+    add_set(
+        p,
+        "override one config value (repeatable), e.g. --set eval.temperature=0",
+        metavar="eval.KEY=VALUE",
+    )
     return p.parse_args(argv)
 
 
@@ -125,25 +127,24 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+
+    def evaluate() -> None:
         cfg = load_eval_config(args.config, args.set)
         if args.engine or args.url:
             engine = args.engine or "url"
             cfg = dataclasses.replace(cfg, engine=engine, url=args.url or cfg.url)
         run(cfg, args.model)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: server stopped", file=sys.stderr)
-        return 130
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_main(
+            evaluate,
+            Exit((ConfigError, CheckpointError, FileNotFoundError, ValueError), USAGE),
+            Exit(ServerError, 1),
+            Exit(KeyboardInterrupt, 130, message="interrupted: server stopped"),
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from infir2_jax.checkpoint import CheckpointError
+from infir2_jax.cli import MODEL_SET_HELP, USAGE, Exit, add_set, command_parser, run_main
 from infir2_jax.config import ConfigError
 from infir2_jax.data import DataError
 from infir2_jax.generate.engine import Stats
@@ -27,7 +28,7 @@ from infir2_jax.generate.sampling import SamplingParams
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m infir2_jax.generate", description=__doc__)
+    p = command_parser("python -m infir2_jax.generate", __doc__)
     p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
     p.add_argument("--prompts", required=True, help="JSONL: input_ids | prompt | messages")
     p.add_argument("--out", required=True, help="JSONL written when every sample is done")
@@ -50,10 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, help="KV cache tokens per slot (default: the model's)")
     p.add_argument("--steps-per-call", type=int, default=32, help="decode steps per dispatch")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="model.* (e.g. model.dtype=float32), fp8.* or parallel.* (repeatable)",
-    )  # fmt: skip
+    add_set(p, MODEL_SET_HELP)
     return p.parse_args(argv)
 
 
@@ -112,15 +110,11 @@ def run(args: argparse.Namespace) -> Stats:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # the engine's checks: slots, heads over tensor, prompt sizes
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(
+        lambda: run(args),
+        Exit((ConfigError, DataError, CheckpointError), USAGE),
+        Exit(ValueError, USAGE),  # the engine's checks: slots, heads over tensor, prompt sizes
+    )
 
 
 if __name__ == "__main__":

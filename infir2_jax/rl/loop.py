@@ -33,7 +33,6 @@ from infir2_jax.parallel import describe
 from infir2_jax.rl.advantages import DynamicSampler, group_advantages, overlong_penalty
 from infir2_jax.rl.batch import Rollout, pack_rollouts
 from infir2_jax.rl.objective import jit_token_logprobs, policy_objective
-from infir2_jax.rl.policy_loss import PolicyLossConfig
 from infir2_jax.rl.prompts import PromptOrder, PromptSet, arithmetic_prompts, load_prompts
 from infir2_jax.rl.rollout import make_rollout
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
@@ -233,13 +232,8 @@ class _Updater:
         rl = cfg.rl
         self.cfg, self.layout, self.reference = cfg, setup.layout, reference
         loss_fn = policy_objective(
-            PolicyLossConfig(
-                clip_low=rl.clip_low, clip_high=rl.clip_high, aggregation=rl.aggregation,
-                tis_cap=rl.tis_cap, entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef,
-                kl_estimator=rl.kl_estimator,
-            ),
-            num_samples=rl.prompts_per_step * rl.n, temperature=rl.temperature,
-        )  # fmt: skip
+            rl.loss, num_samples=rl.prompts_per_step * rl.n, temperature=rl.temperature
+        )
         self.step_fn = jit_train_step(
             setup.layout, setup.state_sharding, setup.parts, setup.optimizer, setup.schedule,
             cfg.train.micro_batches, loss_fn,
@@ -293,7 +287,7 @@ def _host(array: jax.Array) -> np.ndarray:
 def _reference_params(cfg: RunConfig, setup) -> Params | None:
     """The frozen KL reference, in the compute dtype: the initial policy (`train.init_from`, or
     the seed's random init) — re-created the same way on resume."""
-    if not cfg.rl.kl_coef:
+    if not cfg.rl.loss.kl_coef:
         return None
     shardings = setup.state_sharding.params
     if cfg.train.init_from is not None:

@@ -22,30 +22,13 @@ their ratio — so any split of the batch gives the same loss:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+# The loss settings are a config section (`rl.loss`), so they live with the config.
+from infir2_jax.config import Aggregation, PolicyLossConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class PolicyLossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    aggregation: Aggregation = "seq_mean_token_mean"
-    tis_cap: float | None = 2.0  # None: no importance correction against the rollout engine
-    kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    entropy_coef: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ValueError(f"rl.clip_low must be in [0, 1) and clip_high >= 0: {self}")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"rl.tis_cap must be positive (or null), got {self.tis_cap}")
+__all__ = ["Aggregation", "PolicyLossConfig", "policy_loss"]
 
 
 def policy_loss(
@@ -120,5 +103,5 @@ def aggregate(
     if how == "seq_mean_token_mean":
         sums = jnp.where(present, sums / jnp.maximum(counts, 1.0), 0.0)
     elif how != "seq_mean_token_sum":
-        raise ValueError(f"rl.aggregation: {how!r} is not one of {Aggregation.__args__}")
+        raise ValueError(f"rl.loss.aggregation: {how!r} is not one of {Aggregation.__args__}")
     return jnp.sum(sums), jnp.sum(present.astype(jnp.float32))

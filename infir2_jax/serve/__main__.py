@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from infir2_jax.checkpoint import CheckpointError
+from infir2_jax.cli import MODEL_SET_HELP, USAGE, Exit, add_set, attempt, command_parser
 from infir2_jax.config import ConfigError
 from infir2_jax.data import DataError
 from infir2_jax.data.tokenizer import chat_template_path
@@ -28,7 +29,7 @@ DEFAULT_CHAT_TEMPLATE = "qwen2.5"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m infir2_jax.serve", description=__doc__)
+    p = command_parser("python -m infir2_jax.serve", __doc__)
     p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -42,10 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-window", type=float, default=0.01,
         help="seconds a batch waits for more requests after the first",
     )  # fmt: skip
-    p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="model.* (e.g. model.dtype=float32), fp8.* or parallel.* (repeatable)",
-    )  # fmt: skip
+    add_set(p, MODEL_SET_HELP)
     return p.parse_args(argv)
 
 
@@ -67,11 +65,13 @@ def build(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        app, batcher = build(args)
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # Only loading the model maps errors to a status: the server's own failures stay loud.
+    status, built = attempt(
+        lambda: build(args), Exit((ConfigError, DataError, CheckpointError, ValueError), USAGE)
+    )
+    if status:
+        return status
+    app, batcher = built
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

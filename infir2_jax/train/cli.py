@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from infir2_jax.checkpoint import CheckpointError
+from infir2_jax.cli import USAGE, Exit, add_config, add_set, command_parser, run_main
 from infir2_jax.config import ConfigError, RunConfig, load_config
 from infir2_jax.data import DataError
 from infir2_jax.parallel.distributed import DistributedError, initialize
@@ -22,23 +21,19 @@ def run_command(
     """Parses the arguments, starts the processes and runs `job(config)`. Exit status 0, 2 for
     a bad config / data / checkpoint (the message names it), 3 when the loss stayed
     non-finite, 128 + SIGTERM after a pre-emption checkpoint."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc)
-    parser.add_argument("--config", required=True, help="a name in configs/ or a YAML path")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set train.steps=60",
-    )  # fmt: skip
+    parser = command_parser(prog, doc)
+    add_config(parser)
+    add_set(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def start() -> None:
         cfg = load_config(args.config, args.set)
         print(f"processes: {initialize()}", flush=True)
         job(cfg)
-    except (ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except Preempted:
-        return 128 + signal.SIGTERM  # the conventional status of a SIGTERM'd job
-    return 0
+
+    return run_main(
+        start,
+        Exit((ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError), USAGE),
+        Exit(NonFiniteLoss, 3),
+        Exit(Preempted, 128 + signal.SIGTERM, message=""),  # a SIGTERM'd job's usual status
+    )
