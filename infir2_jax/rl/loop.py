@@ -224,7 +224,8 @@ class _Updater:
     """The optimizer updates of one rollout batch: `ppo_epochs` passes of `mini_batches`
     strided slices, each one step of the shared train step with the policy objective. The old
     policy's log-probabilities (several updates) and the reference's (KL) are computed first,
-    over the whole batch."""
+    over the whole batch. As in training, a batch with more segments per row than cuDNN
+    attention takes runs through functions built for the Pallas kernel (`Steps`)."""
 
     def __init__(self, cfg: RunConfig, setup: Setup, reference, out: TextIO):
         rl = cfg.rl
