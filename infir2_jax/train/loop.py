@@ -38,17 +38,10 @@ class _Training(Runner):
         self.attention = setup.attention()
 
         def build(parts: ModelParts):
-            micro = cfg.train.micro_batches
+            layout, shardings, micro = setup.layout, setup.state_sharding, cfg.train.micro_batches
             return (
-                jit_train_step(
-                    setup.layout,
-                    setup.state_sharding,
-                    parts,
-                    setup.optimizer,
-                    setup.schedule,
-                    micro,
-                ),  # fmt: skip
-                jit_eval_step(setup.layout, setup.state_sharding, parts, micro),
+                jit_train_step(layout, shardings, parts, setup.optimizer, setup.schedule, micro),
+                jit_eval_step(layout, shardings, parts, micro),
             )
 
         limit = setup.segment_limit(self.attention)
