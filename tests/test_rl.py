@@ -11,13 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infir2_jax.rl.advantages import (
-    DynamicSampler,
-    group_advantages,
-    informative,
-    overlong_penalty,
-)
-from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
 from infir2_jax.grading import (
     ExactIntegerReward,
     MathReward,
@@ -26,6 +19,13 @@ from infir2_jax.grading import (
     make_reward,
     register_reward,
 )
+from infir2_jax.rl.advantages import (
+    DynamicSampler,
+    group_advantages,
+    informative,
+    overlong_penalty,
+)
+from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -332,9 +332,9 @@ def test_one_grpo_step_moves_probability_towards_positive_advantages():
     from infir2_jax.fp8 import Gemm
     from infir2_jax.generate import Engine, SamplingParams
     from infir2_jax.model import preset
+    from infir2_jax.model.parts import init_params, split_model
     from infir2_jax.rl.batch import Rollout, pack_rollouts
     from infir2_jax.rl.objective import policy_objective
-    from infir2_jax.model.parts import init_params, split_model
     from infir2_jax.train.state import init_state, make_train_step
 
     cfg = preset("tiny").replace(dtype="float32", remat="none", init_std=0.05)

@@ -7,11 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-from flax import nnx
 
+from infir2_jax.model.parts import ModelParts, Params
 from infir2_jax.parallel.rules import Layout, activation_layout
 from infir2_jax.rl.policy_loss import PolicyLossConfig, policy_loss
-from infir2_jax.model.parts import ModelParts, Params
 from infir2_jax.train.state import Batch, LossFn, split_micro_batches
 
 

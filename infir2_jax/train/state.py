@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct, traverse_util
+from flax import struct, traverse_util
 
 from infir2_jax.fp8 import Gemm
 from infir2_jax.model import ModelConfig, Qwen2
