@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -57,103 +56,97 @@ def plan(
 ) -> dict:
     """Compiles the train step for `cfg` on `devices` devices of `target` (fake CPU devices,
     or compile-only GPUs); prints and returns the figures."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from infir2_jax.fp8 import te_deviceless
+    from infir2_jax.gpu_target import census, square_buffers, target_capability
+    from infir2_jax.train.setup import prepare
 
-    from infir2_jax.fp8 import make_gemm, te_deviceless
-    from infir2_jax.gpu_target import census, gpu_devices, square_buffers, target_capability
-    from infir2_jax.kernels.cudnn_attention import compile_target
-    from infir2_jax.model.attention_impl import run_attention
-    from infir2_jax.model.parts import split_model
-    from infir2_jax.parallel import describe, make_layout
-    from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
-    from infir2_jax.train.sharding import (
-        check_layout,
-        jit_train_step,
-        state_shardings,
-        with_shardings,
-    )
-    from infir2_jax.train.state import new_state
-
-    if target == "cpu":
-        if jax.device_count() < devices:
-            raise RuntimeError(
-                f"{jax.device_count()} devices visible, the plan needs {devices}; run it as "
-                "`python -m infir2_jax.plan` (it sets XLA_FLAGS before JAX starts)"
-            )
-        device_list = jax.devices()[:devices]
-    else:
-        device_list = gpu_devices(target, devices)
-    layout = make_layout(cfg.parallel, device_list)
-    check_layout(
-        layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
-    )
     if cfg.fp8.recipe.startswith("te_"):
         # TransformerEngine imports and traces here only with the compile-only stand-ins for
         # the CUDA driver (a no-op where a real driver is present).
         major, minor = target_capability(target) if target != "cpu" else (9, 0)
         te_deviceless.enable(10 * major + minor)
-    gemm = make_gemm(cfg.fp8)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
-    parts = split_model(cfg.model, gemm)
-    abstract = jax.eval_shape(
-        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
-    )
-    shardings = state_shardings(layout, parts, optimizer, abstract)
-    abstract = with_shardings(abstract, shardings)
-    rows, seq = cfg.train.batch_size, cfg.train.seq_len
-    data = layout.batch_sharding()
-    batch = {
-        name: jax.ShapeDtypeStruct((rows, seq), dtype, sharding=data)
-        for name, dtype in (
-            ("input_ids", jnp.int32),
-            ("labels", jnp.int32),
-            ("loss_mask", jnp.float32),
-            ("positions", jnp.int32),
-            ("segment_ids", jnp.int32),
+    # The training run's own set-up, on the planned devices.
+    setup = prepare(cfg, devices=_plan_devices(target, devices))
+    compiled, attention, seconds = _compile(cfg, setup, target)
+    hlo = compiled.as_text() if (target != "cpu" or dump_hlo) else ""
+    if dump_hlo:
+        with open(dump_hlo, "w") as f:
+            f.write(hlo)
+    figures = _figures(cfg, setup, compiled, target, devices, seconds, attention)
+    if target != "cpu":
+        seq_per_device = cfg.train.seq_len // setup.layout.size("context")
+        figures["census"] = census(hlo).as_dict()
+        figures["census"]["seq_by_seq_buffers"] = square_buffers(hlo, seq_per_device)
+    if not as_json:
+        print("\n".join(_report(cfg, setup.layout, figures)), file=out, flush=True)
+    return figures
+
+
+def _plan_devices(target: str, devices: int) -> list:
+    """`devices` fake CPU devices, or compile-only GPUs of `target`."""
+    import jax
+
+    from infir2_jax.gpu_target import gpu_devices
+
+    if target != "cpu":
+        return gpu_devices(target, devices)
+    if jax.device_count() < devices:
+        raise RuntimeError(
+            f"{jax.device_count()} devices visible, the plan needs {devices}; run it as "
+            "`python -m infir2_jax.plan` (it sets XLA_FLAGS before JAX starts)"
         )
-    }
-    step = jit_train_step(layout, shardings, parts, optimizer, schedule, cfg.train.micro_batches)
+    return jax.devices()[:devices]
+
+
+def _compile(cfg, setup, target: str):
+    """(compiled train step, attention implementation, seconds): the step the run jits, for
+    abstract state and batch."""
+    from infir2_jax.gpu_target import target_capability
+    from infir2_jax.kernels.cudnn_attention import compile_target
+    from infir2_jax.train.sharding import abstract_batch, jit_train_step
+
+    batch = abstract_batch(setup.layout, cfg.train.batch_size, cfg.train.seq_len)
+    step = jit_train_step(
+        setup.layout, setup.state_sharding, setup.parts, setup.optimizer, setup.schedule,
+        cfg.train.micro_batches,
+    )  # fmt: skip
     # What runs on the target decides `attention_impl: auto` (cuDNN's packed flash attention
     # on Hopper): compile as if on it.
     on_target = (
         compile_target(target_capability(target)) if target != "cpu" else contextlib.nullcontext()
     )
     with on_target:
-        attention = run_attention(
-            cfg.model, seq_len=cfg.train.seq_len, context=layout.size("context")
-        )
+        attention = setup.attention()
         began = time.perf_counter()
-        compiled = step.lower(abstract, batch).compile()
-        seconds = time.perf_counter() - began
+        compiled = step.lower(setup.abstract, batch).compile()
+    return compiled, attention, time.perf_counter() - began
+
+
+def _per_device(tree) -> float:
+    """Bytes of one device's shards of these arrays."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+    return float(total)
+
+
+def _figures(cfg, setup, compiled, target, devices, seconds, attention) -> dict:
     memory = compiled.memory_analysis()
-    hlo = compiled.as_text() if (target != "cpu" or dump_hlo) else ""
-    if dump_hlo:
-        with open(dump_hlo, "w") as f:
-            f.write(hlo)
-
-    def per_device(tree) -> float:
-        total = 0
-        for leaf in jax.tree.leaves(tree):
-            shard = leaf.sharding.shard_shape(leaf.shape)
-            total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
-        return float(total)
-
-    params, opt_state, fp8 = (
-        per_device(t) for t in (abstract.params, abstract.opt_state, abstract.fp8)
-    )
+    abstract = setup.abstract
     temporaries = float(memory.temp_size_in_bytes)
-    n_params = cfg.model.num_params
+    rows, seq = cfg.train.batch_size, cfg.train.seq_len
     flops_token = cfg.model.flops_per_token(seq)
-    data_parallel = layout.size("data") * layout.size("fsdp")
-    figures = dict(
+    return dict(
         target=target,
         devices=devices,
-        params=params,
-        opt_state=opt_state,
-        fp8_state=fp8,
+        params=_per_device(abstract.params),
+        opt_state=_per_device(abstract.opt_state),
+        fp8_state=_per_device(abstract.fp8),
         temporaries=temporaries,
         arguments=float(memory.argument_size_in_bytes),
         outputs=float(memory.output_size_in_bytes),
@@ -161,52 +154,62 @@ def plan(
         code=float(memory.generated_code_size_in_bytes),
         # live at the peak: the donated state (inputs = outputs) + the batch + temporaries
         peak=float(memory.argument_size_in_bytes) + temporaries,
-        parameters=float(n_params),
+        parameters=float(cfg.model.num_params),
         flops_per_token=flops_token,
         flops_per_step=flops_token * rows * seq,
         compile_seconds=seconds,
         attention=attention or "xla",
     )
-    if target != "cpu":
-        figures["census"] = census(hlo).as_dict()
-        figures["census"]["seq_by_seq_buffers"] = square_buffers(hlo, seq // layout.size("context"))
+
+
+def _report(cfg, layout, figures: dict) -> list[str]:
+    """The printed plan."""
+    from infir2_jax.parallel import describe
+
     gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    rows, seq = cfg.train.batch_size, cfg.train.seq_len
+    data_parallel = layout.size("data") * layout.size("fsdp")
     micro_rows = rows // (data_parallel * cfg.train.micro_batches)
+    n_params, flops_token = figures["parameters"], figures["flops_per_token"]
     lines = [
         f"plan: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"{n_params / 1e9:.2f} B parameters | fp8 {cfg.fp8.recipe} | remat {cfg.model.remat} | "
-        f"attention {_attention_label(cfg.model.attention_impl, attention)}",
+        f"attention {_attention_label(cfg.model.attention_impl, figures['attention'])}",
         f"mesh: {describe(layout)}",
         f"batch: {rows} × {seq} tokens per step, {cfg.train.micro_batches} micro-batches, "
         f"{micro_rows} row(s) × {seq // layout.size('context')} tokens per device per "
         "micro-batch",
         "per device:",
-        f"  parameters (FP32 master) {gib(params)}",
-        f"  optimizer state          {gib(opt_state)}",
-        f"  FP8 state                {gib(fp8)}",
-        f"  temporaries (XLA)        {gib(temporaries)}   activations, gradients, buffers",
+        f"  parameters (FP32 master) {gib(figures['params'])}",
+        f"  optimizer state          {gib(figures['opt_state'])}",
+        f"  FP8 state                {gib(figures['fp8_state'])}",
+        f"  temporaries (XLA)        {gib(figures['temporaries'])}   activations, gradients, "
+        "buffers",
         f"  peak                     {gib(figures['peak'])}   arguments + temporaries",
         f"model FLOPs: {flops_token / 1e9:.2f} GFLOP/token, {figures['flops_per_step'] / 1e15:.2f} "
-        f"PFLOP/step ({figures['flops_per_step'] / devices / 1e12:.1f} TFLOP per device)",
-        f"compiled for {target} in {seconds:.0f} s",
+        f"PFLOP/step ({figures['flops_per_step'] / figures['devices'] / 1e12:.1f} TFLOP per "
+        "device)",
+        f"compiled for {figures['target']} in {figures['compile_seconds']:.0f} s",
     ]
-    if target != "cpu":
-        c = figures["census"]
-        lines += [
-            "GEMM census (optimized HLO; loop bodies once): "
-            f"{c['fp8_gemms']} FP8 cuBLASLt ({c['fp8_gemms_f32_out']} with FP32 output), "
-            f"{c['bf16_gemms']} BF16, {c['f32_gemms']} FP32-operand, {c['xla_dots']} XLA dots; "
-            f"{c['attention_kernels']} cuDNN attention, {c['pallas_kernels']} Pallas/Triton "
-            f"kernels; {c['seq_by_seq_buffers']} [seq, seq] buffer shapes",
-        ]
-        if c["te_gemms"] or c["te_quantize"]:
-            lines.append(
-                f"TransformerEngine: {c['te_gemms']} GEMM calls ({c['te_fp8_gemms']} FP8), "
-                f"{c['te_quantize']} quantize kernels (counted in the GEMMs above too)"
-            )
-    if not as_json:
-        print("\n".join(lines), file=out, flush=True)
-    return figures
+    if "census" in figures:
+        lines += _census_lines(figures["census"])
+    return lines
+
+
+def _census_lines(c: dict) -> list[str]:
+    lines = [
+        "GEMM census (optimized HLO; loop bodies once): "
+        f"{c['fp8_gemms']} FP8 cuBLASLt ({c['fp8_gemms_f32_out']} with FP32 output), "
+        f"{c['bf16_gemms']} BF16, {c['f32_gemms']} FP32-operand, {c['xla_dots']} XLA dots; "
+        f"{c['attention_kernels']} cuDNN attention, {c['pallas_kernels']} Pallas/Triton "
+        f"kernels; {c['seq_by_seq_buffers']} [seq, seq] buffer shapes",
+    ]
+    if c["te_gemms"] or c["te_quantize"]:
+        lines.append(
+            f"TransformerEngine: {c['te_gemms']} GEMM calls ({c['te_fp8_gemms']} FP8), "
+            f"{c['te_quantize']} quantize kernels (counted in the GEMMs above too)"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

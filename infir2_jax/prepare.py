@@ -26,7 +26,7 @@ import numpy as np
 from infir2_jax.checkpoint.hf_io import CheckpointError, atomic_output_dir
 from infir2_jax.cli import USAGE, Exit, add_config, add_set, attempt, command_parser
 from infir2_jax.config import ConfigError, DataConfig, RunConfig, load_config
-from infir2_jax.data.examples import CptExamples, SftExamples
+from infir2_jax.data.kinds import data_kind
 from infir2_jax.data.pipeline import needs_tokenizer, open_source, split_bounds
 from infir2_jax.data.records import PREPARED_INFO, DataError
 from infir2_jax.data.tokenizer import LazyTokenizer
@@ -45,18 +45,8 @@ def _encode_range(bounds: tuple[int, int]) -> list[bytes]:
     start, stop = bounds
     cfg: DataConfig = _worker["cfg"]
     source = _worker["source"]
-    tokenizer = LazyTokenizer(cfg.tokenizer, cfg.chat_template)
-    out = []
-    if cfg.kind == "sft":
-        examples = SftExamples(tokenizer, cfg.messages_field, cfg.end_of_turn, 0, "truncate")
-        for i in range(start, stop):
-            tokens, mask = examples.tokens_and_mask(source[i])
-            out.append(np.stack([tokens, mask]).astype(np.int32).tobytes())
-    else:
-        examples = CptExamples(tokenizer, cfg.text_field, cfg.tokens_field)
-        for i in range(start, stop):
-            out.append(examples.tokens(source[i]).astype(np.int32).tobytes())
-    return out
+    encode = data_kind(cfg.kind).encode(cfg, LazyTokenizer(cfg.tokenizer, cfg.chat_template))
+    return [encode(source[i]).astype(np.int32).tobytes() for i in range(start, stop)]
 
 
 def _encoded(cfg: DataConfig, source, workers: int) -> Iterator[bytes]:
@@ -71,22 +61,6 @@ def _encoded(cfg: DataConfig, source, workers: int) -> Iterator[bytes]:
     with context.Pool(workers, initializer=_init_worker, initargs=(cfg, source)) as pool:
         for records in pool.imap(_encode_range, tasks):  # in order
             yield from records
-
-
-def first_fit_rows(lengths: list[int], seq_len: int, bins: int) -> int:
-    """Rows the SFT packer makes from samples of these lengths (grain's first-fit: fill up to
-    `bins` rows, emit them all when a sample fits none); over-long samples count as full."""
-    rows, free = 0, []
-    for n in lengths:
-        n = min(n, seq_len)
-        slot = next((i for i, room in enumerate(free) if room >= n), None)
-        if slot is None and len(free) == bins:
-            rows, free = rows + len(free), []
-        if slot is None:
-            free.append(seq_len - n)
-        else:
-            free[slot] -= n
-    return rows + len(free)
 
 
 def prepare(
@@ -109,8 +83,9 @@ def prepare(
     source = open_source(cfg)  # validates the files (JSONL lines) before any work
     if needs_tokenizer(cfg):
         LazyTokenizer(cfg.tokenizer, cfg.chat_template).get()  # a missing tokenizer fails now
+    kind = data_kind(cfg.kind)
     started = time.perf_counter()
-    shards, tokens, loss_tokens, writer, lengths = [], 0, 0, None, []
+    shards, tally, writer = [], kind.tally(), None
     with atomic_output_dir(Path(out_dir)) as tmp:
         bar = tqdm(total=len(source), unit="doc", disable=not progress, file=sys.stderr)
         for i, record in enumerate(_encoded(cfg, source, workers)):
@@ -120,32 +95,22 @@ def prepare(
                 shards.append(f"shard-{len(shards):05d}.array_record")
                 writer = ArrayRecordWriter(str(tmp / shards[-1]), "group_size:1")
             writer.write(record)
-            array = np.frombuffer(record, np.int32)
-            if cfg.kind == "sft":
-                tokens += len(array) // 2
-                loss_tokens += int(array[len(array) // 2 :].sum())
-                lengths.append(len(array) // 2 - 1)
-            else:
-                tokens += len(array)
+            tally.add(np.frombuffer(record, np.int32))
             bar.update(1)
         bar.close()
         if writer is not None:
             writer.close()
+        train = split_bounds(len(source), cfg.split)[0]
         summary = {
-            "kind": cfg.kind,
+            "kind": kind.name,
             "documents": len(source),
-            "tokens": tokens,
-            **({"loss_tokens": loss_tokens} if cfg.kind == "sft" else {}),
+            **tally.summary(train, seq_len, cfg.pack_bins),
             "shards": shards,
             "source": cfg.source,
             "path": cfg.path,
             "tokenizer": cfg.tokenizer,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        if cfg.kind == "sft" and seq_len is not None:
-            lo, hi = split_bounds(len(lengths), cfg.split)[0]
-            summary["seq_len"] = seq_len
-            summary["rows_per_epoch"] = first_fit_rows(lengths[lo:hi], seq_len, cfg.pack_bins)
         (tmp / PREPARED_INFO).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -174,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         return status
     run, summary = done
-    cfg = run.data
-    extra = f", {summary['loss_tokens']:,} in the loss" if cfg.kind == "sft" else ""
+    extra = f", {summary['loss_tokens']:,} in the loss" if "loss_tokens" in summary else ""
     print(
         f"prepared {summary['documents']:,} documents, {summary['tokens']:,} tokens{extra} "
         f"in {len(summary['shards'])} shards -> {args.out} ({summary['seconds']} s)"

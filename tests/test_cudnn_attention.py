@@ -80,28 +80,43 @@ def test_implementation_choice_without_a_gpu():
 def test_batches_with_more_segments_than_cudnn_takes_run_the_pallas_kernel():
     """A row with more segments than model.max_segments never stops a run: that batch goes
     through the same steps built with the Pallas kernel (built once, said once)."""
-    import dataclasses
     import io
 
-    from infir2_jax.config import load_config
-    from infir2_jax.train.loop import _Steps
+    from infir2_jax.train.runner import Steps
 
-    cfg = load_config("tiny_cpt")
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(max_segments=4))
     built = []
 
-    def build(model_cfg):
-        built.append(model_cfg.attention_impl)
-        return f"train-{model_cfg.attention_impl}", f"eval-{model_cfg.attention_impl}"
+    def build(parts):
+        built.append(parts)
+        return f"train-{parts}", f"eval-{parts}"
 
     out = io.StringIO()
-    steps = _Steps(build, cfg, "cudnn", out)
+    steps = Steps(build, "cudnn", lambda: "pallas", 4, out)
     few = {"segment_ids": np.repeat(np.arange(1, 5, dtype=np.int32), 8)[None]}  # 4 runs
     many = {"segment_ids": np.repeat(np.arange(1, 9, dtype=np.int32), 4)[None]}  # 8 runs
-    assert steps.for_batch(few) == ("train-None", "eval-None")
+    assert steps.for_batch(few) == ("train-cudnn", "eval-cudnn")
     assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
     assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
-    assert built == [None, "pallas"]
+    assert built == ["cudnn", "pallas"]
     assert "a row holds 8 segments, more than model.max_segments=4" in out.getvalue()
-    # attention that is not cuDNN never looks at segments
-    assert _Steps(build, cfg, "chunked", out).for_batch(many) == ("train-None", "eval-None")
+    # attention that is not cuDNN (no segment limit) never looks at segments
+    assert Steps(build, "xla", lambda: "pallas", None, out).for_batch(many) == (
+        "train-xla",
+        "eval-xla",
+    )
+
+
+def test_the_fallback_parts_use_the_pallas_kernel(monkeypatch):
+    """Setup decides the segment limit (cuDNN only) and builds the fallback parts with the
+    Pallas flash kernel."""
+    import dataclasses
+
+    from infir2_jax.config import load_config
+    from infir2_jax.train import setup as setup_module
+
+    cfg = load_config("tiny_cpt")
+    setup = setup_module.prepare(dataclasses.replace(cfg, model=cfg.model.replace(max_segments=4)))
+    assert setup.segment_limit("cudnn") == 4
+    assert setup.segment_limit("chunked") is None and setup.segment_limit(None) is None
+    monkeypatch.setattr(setup_module, "split_model", lambda model, gemm: model.attention_impl)
+    assert setup.fallback_parts() == "pallas"

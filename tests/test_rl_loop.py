@@ -94,6 +94,35 @@ def test_rl_resumes_exactly(tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_stop_right_after_a_checkpointed_step_saves_once(tmp_path, monkeypatch):
+    """SIGTERM just after step 1 was saved (checkpoint.every=1): no second save of step 1,
+    the run stops with Preempted (exit 143) and its checkpoint records the prompt position."""
+    import os
+    import signal
+
+    from infir2_jax.train.runner import Runner
+    from infir2_jax.train.stopping import Preempted
+
+    save, sent = Runner.save, []
+
+    def save_then_terminate(self, state, step):
+        save(self, state, step)
+        if not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # only recorded by the runner's handler
+
+    monkeypatch.setattr(Runner, "save", save_then_terminate)
+    run_dir = tmp_path / "run"
+    out = io.StringIO()
+    with pytest.raises(Preempted) as stopped:
+        run(_config(run_dir, 4, **{"checkpoint.every": 1}), out=out)
+    assert stopped.value.args == (1,)
+    assert "stopped by SIGTERM after step 1; checkpoint saved" in out.getvalue()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["1"]
+    meta = json.loads((run_dir / "checkpoints" / "1" / "meta" / "metadata").read_text())
+    assert meta["step"] == 1 and meta["prompt_position"] == 16
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -12,7 +12,8 @@ from infir2_jax.config import DataConfig
 from infir2_jax.data import DataError, DataPipeline, load_tokenizer, sample_ids
 from infir2_jax.data.chat import assistant_token_mask
 from infir2_jax.data.gsm8k import write_tiny_sft
-from infir2_jax.prepare import first_fit_rows, prepare
+from infir2_jax.data.kinds import first_fit_rows
+from infir2_jax.prepare import prepare
 
 CONVERSATION = [
     {"role": "system", "content": "Please reason step by step."},
@@ -90,15 +91,13 @@ def test_packed_sft_rows_hold_each_sample_whole_once(sft_dir, tokenizer):
 
 
 def test_overlong_samples_are_truncated_or_dropped_and_counted(sft_dir):
-    from infir2_jax.data import overlong_counts
-
     for policy in ("truncate", "drop"):
         pipeline = DataPipeline(_sft_config(sft_dir, overlong=policy), seq_len=160,
                                 global_batch=1, seed=0)  # fmt: skip
         rows = pipeline.eval_batches(10**6)
-        counts = {"truncated": 0, "dropped": 0}
+        counts = {"truncated_samples": 0, "dropped_samples": 0}
         for batch in rows:
-            for k, v in overlong_counts(batch).items():
+            for k, v in pipeline.kind.count(batch).items():
                 counts[k] += v
         lengths = []
         lo, hi = pipeline.bounds["val"]
@@ -108,9 +107,9 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(sft_dir):
         over = sum(n > 160 for n in lengths)
         assert over > 0
         if policy == "truncate":
-            assert counts == {"truncated": over, "dropped": 0}
+            assert counts == {"truncated_samples": over, "dropped_samples": 0}
         else:
-            assert counts == {"truncated": 0, "dropped": over}
+            assert counts == {"truncated_samples": 0, "dropped_samples": over}
             loss_tokens = sum(int(b["loss_mask"].sum()) for b in rows)
             kept = sum(
                 int(pipeline.examples.tokens_and_mask(pipeline.source[i])[1][1:].sum())

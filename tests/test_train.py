@@ -224,6 +224,46 @@ def test_sigterm_checkpoints_and_the_rerun_continues_exactly(tmp_path):
     assert [json.loads(x)["step"] for x in samples] == list(range(1, 201))
 
 
+def test_sigterm_right_after_a_checkpointed_step_saves_once_and_exits_143(tmp_path, monkeypatch):
+    """With checkpoint.every=1, a SIGTERM arriving just after a step was saved must not save
+    that step again (Orbax refuses: StepAlreadyExistsError, exit 1): the run leaves through
+    Preempted, exit 143, its checkpoints intact."""
+    import signal
+
+    from infir2_jax.train.__main__ import main
+    from infir2_jax.train.runner import Runner
+
+    save, sent = Runner.save, []
+
+    def save_then_terminate(self, state, step):
+        save(self, state, step)
+        if step == 2 and not sent:  # deterministic: the signal lands between two steps
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # only recorded by the runner's handler
+
+    monkeypatch.setattr(Runner, "save", save_then_terminate)
+    run = tmp_path / "run"
+    args = ["--config", "tiny_cpt"]
+    for o in [*SHORT, "checkpoint.every=1", f"train.run_dir={run}"]:
+        args += ["--set", o]
+    assert main(args) == 143
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [1, 2]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2
+    # A stop before the first step of the rerun: the step it resumed from is saved already.
+    from infir2_jax.train.stopping import StopRequest
+
+    class Requested(StopRequest):
+        def __init__(self):
+            super().__init__()
+            self.requested = "SIGTERM"
+
+    monkeypatch.setattr(Runner, "save", save)
+    monkeypatch.setattr("infir2_jax.train.runner.StopRequest", Requested)
+    assert main(args) == 143
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [1, 2]
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     """An exploding run: non-finite steps leave the weights alone; N in a row stop the run
     (exit 3, naming the setting) without saving, the last checkpoint holding finite weights."""

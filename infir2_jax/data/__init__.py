@@ -1,10 +1,10 @@
 """Training data: record sources -> examples (CPT text, SFT chat) -> packed batches, on grain."""
 
+from infir2_jax.data.kinds import OVERLONG_COUNTERS, DataKind, data_kind
 from infir2_jax.data.pipeline import (
     DataPipeline,
     check_vocab,
     open_source,
-    overlong_counts,
     sample_ids,
     split_bounds,
 )
@@ -13,12 +13,14 @@ from infir2_jax.data.tokenizer import load_tokenizer
 
 __all__ = [
     "DataError",
+    "DataKind",
+    "OVERLONG_COUNTERS",
     "DataPipeline",
     "Record",
     "check_vocab",
+    "data_kind",
     "load_tokenizer",
     "open_source",
-    "overlong_counts",
     "sample_ids",
     "split_bounds",
 ]

@@ -20,6 +20,7 @@ from infir2_jax.data.records import DataError, Record
 from infir2_jax.data.tokenizer import LazyTokenizer
 
 Example = dict[str, np.ndarray]
+FEATURES = ("input_ids", "labels", "loss_mask", "doc_ids", "overlong")
 TRUNCATED, DROPPED = 1, 2
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from infir2_jax.cli import USAGE, Exit, attempt, command_parser
 from infir2_jax.data.bundled import bundled_path
+from infir2_jax.data.kinds import DataKind
 from infir2_jax.data.records import DataError, InMemorySource, JsonlSource, expand_paths
 from infir2_jax.data.tokenizer import tokenizer_dir
 
@@ -62,10 +63,10 @@ def conversations(path: str | Path | None = None) -> list[dict]:
     return out
 
 
-def gsm8k_source(kind: str, field: str, path: str | None = None) -> InMemorySource:
+def gsm8k_source(kind: DataKind, field: str, path: str | None = None) -> InMemorySource:
     """The records of `data.source: gsm8k`: conversations under `field` (sft), or each problem
     and its worked answer as one document under `field` (cpt)."""
-    if kind == "sft":
+    if kind.chat:
         values = [{field: c["messages"]} for c in conversations(path)]
     else:
         values = [{field: f"{r['question']}\n{solution_text(r['answer'])}"} for r in problems(path)]

@@ -4,6 +4,7 @@
       --shuffle(seed), new order every epoch, endless (train only)--> examples (tokenize, mask)
       --pack to seq_len--> rows --batch(global batch / hosts)--> [worker processes]
 
+What differs between CPT and SFT lives in the `DataKind` of `data.kind` (data/kinds.py).
 Packing: CPT concatenates documents and cuts rows (a long document continues in the next row;
 nothing is padded or dropped); SFT packs whole samples first-fit into `data.pack_bins` rows at
 a time and pads the rest (a sample is never split). Inside a row, `segment_ids` number the
@@ -20,7 +21,8 @@ import grain
 import numpy as np
 
 from infir2_jax.config import DataConfig
-from infir2_jax.data.examples import DROPPED, TRUNCATED, CptExamples, SftExamples
+from infir2_jax.data.examples import FEATURES
+from infir2_jax.data.kinds import data_kind
 from infir2_jax.data.records import (
     ArrayRecordJsonSource,
     DataError,
@@ -33,44 +35,38 @@ from infir2_jax.data.records import (
 from infir2_jax.data.synthetic import arithmetic_documents
 from infir2_jax.data.tokenizer import LazyTokenizer
 
-FEATURES = ("input_ids", "labels", "loss_mask", "doc_ids", "overlong")
 Batch = dict[str, np.ndarray]
 
 
 def open_source(cfg: DataConfig):
     """The configured record source (raises DataError for missing or malformed input)."""
-    field = cfg.messages_field if cfg.kind == "sft" else (cfg.tokens_field or cfg.text_field)
+    kind = data_kind(cfg.kind)
+    field = kind.field(cfg)
     if cfg.source == "synthetic":
-        if cfg.kind == "sft":
+        if kind.chat:
             raise DataError("data.source=synthetic only provides pre-training text (kind: cpt)")
         return InMemorySource(arithmetic_documents(cfg.synthetic_documents), "synthetic")
     if cfg.source == "gsm8k":
         # Imported here: the package must not import the module `python -m` runs as its CLI.
         from infir2_jax.data.gsm8k import gsm8k_source
 
-        if cfg.kind == "cpt" and cfg.tokens_field is not None:
+        if not kind.chat and cfg.tokens_field is not None:
             raise DataError("data.tokens_field: data.source=gsm8k holds text, not token ids")
-        return gsm8k_source(cfg.kind, field, cfg.path)
+        return gsm8k_source(kind, field, cfg.path)
     if cfg.source == "jsonl":
         return JsonlSource(expand_paths(cfg.path, (".jsonl", ".json")), field)
     if cfg.source == "parquet":
         return ParquetSource(expand_paths(cfg.path, (".parquet",)), field)
     if cfg.source == "arrayrecord":
         return ArrayRecordJsonSource(expand_paths(cfg.path, (".array_record",)), field)
-    source = PreparedSource(cfg.path)
-    if source.info["kind"] != cfg.kind:
-        raise DataError(
-            f"data.path: {cfg.path} was prepared for kind={source.info['kind']}, "
-            f"not data.kind={cfg.kind}"
-        )
-    return source
+    return PreparedSource(cfg.path, kind)
 
 
 def needs_tokenizer(cfg: DataConfig) -> bool:
     """Whether records are text to tokenize (not token ids already)."""
     if cfg.source in ("prepared", "synthetic"):
         return False
-    return cfg.kind == "sft" or cfg.tokens_field is None
+    return data_kind(cfg.kind).needs_tokenizer(cfg)
 
 
 def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
@@ -152,13 +148,8 @@ class DataPipeline:
         tokenizer = LazyTokenizer(self.cfg.tokenizer, self.cfg.chat_template)
         if needs_tokenizer(self.cfg):
             tokenizer.get()  # a missing or broken tokenizer fails now, not in a worker
-        if self.cfg.kind == "sft":
-            self.examples = SftExamples(
-                tokenizer, self.cfg.messages_field, self.cfg.end_of_turn, self.seq_len,
-                self.cfg.overlong,
-            )  # fmt: skip
-        else:
-            self.examples = CptExamples(tokenizer, self.cfg.text_field, self.cfg.tokens_field)
+        self.kind = data_kind(self.cfg.kind)
+        self.examples = self.kind.examples(self.cfg, tokenizer, self.seq_len)
 
     def _batches(self, split: str, *, train: bool) -> grain.IterDataset:
         """This host's batches: each of its streams batched, then concatenated row-wise."""
@@ -180,14 +171,7 @@ class DataPipeline:
         if train:
             ds = ds.shuffle(seed=self.seed).repeat()
         ds = ds.map(_Apply(self.examples)).to_iter_dataset()
-        lengths = dict.fromkeys(FEATURES, self.seq_len)
-        if self.cfg.kind == "sft":
-            ds = grain.experimental.FirstFitPackIterDataset(
-                ds, length_struct=lengths, num_packing_bins=self.cfg.pack_bins, seed=self.seed
-            )
-        else:
-            ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
-        return ds.map(_model_inputs)
+        return self.kind.pack(ds, self.cfg, self.seq_len, self.seed).map(_model_inputs)
 
     def train_iterator(self) -> grain.DatasetIterator:
         """Endless iterator of this host's batches; `get_state`/`set_state` checkpoint it."""
@@ -232,13 +216,6 @@ def sample_ids(batch: Batch) -> list[list[int]]:
         keep = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else ids.astype(bool)
         out.append([int(i) - 1 for i in ids[keep]])
     return out
-
-
-def overlong_counts(batch: Batch) -> dict[str, int]:
-    return {
-        "truncated": int(np.sum(batch["overlong"] == TRUNCATED)),
-        "dropped": int(np.sum(batch["overlong"] == DROPPED)),
-    }
 
 
 def check_vocab(batch: Batch, vocab_size: int) -> None:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+if typing.TYPE_CHECKING:
+    from infir2_jax.data.kinds import DataKind
+
 PREPARED_INFO = "prepared.json"  # written by `python -m infir2_jax.prepare`
 
 
@@ -147,7 +150,7 @@ class PreparedSource:
     """Token shards written by `prepare`: records are int32 arrays ([tokens] for CPT,
     [2, length] tokens + loss mask for SFT)."""
 
-    def __init__(self, directory: str | None):
+    def __init__(self, directory: str | None, kind: DataKind):
         import grain
 
         if directory is None:
@@ -157,6 +160,12 @@ class PreparedSource:
             raise DataError(f"data.path: {directory}: no {PREPARED_INFO} (run the prepare command)")
         self.directory = str(directory)
         self.info = json.loads(info_path.read_text())
+        if self.info["kind"] != kind.name:
+            raise DataError(
+                f"data.path: {directory} was prepared for kind={self.info['kind']}, "
+                f"not data.kind={kind.name}"
+            )
+        self.kind = kind
         self.files = [str(Path(directory) / name) for name in self.info["shards"]]
         self._source = grain.sources.ArrayRecordDataSource(self.files)
         if len(self._source) == 0:
@@ -167,9 +176,7 @@ class PreparedSource:
 
     def __getitem__(self, index: int) -> Record:
         tokens = np.frombuffer(self._source[index], dtype=np.int32)
-        if self.info["kind"] == "sft":
-            tokens = tokens.reshape(2, -1)
-        return Record(f"{self.directory}#{index}", tokens)
+        return Record(f"{self.directory}#{index}", self.kind.prepared(tokens))
 
 
 class InMemorySource:

@@ -35,13 +35,10 @@ from infir2_jax.rl.batch import Rollout, pack_rollouts
 from infir2_jax.rl.objective import jit_token_logprobs, policy_objective
 from infir2_jax.rl.prompts import PromptOrder, PromptSet, arithmetic_prompts, load_prompts
 from infir2_jax.rl.rollout import make_rollout
-from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
-from infir2_jax.train.loop import check_streak
-from infir2_jax.train.metrics import MetricsLogger, make_sinks
-from infir2_jax.train.optimizer import schedule_settings
-from infir2_jax.train.setup import prepare, pretrained_params, start_state
+from infir2_jax.train.checkpointing import TrainCheckpointer
+from infir2_jax.train.runner import Runner, Steps
+from infir2_jax.train.setup import Setup, prepare, pretrained_params, start_state
 from infir2_jax.train.sharding import jit_train_step
-from infir2_jax.train.stopping import Preempted, StopRequest
 
 PROMPT_POSITION = "prompt_position"  # checkpoint meta: prompts drawn so far
 CONSOLE = ("reward_mean", "response_length_mean", "zero_std_groups", "logprob_mismatch")
@@ -226,40 +223,48 @@ class _Updater:
     """The optimizer updates of one rollout batch: `ppo_epochs` passes of `mini_batches`
     strided slices, each one step of the shared train step with the policy objective. The old
     policy's log-probabilities (several updates) and the reference's (KL) are computed first,
-    over the whole batch."""
+    over the whole batch. As in training, a batch with more segments per row than cuDNN
+    attention takes runs through functions built for the Pallas kernel (`Steps`)."""
 
-    def __init__(self, cfg: RunConfig, setup, reference):
+    def __init__(self, cfg: RunConfig, setup: Setup, reference, out: TextIO):
         rl = cfg.rl
         self.cfg, self.layout, self.reference = cfg, setup.layout, reference
         loss_fn = policy_objective(
             rl.loss, num_samples=rl.prompts_per_step * rl.n, temperature=rl.temperature
         )
-        self.step_fn = jit_train_step(
-            setup.layout, setup.state_sharding, setup.parts, setup.optimizer, setup.schedule,
-            cfg.train.micro_batches, loss_fn,
-        )  # fmt: skip
-        self.logprobs = None
-        if rl.updates_per_rollout > 1 or reference is not None:
-            self.logprobs = jit_token_logprobs(
-                setup.parts, setup.layout, setup.state_sharding.params,
+        needs_logprobs = rl.updates_per_rollout > 1 or reference is not None
+
+        def build(parts):
+            step_fn = jit_train_step(
+                setup.layout, setup.state_sharding, parts, setup.optimizer, setup.schedule,
+                cfg.train.micro_batches, loss_fn,
+            )  # fmt: skip
+            if not needs_logprobs:
+                return step_fn, None
+            return step_fn, jit_token_logprobs(
+                parts, setup.layout, setup.state_sharding.params,
                 cfg.train.micro_batches * rl.mini_batches, rl.temperature,
             )  # fmt: skip
 
+        limit = setup.segment_limit(setup.attention())
+        self.steps = Steps(build, setup.parts, setup.fallback_parts, limit, out)
+
     def __call__(self, state, batch: dict[str, np.ndarray], step: int):
         rl = self.cfg.rl
-        if self.logprobs is not None:
+        step_fn, logprobs = self.steps.for_batch(batch)
+        if logprobs is not None:
             on_devices = self._global(batch)
             if rl.updates_per_rollout > 1:
-                batch["old_logprobs"] = _host(self.logprobs(state.params, on_devices))
+                batch["old_logprobs"] = _host(logprobs(state.params, on_devices))
             if self.reference is not None:
-                batch["ref_logprobs"] = _host(self.logprobs(self.reference, on_devices))
+                batch["ref_logprobs"] = _host(logprobs(self.reference, on_devices))
         rng = np.random.default_rng([self.cfg.train.seed, step, 7])
         total: dict[str, float] = {}
         for _ in range(rl.ppo_epochs):
             order = rng.permutation(len(batch["input_ids"])) if rl.mini_batches > 1 else None
             for m in range(rl.mini_batches):
                 rows = slice(None) if order is None else order[m :: rl.mini_batches]
-                state, metrics = self.step_fn(
+                state, metrics = step_fn(
                     state, self._global({k: v[rows] for k, v in batch.items()})
                 )
                 for k, v in jax.device_get(metrics).items():
@@ -331,6 +336,90 @@ def _check(cfg: RunConfig, setup) -> None:
         )
 
 
+@dataclasses.dataclass
+class _StepOutcome:
+    metrics: dict[str, float]  # the updates' (sums, some means)
+    collected: _Collected
+    filtered: int
+    times: tuple[float, float, float, float]  # start, synced, rolled out, trained
+
+
+class _Reinforce(Runner):
+    """RL: each step rolls out from the current policy, grades, packs the kept groups and
+    makes `rl.updates_per_rollout` updates; every `rl.eval_every` steps pass@1 on the
+    evaluation prompts. Checkpoints also record the prompt order's position."""
+
+    console = CONSOLE
+
+    def __init__(self, cfg: RunConfig, setup: Setup, checkpointer, task: _Task, state, begun, out):
+        rl = cfg.rl
+        start, meta, resumed = begun
+        super().__init__(
+            cfg, checkpointer, out, start=start, meta=meta, resumed=resumed,
+            eval_every=rl.eval_every, updates_per_step=rl.updates_per_rollout,
+        )  # fmt: skip
+        self.task = task
+        self.order = PromptOrder(
+            len(task.prompts), cfg.train.seed, int(meta.get(PROMPT_POSITION, 0))
+        )
+        self.update = _Updater(cfg, setup, _reference_params(cfg, setup), out)
+        longest = max(len(p.ids) for p in task.prompts.prompts + task.eval_prompts.prompts)
+        max_len = longest + max(rl.max_new_tokens, rl.eval_max_new_tokens or 0)
+        self.rollout = make_rollout(cfg, setup, state.params, max_len, self.run_dir)
+        self.grader = _Grader(cfg)
+        self.rows_multiple = setup.layout.size("data") * setup.layout.size("fsdp") * rl.mini_batches
+
+    def step(self, state, step):
+        t0 = time.perf_counter()
+        self.rollout.sync(state.params, step)
+        t_sync = time.perf_counter()
+        collected = _collect(self.rollout, self.task, self.grader, self.cfg, self.order, step)
+        rollouts, filtered = _rollouts(collected, self.cfg.rl)
+        t_rollout = time.perf_counter()
+        batch = _training_batch(self.cfg, rollouts, self.rows_multiple, step + 1)
+        state, metrics = self.update(state, batch, step)
+        t_train = time.perf_counter()
+        return state, _StepOutcome(metrics, collected, filtered, (t0, t_sync, t_rollout, t_train))
+
+    def log_values(self, state, raw: _StepOutcome, done):
+        metrics, (t0, t_sync, t_rollout, t_train) = raw.metrics, raw.times
+        tokens = max(metrics["tokens"], 1.0)
+        logged = {
+            "loss": metrics["loss"],
+            "grad_norm": metrics["grad_norm"],
+            "lr": metrics["lr"],
+            "nonfinite_streak": metrics["nonfinite_streak"],
+            **_rollout_metrics(raw.collected),
+            "clip_fraction_low": metrics["clip_low"] / tokens,
+            "clip_fraction_high": metrics["clip_high"] / tokens,
+            "tis_weight_mean": metrics.get("tis_weight", tokens) / tokens,
+            "tis_clipped_fraction": metrics.get("tis_clipped", 0.0) / tokens,
+            "logprob_mismatch": metrics["logprob_mismatch"] / tokens,
+            "entropy": metrics["entropy"] / tokens,
+            "reward_failures": float(self.grader.timeouts),
+            "rollout_tokens_per_sec": raw.collected.generated / max(t_rollout - t_sync, 1e-9),
+            "seconds_sync": t_sync - t0,
+            "seconds_rollout": t_rollout - t_sync,
+            "seconds_train": t_train - t_rollout,
+        }
+        if "kl" in metrics:
+            logged["kl"] = metrics["kl"] / tokens
+        if self.cfg.rl.overlong == "filter":
+            logged["overlong_filtered"] = float(raw.filtered)
+        if self.eval_due(done):
+            self.rollout.sync(state.params, done)  # the next step's rollouts reuse this sync
+            logged.update(_evaluate(self.rollout, self.task, self.grader, self.cfg, done - 1))
+        return logged, tokens / max(t_train - t_rollout, 1e-9)
+
+    def checkpoint_meta(self):
+        return {**super().checkpoint_meta(), PROMPT_POSITION: self.order.position}
+
+    def close(self):
+        super().close()
+        self.grader.close()
+        self.rollout.close()
+
+
 def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) RL to `train.steps`; returns the metrics logged by this call."""
     if cfg.rl is None:
@@ -338,18 +427,17 @@ def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     rl = cfg.rl
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # The optimizer counts updates: `ppo_epochs × mini_batches` per RL step.
-    setup = prepare(_optimizer_horizon(cfg))
+    # The optimizer counts updates: `ppo_epochs × mini_batches` per RL step, on mini-batches.
+    setup = prepare(
+        cfg,
+        updates=cfg.train.steps * rl.updates_per_rollout,
+        rows=cfg.train.batch_size // rl.mini_batches,
+    )
     _check(cfg, setup)
     task = _task(cfg)
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
-    state, start, meta, _ = start_state(cfg, setup, checkpointer, None, out)
-    order = PromptOrder(len(task.prompts), cfg.train.seed, int(meta.get(PROMPT_POSITION, 0)))
-    update = _Updater(cfg, setup, _reference_params(cfg, setup))
-    longest = max(len(p.ids) for p in task.prompts.prompts + task.eval_prompts.prompts)
-    max_len = longest + max(rl.max_new_tokens, rl.eval_max_new_tokens or 0)
-    rollout = make_rollout(cfg, setup, state.params, max_len, run_dir)
-    grader = _Grader(cfg)
+    state, start, meta, resumed = start_state(cfg, setup, checkpointer, None, out)
+    runner = _Reinforce(cfg, setup, checkpointer, task, state, (start, meta, resumed), out)
     print(f"mesh: {describe(setup.layout)}", file=out, flush=True)
     print(
         f"rl: {len(task.prompts):,} prompts ({task.prompts.duplicates:,} duplicates, "
@@ -360,92 +448,7 @@ def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
         file=out,
         flush=True,
     )
-    schedule_meta = schedule_settings(cfg.optim, cfg.train.steps * rl.updates_per_rollout)
-    primary = jax.process_index() == 0
-    logger = MetricsLogger(
-        run_dir / "metrics.jsonl" if primary else None, cfg.train.steps, start, out,
-        sinks=make_sinks(cfg, run_dir, start, out) if primary else [],
-    )  # fmt: skip
-    rows_multiple = setup.layout.size("data") * setup.layout.size("fsdp") * rl.mini_batches
-    history, stop = [], StopRequest()
-
-    def save(done: int) -> None:
-        check_streak(int(state.nonfinite_streak), done, cfg, checkpointer)
-        meta = {SCHEDULE_META: schedule_meta, PROMPT_POSITION: order.position}
-        checkpointer.save(state, cfg.model, None, meta, step=done)
-
-    try:
-        for step in range(start, cfg.train.steps):
-            if stop.requested:
-                save(step)
-                print(f"stopped by {stop.requested} after step {step}; checkpoint saved", file=out)
-                raise Preempted(step)
-            done = step + 1
-            t0 = time.perf_counter()
-            rollout.sync(state.params, step)
-            t_sync = time.perf_counter()
-            collected = _collect(rollout, task, grader, cfg, order, step)
-            rollouts, filtered = _rollouts(collected, rl)
-            t_rollout = time.perf_counter()
-            batch = _training_batch(cfg, rollouts, rows_multiple, done)
-            state, metrics = update(state, batch, step)
-            t_train = time.perf_counter()
-            tokens = max(metrics["tokens"], 1.0)
-            logged = {
-                "loss": metrics["loss"],
-                "grad_norm": metrics["grad_norm"],
-                "lr": metrics["lr"],
-                "nonfinite_streak": metrics["nonfinite_streak"],
-                **_rollout_metrics(collected),
-                "clip_fraction_low": metrics["clip_low"] / tokens,
-                "clip_fraction_high": metrics["clip_high"] / tokens,
-                "tis_weight_mean": metrics.get("tis_weight", tokens) / tokens,
-                "tis_clipped_fraction": metrics.get("tis_clipped", 0.0) / tokens,
-                "logprob_mismatch": metrics["logprob_mismatch"] / tokens,
-                "entropy": metrics["entropy"] / tokens,
-                "reward_failures": float(grader.timeouts),
-                "rollout_tokens_per_sec": collected.generated / max(t_rollout - t_sync, 1e-9),
-                "seconds_sync": t_sync - t0,
-                "seconds_rollout": t_rollout - t_sync,
-                "seconds_train": t_train - t_rollout,
-            }
-            if "kl" in metrics:
-                logged["kl"] = metrics["kl"] / tokens
-            if rl.overlong == "filter":
-                logged["overlong_filtered"] = float(filtered)
-            if rl.eval_every and (done % rl.eval_every == 0 or done == cfg.train.steps):
-                rollout.sync(state.params, done)  # the next step's rollouts reuse this sync
-                logged.update(_evaluate(rollout, task, grader, cfg, step))
-            logger.log(done, logged, tokens / max(t_train - t_rollout, 1e-9), show=CONSOLE)
-            history.append({"step": done, **logged})
-            # Optimizer updates whose loss or gradient was non-finite were skipped; too many
-            # in a row stop the run, the latest checkpoint intact (as in training).
-            check_streak(int(metrics["nonfinite_streak"]), done, cfg, checkpointer)
-            if checkpointer.due(done) or done == cfg.train.steps:
-                save(done)
-    finally:
-        stop.restore()
-        checkpointer.close()
-        logger.close()
-        grader.close()
-        rollout.close()
-    print(f"done: {cfg.train.steps} steps, checkpoints in {run_dir / 'checkpoints'}", file=out)
-    return history
-
-
-def _optimizer_horizon(cfg: RunConfig) -> RunConfig:
-    """The config the optimizer and its schedule are built from: one step per update."""
-    updates = cfg.rl.updates_per_rollout
-    if updates == 1:
-        return cfg
-    return dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(
-            cfg.train,
-            steps=cfg.train.steps * updates,
-            batch_size=cfg.train.batch_size // cfg.rl.mini_batches,
-        ),
-    )
+    return runner.run(state)
 
 
 def _padding_rows(key: str, like: np.ndarray, count: int) -> np.ndarray:

@@ -1,12 +1,14 @@
-"""Set-up shared by every training objective (train/loop.py, rl/loop.py): the mesh, the FP8
-policy and optimizer, the sharded train state — random, from `train.init_from` weights, from
-another run's checkpoint (`train.resume_from`) or resumed from this run's own latest one.
+"""Set-up shared by every training objective (train/loop.py, rl/loop.py) and the planner
+(plan.py): the mesh, the FP8 policy and optimizer, the sharded train state — random, from
+`train.init_from` weights, from another run's checkpoint (`train.resume_from`) or resumed from
+this run's own latest one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,6 +20,8 @@ from flax import traverse_util
 from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config
 from infir2_jax.fp8 import Gemm, make_gemm
+from infir2_jax.model import ModelConfig
+from infir2_jax.model.attention_impl import run_attention
 from infir2_jax.model.parts import ModelParts, Params, split_model
 from infir2_jax.parallel import make_layout
 from infir2_jax.parallel.rules import Layout
@@ -39,30 +43,61 @@ class Setup:
     parts: ModelParts
     state_sharding: TrainState  # of NamedShardings
     abstract: TrainState  # ShapeDtypeStructs carrying those shardings
+    model: ModelConfig
+    seq_len: int
+
+    def attention(self) -> str | None:
+        """The attention implementation the devices run (`model.attention_impl` resolved)."""
+        try:
+            return run_attention(
+                self.model, seq_len=self.seq_len, context=self.layout.size("context")
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def segment_limit(self, attention: str | None) -> int | None:
+        """Segments per row the attention kernel takes (None: any number)."""
+        return self.model.max_segments if attention == "cudnn" else None
+
+    def fallback_parts(self) -> ModelParts:
+        """The model parts for a batch beyond `segment_limit`: the Pallas flash kernel."""
+        return split_model(self.model.replace(attention_impl="pallas"), self.gemm)
 
 
-def prepare(cfg: RunConfig) -> Setup:
+def prepare(
+    cfg: RunConfig,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    updates: int | None = None,
+    rows: int | None = None,
+) -> Setup:
     """Mesh, GEMM policy, optimizer and schedule, model parts and state shardings; config
-    errors (a mesh that does not fit, an FP8 layer list) raise ConfigError."""
-    layout = make_layout(cfg.parallel)
-    check_layout(
-        layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
-    )
+    errors (a mesh that does not fit, an FP8 layer list) raise ConfigError.
+
+    devices: the mesh's devices (default: all; the planner passes compile-only GPUs).
+    updates: the optimizer updates the schedule spans (default `train.steps`; RL makes
+    `ppo_epochs × mini_batches` per step). rows: the rows of one update (default
+    `train.batch_size`; RL updates on mini-batches)."""
+    updates = cfg.train.steps if updates is None else updates
+    rows = cfg.train.batch_size if rows is None else rows
+    layout = make_layout(cfg.parallel, None if devices is None else list(devices))
+    check_layout(layout, cfg.model, cfg.train.seq_len, rows, cfg.train.micro_batches)
     try:
         gemm = make_gemm(cfg.fp8)
         gemm.layer_mask(cfg.model.num_layers)
-        schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+        schedule = learning_rate_schedule(cfg.optim, updates)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    optimizer = make_optimizer(cfg.optim, updates)
     parts = split_model(cfg.model, gemm)
     abstract = jax.eval_shape(
         functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
     )
     sharding = state_shardings(layout, parts, optimizer, abstract)
     return Setup(
-        layout, gemm, optimizer, schedule, parts, sharding, with_shardings(abstract, sharding)
-    )
+        layout, gemm, optimizer, schedule, parts, sharding, with_shardings(abstract, sharding),
+        cfg.model, cfg.train.seq_len,
+    )  # fmt: skip
 
 
 def start_state(

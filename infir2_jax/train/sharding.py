@@ -8,6 +8,7 @@ gradients and moments); the step counter, FP8 histories and other scalars are re
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 
 from infir2_jax.config import ConfigError
@@ -21,6 +22,34 @@ from infir2_jax.train.state import (
     make_train_step,
     next_token_loss,
 )
+
+# The model's inputs, each [batch, seq]: what a data batch hands the train and eval steps (an
+# objective may add its own, e.g. RL's advantages) and what the planner compiles against.
+MODEL_INPUTS = {
+    "input_ids": np.int32,
+    "labels": np.int32,
+    "loss_mask": np.float32,
+    "positions": np.int32,
+    "segment_ids": np.int32,
+}
+
+
+def abstract_batch(layout: Layout, rows: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The model inputs of a global batch, as shapes with their sharding (for compiling)."""
+    sharding = layout.batch_sharding()
+    return {
+        name: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=sharding)
+        for name, dtype in MODEL_INPUTS.items()
+    }
+
+
+def global_batch(layout: Layout, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's rows of the model inputs -> global arrays sharded over the data axes."""
+    sharding = layout.batch_sharding()
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(local[name], dtype))
+        for name, dtype in MODEL_INPUTS.items()
+    }
 
 
 def state_shardings(
