@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from infir2_jax.config import CheckpointConfig, load_config
@@ -22,6 +23,7 @@ from infir2_jax.train.checkpointing import (
 )
 from infir2_jax.train.integrity import MANIFEST, CheckpointCorrupt
 from infir2_jax.train.setup import initial_state, prepare
+from infir2_jax.train.stopping import NonFiniteLoss
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +125,46 @@ def test_full_disk_stops_with_one_line_and_the_previous_checkpoint_intact(tmp_pa
         assert not any(".orbax-checkpoint-tmp" in p.name for p in (disk / "checkpoints").iterdir())
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+# ------------------------------------------------------------------ through a training run
+SHORT = ["train.batch_size=4", "train.seq_len=64", "train.log_every=1", "optim.warmup_steps=3",
+         "data.synthetic_documents=2000"]  # fmt: skip
+
+
+def _run(run_dir: Path, *extra: str, out: io.StringIO | None = None) -> list:
+    from infir2_jax.train import train
+
+    cfg = load_config("tiny_cpt", [*SHORT, f"train.run_dir={run_dir}", *extra])
+    return train(cfg, out=out or io.StringIO())
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(tmp_path):
+    run = tmp_path / "run"
+    _run(run, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2")
+    victim = max(_data_files(run / "checkpoints" / "4"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[100:164] = bytes(b ^ 0xFF for b in data[100:164])
+    victim.write_bytes(bytes(data))
+    (run / "checkpoints" / "3.orbax-checkpoint-tmp-123").mkdir()  # an interrupted save
+    out = io.StringIO()
+    history = _run(run, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2", out=out)
+    assert f"checkpoint {run / 'checkpoints' / '4'} failed verification" in out.getvalue()
+    assert victim.name in out.getvalue() and "resumed from" in out.getvalue()
+    assert [m["step"] for m in history] == [3, 4, 5, 6]
+    assert all(np.isfinite(m["loss"]) for m in history)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "6"]
+    assert [p.name.split("-")[0] for p in (run / CORRUPT_DIR).iterdir()] == ["4"]
+
+
+def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
+    run = tmp_path / "run"
+    out = io.StringIO()
+    exploding = ["train.steps=12", "optim.lr=1e9", "optim.warmup_steps=0", "checkpoint.every=1",
+                 "checkpoint.keep=1", "train.max_nonfinite_streak=4"]  # fmt: skip
+    with pytest.raises(NonFiniteLoss):
+        _run(run, *exploding, out=out)
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    meta = json.loads((run / "checkpoints" / str(saved[-1]) / "meta" / "metadata").read_text())
+    assert meta["nonfinite_streak"] == 0
+    assert "not checkpointed: the last 1 update(s) were skipped" in out.getvalue()

@@ -12,15 +12,17 @@ from infir2_jax.cli import USAGE, Exit, add_config, add_set, command_parser, run
 from infir2_jax.config import ConfigError, RunConfig, load_config
 from infir2_jax.data import DataError
 from infir2_jax.parallel.distributed import DistributedError, initialize
+from infir2_jax.train.checkpointing import CheckpointSaveFailed
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted
 
 
 def run_command(
     prog: str, doc: str, job: Callable[[RunConfig], Any], argv: list[str] | None = None
 ) -> int:
-    """Parses the arguments, starts the processes and runs `job(config)`. Exit status 0, 2 for
-    a bad config / data / checkpoint (the message names it), 3 when the loss stayed
-    non-finite, 128 + SIGTERM after a pre-emption checkpoint."""
+    """Parses the arguments, starts the processes and runs `job(config)`. Exit status 0; 2 for
+    a bad config / data / checkpoint (the message names it); 3 when the loss stayed
+    non-finite; 1 when a checkpoint could not be written (the previous one intact); 128 +
+    SIGTERM after a pre-emption."""
     parser = command_parser(prog, doc)
     add_config(parser)
     add_set(parser)
@@ -35,5 +37,6 @@ def run_command(
         start,
         Exit((ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError), USAGE),
         Exit(NonFiniteLoss, 3),
+        Exit(CheckpointSaveFailed, 1),
         Exit(Preempted, 128 + signal.SIGTERM, message=""),  # a SIGTERM'd job's usual status
     )

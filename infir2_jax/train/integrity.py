@@ -22,11 +22,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from infir2_jax.checkpoint.hf_io import CheckpointError
+
 MANIFEST = "checksums.json"
 _CHUNK = 1 << 24
 
 
-class CheckpointCorrupt(Exception):
+class CheckpointCorrupt(CheckpointError):
     """A checkpoint failed verification; the message names the file or tensor."""
 
 

@@ -148,13 +148,25 @@ class Runner:
                 f"latest checkpoint (step {self.checkpointer.latest_step()}) is intact"
             )
 
-    def save(self, state: TrainState, step: int) -> None:
-        """Checkpoints `state` as step `step`, unless that step is saved already."""
+    def save(self, state: TrainState, step: int) -> bool:
+        """Checkpoints `state` as step `step`, unless that step is saved already or the last
+        update was skipped as non-finite (a checkpoint never holds a diverging state, so `keep`
+        never rotates the last finite one away); returns whether step `step` is saved."""
         if step == self._saved:
-            return
-        self.check_streak(int(state.nonfinite_streak), step)
+            return True
+        streak = int(state.nonfinite_streak)
+        self.check_streak(streak, step)
+        if streak:
+            print(
+                f"note: step {step} not checkpointed: the last {streak} update(s) were skipped "
+                f"as non-finite; checkpoint {self.checkpointer.latest_step()} stays the latest",
+                file=self.out,
+                flush=True,
+            )
+            return False
         self.checkpointer.save(state, self.cfg.model, self.data, self.checkpoint_meta(), step=step)
         self._saved = step
+        return True
 
     # ---- the loop
 
@@ -178,9 +190,9 @@ class Runner:
         try:
             for step in range(self.start, self.total):
                 if stop.requested:  # SLURM pre-emption: checkpoint this step and leave cleanly
-                    self.save(state, step)
+                    saved = "checkpoint saved" if self.save(state, step) else "nothing saved"
                     print(
-                        f"stopped by {stop.requested} after step {step}; checkpoint saved, "
+                        f"stopped by {stop.requested} after step {step}; {saved}, "
                         "re-run the same command to resume",
                         file=self.out,
                         flush=True,
@@ -207,4 +219,5 @@ class Runner:
         self.after_step(state, done)
         if self.checkpointer.due(done) or done == self.total:
             self.save(state, done)
+        self.checkpointer.check()  # a failed background save stops the run now
         return state

@@ -110,17 +110,18 @@ def start_state(
     run_dir = Path(cfg.train.run_dir)
     if cfg.train.init_from is not None and cfg.train.resume_from is not None:
         raise ConfigError("train.init_from and train.resume_from: set one, not both")
-    start = checkpointer.latest_step()
-    check_run_model(checkpointer.directory, start, cfg)
+    check_run_model(checkpointer.directory, cfg)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if start is not None:
-        state, meta = checkpointer.restore(start, setup.abstract, data)
+    restored = checkpointer.restore_latest(setup.abstract, data, out)
+    if restored is not None:
+        state, start, meta = restored
         print(f"resumed from {run_dir / 'checkpoints' / str(start)}", file=out, flush=True)
         return state, start, meta, True
     if cfg.train.resume_from is not None:
         root, start = resume_source(cfg)
         source = TrainCheckpointer(root, cfg.checkpoint, read_only=True)
-        state, meta = source.restore(start, setup.abstract, data if cfg.train.resume_data else None)
+        position = data if cfg.train.resume_data else None
+        state, meta = source.verified_restore(start, setup.abstract, position)
         source.close()
         position = "its data position" if cfg.train.resume_data else "fresh data order"
         print(
@@ -134,20 +135,26 @@ def start_state(
     return state, 0, {}, False
 
 
-def check_run_model(checkpoints: Path, step: int | None, cfg: RunConfig) -> None:
+def check_run_model(checkpoints: Path, cfg: RunConfig) -> None:
     """A run directory is tied to its model once it holds a checkpoint (not before: a run
-    that died before saving anything leaves nothing to continue)."""
-    if step is None:
+    that died before saving anything leaves nothing to continue). The newest checkpoint whose
+    model config reads decides; unreadable ones are left to `restore_latest` to set aside, but
+    a different model is an error here, before any checkpoint could be taken for corrupt."""
+    steps = sorted((int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()), reverse=True)
+    for step in steps:
+        step_dir = checkpoints / str(step)
+        try:
+            previous = read_config(step_dir)
+        except Exception:  # noqa: BLE001 — a damaged checkpoint: restore_latest reports it
+            continue
+        mismatch = cfg.model.architecture_mismatch(previous)
+        if mismatch:
+            raise ConfigError(
+                f"{step_dir}: this run directory holds a model with {mismatch}="
+                f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
+                f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
+            )
         return
-    step_dir = checkpoints / str(step)
-    previous = read_config(step_dir)
-    mismatch = cfg.model.architecture_mismatch(previous)
-    if mismatch:
-        raise ConfigError(
-            f"{step_dir}: this run directory holds a model with {mismatch}="
-            f"{getattr(previous, mismatch)!r}, not model.{mismatch}="
-            f"{getattr(cfg.model, mismatch)!r}; use a new train.run_dir"
-        )
 
 
 def initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings):
