@@ -9,16 +9,17 @@ bytes of parameters, optimizer state and FP8 state (exact, from the shardings) a
 step's temporaries (activations, gradients, collectives buffers: XLA's buffer assignment of
 the SPMD-partitioned program), the parameter count and model FLOPs.
 
---target cpu (default): fake CPU devices, XLA:CPU's buffer assignment (`attention_impl: auto`
-plans chunked XLA attention there, where a GPU runs flash attention). XLA:GPU fuses
+--target cpu (default): fake CPU devices, XLA:CPU's buffer assignment
+(`execution.attention_impl: auto` plans chunked XLA attention there, where a GPU runs flash
+attention). XLA:GPU fuses
 differently: treat the temporaries as an estimate within roughly ±20 %, the parameter and
 optimizer bytes as exact.
 --target h100 / h200: compile-only GPU devices from XLA's target description (needs
 `pip install -r requirements-gpu-compile.txt`, no GPU): XLA:GPU's own pipeline and buffer
 assignment, plus a census of the optimized program's GEMMs and kernels (FP8 cuBLASLt GEMMs,
 BF16 and FP32 GEMMs, attention and Pallas kernels, [seq, seq] buffer shapes), compiled as on
-that GPU (`attention_impl: auto` resolves for it). Nothing is autotuned (Triton GEMMs are off,
-so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
+that GPU (`execution.attention_impl: auto` resolves for it). Nothing is autotuned (Triton GEMMs
+are off, so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
 --json prints the figures as one JSON object; --dump-hlo writes the optimized HLO text.
 """
 
@@ -41,11 +42,6 @@ def _device_count(cfg, requested: int | None) -> int:
     return (requested or 8) if -1 in sizes else math.prod(sizes)
 
 
-def _attention_label(requested: str | None, resolved: str | None) -> str:
-    resolved = resolved or "xla"
-    return f"{resolved} (auto)" if requested == "auto" else resolved
-
-
 def plan(
     cfg,
     devices: int,
@@ -61,19 +57,20 @@ def plan(
     import jax.numpy as jnp
     import numpy as np
 
-    from infir2_jax.fp8 import make_gemm, te_deviceless
-    from infir2_jax.gpu_target import census, gpu_devices, square_buffers, target_capability
+    from infir2_jax.fp8 import te_deviceless
+    from infir2_jax.gpu_target import census, gpu_devices, square_buffers
     from infir2_jax.kernels.cudnn_attention import compile_target
-    from infir2_jax.model.attention_impl import run_attention
+    from infir2_jax.model.parts import split_model
     from infir2_jax.parallel import describe, make_layout
+    from infir2_jax.target import Target
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
+    from infir2_jax.train.setup import resolve_run_plan
     from infir2_jax.train.sharding import (
         check_layout,
         jit_train_step,
         state_shardings,
         with_shardings,
     )
-    from infir2_jax.model.parts import split_model
     from infir2_jax.train.state import new_state
 
     if target == "cpu":
@@ -89,17 +86,20 @@ def plan(
     check_layout(
         layout, cfg.model, cfg.train.seq_len, cfg.train.batch_size, cfg.train.micro_batches
     )
+    compiled_for = Target.named(target)
     if cfg.fp8.recipe.startswith("te_"):
         # TransformerEngine imports and traces here only with the compile-only stand-ins for
         # the CUDA driver (a no-op where a real driver is present).
-        major, minor = target_capability(target) if target != "cpu" else (9, 0)
+        major, minor = compiled_for.capability or (9, 0)
         te_deviceless.enable(10 * major + minor)
-    gemm = make_gemm(cfg.fp8)
+    # What runs on the target decides `attention_impl: auto` (cuDNN's packed flash attention
+    # on Hopper), the FP8 kernels and TE's implementation: resolved for it.
+    _, exec_plan = resolve_run_plan(cfg, layout, compiled_for)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
-    parts = split_model(cfg.model, gemm)
+    parts = split_model(cfg.model, exec_plan)
     abstract = jax.eval_shape(
-        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
+        functools.partial(new_state, cfg.model, cfg.train.seed, exec_plan, optimizer)
     )
     shardings = state_shardings(layout, parts, optimizer, abstract)
     abstract = with_shardings(abstract, shardings)
@@ -116,15 +116,15 @@ def plan(
         )
     }
     step = jit_train_step(layout, shardings, parts, optimizer, schedule, cfg.train.micro_batches)
-    # What runs on the target decides `attention_impl: auto` (cuDNN's packed flash attention
-    # on Hopper): compile as if on it.
+    # JAX's cuDNN binding checks the local device (this CPU) while tracing: compile-only, make
+    # it check the target.
     on_target = (
-        compile_target(target_capability(target)) if target != "cpu" else contextlib.nullcontext()
+        compile_target(compiled_for.capability)
+        if compiled_for.is_cuda
+        else contextlib.nullcontext()
     )
+    attention = exec_plan.attention
     with on_target:
-        attention = run_attention(
-            cfg.model, seq_len=cfg.train.seq_len, context=layout.size("context")
-        )
         began = time.perf_counter()
         compiled = step.lower(abstract, batch).compile()
         seconds = time.perf_counter() - began
@@ -174,8 +174,8 @@ def plan(
     micro_rows = rows // (data_parallel * cfg.train.micro_batches)
     lines = [
         f"plan: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-        f"{n_params / 1e9:.2f} B parameters | fp8 {cfg.fp8.recipe} | remat {cfg.model.remat} | "
-        f"attention {_attention_label(cfg.model.attention_impl, attention)}",
+        f"{n_params / 1e9:.2f} B parameters | fp8 {cfg.fp8.recipe} | "
+        f"remat {cfg.execution.remat} | attention {exec_plan.describe_attention()}",
         f"mesh: {describe(layout)}",
         f"batch: {rows} × {seq} tokens per step, {cfg.train.micro_batches} micro-batches, "
         f"{micro_rows} row(s) × {seq // layout.size('context')} tokens per device per "

@@ -300,7 +300,7 @@ def _reference_params(cfg: RunConfig, setup) -> Params | None:
         params = jax.device_put(pretrained_params(cfg, setup.parts)[0], shardings)
     else:
         params = jax.jit(
-            lambda: init_params(cfg.model, cfg.train.seed, setup.gemm)[0], out_shardings=shardings
+            lambda: init_params(cfg.model, cfg.train.seed, setup.plan)[0], out_shardings=shardings
         )()
     cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.model.dtype), p))
     return jax.block_until_ready(cast(params))

@@ -11,17 +11,15 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from infir2_jax.config import ConfigError, RunConfig
+from infir2_jax.config import RunConfig
 from infir2_jax.data import DataPipeline, check_vocab, overlong_counts, sample_ids
 from infir2_jax.kernels.cudnn_attention import max_runs
-from infir2_jax.model.attention_impl import run_attention
 from infir2_jax.parallel import describe
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
 from infir2_jax.train.metrics import MetricsLogger, make_sinks, open_jsonl_for_resume
 from infir2_jax.train.optimizer import schedule_change, schedule_settings
-from infir2_jax.train.setup import prepare, start_state
+from infir2_jax.train.setup import Setup, prepare, start_state
 from infir2_jax.train.sharding import jit_eval_step, jit_train_step
-from infir2_jax.model.parts import split_model
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
 
 
@@ -44,14 +42,14 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 class _Steps:
     """The jitted train and eval steps. With cuDNN attention, whose packed form takes at most
-    `model.max_segments` segments per row, a batch with more runs through the same steps
-    built with the Pallas flash kernel instead (compiled on first need, said once), so a
-    long run never stops on an unusually fragmented row."""
+    `execution.max_segments` segments per row, a batch with more runs through the same steps
+    built for the plan's fallback (the Pallas flash kernel; compiled on first need, said
+    once), so a long run never stops on an unusually fragmented row."""
 
-    def __init__(self, build, cfg: RunConfig, attention: str | None, out: TextIO):
-        self._build, self._cfg, self._out = build, cfg, out
-        self.train, self.eval = build(cfg.model)
-        self._limit = cfg.model.max_segments if attention == "cudnn" else None
+    def __init__(self, build, setup: Setup, out: TextIO):
+        self._build, self._setup, self._out = build, setup, out
+        self.train, self.eval = build(setup.parts)
+        self._limit = setup.plan.segment_limit
         self._fallback = None
 
     def for_batch(self, local: dict[str, np.ndarray]):
@@ -60,13 +58,13 @@ class _Steps:
             return self.train, self.eval
         if self._fallback is None:
             print(
-                f"note: a row holds {runs} segments, more than model.max_segments="
+                f"note: a row holds {runs} segments, more than execution.max_segments="
                 f"{self._limit} that cuDNN attention takes; such batches use the Pallas flash "
                 "kernel (compiling it now)",
                 file=self._out,
                 flush=True,
             )
-            self._fallback = self._build(self._cfg.model.replace(attention_impl="pallas"))
+            self._fallback = self._build(self._setup.fallback_parts())
         return self._fallback
 
 
@@ -75,16 +73,9 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup = prepare(cfg)
-    layout, gemm, optimizer, schedule, parts = (
-        setup.layout, setup.gemm, setup.optimizer, setup.schedule, setup.parts,
-    )  # fmt: skip
+    layout, optimizer, schedule = setup.layout, setup.optimizer, setup.schedule
     state_sharding = setup.state_sharding
-    try:
-        attention = run_attention(
-            cfg.model, seq_len=cfg.train.seq_len, context=layout.size("context")
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    attention = setup.plan.attention
 
     pipeline = DataPipeline(
         cfg.data,
@@ -121,8 +112,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             data.close()
         return []
 
-    def build_steps(model_cfg):
-        model_parts = parts if model_cfg == cfg.model else split_model(model_cfg, gemm)
+    def build_steps(model_parts):
         return (
             jit_train_step(
                 layout, state_sharding, model_parts, optimizer, schedule, cfg.train.micro_batches
@@ -130,7 +120,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
             jit_eval_step(layout, state_sharding, model_parts, cfg.train.micro_batches),
         )
 
-    steps = _Steps(build_steps, cfg, attention, out)
+    steps = _Steps(build_steps, setup, out)
     data_sharding = layout.batch_sharding()
     primary = jax.process_index() == 0
     logger = MetricsLogger(
