@@ -4,6 +4,8 @@ of segments per row. Its compilation for an H100 is in tests/test_gpu_compile.py
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from infir2_jax.kernels.cudnn_attention import max_runs, segment_spans
 from infir2_jax.model.attention import attention_mask
 from infir2_jax.model.attention_impl import resolve_implementation
+from infir2_jax.target import Target
 
 
 def _packed_rows(rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
@@ -63,45 +66,76 @@ def test_segment_spans_mask_exactly_what_the_xla_path_masks(seq):
 
 def test_implementation_choice_without_a_gpu():
     bf16 = jnp.bfloat16
-    assert resolve_implementation("auto", 128, bf16) == "chunked"
-    assert resolve_implementation("chunked", 128, bf16) == "chunked"
-    assert resolve_implementation(None, 128, bf16) is None
-    assert resolve_implementation("pallas", 128, bf16, context=2, seq_len=512) == "pallas"
+    resolve = functools.partial(resolve_implementation, target=Target())
+    assert resolve("auto", 128, bf16) == "chunked"
+    assert resolve("chunked", 128, bf16) == "chunked"
+    assert resolve(None, 128, bf16) is None
+    assert resolve("pallas", 128, bf16, context=2, seq_len=512) == "pallas"
     with pytest.raises(ValueError, match="attention_impl=cudnn cannot run here: not compiling"):
-        resolve_implementation("cudnn", 128, bf16)
+        resolve("cudnn", 128, bf16)
     with pytest.raises(ValueError, match="context parallelism"):
-        resolve_implementation("cudnn", 128, bf16, context=2)
+        resolve("cudnn", 128, bf16, context=2)
     with pytest.raises(ValueError, match="per-device length of 160 tokens"):
-        resolve_implementation("pallas", 128, bf16, context=2, seq_len=320)
+        resolve("pallas", 128, bf16, context=2, seq_len=320)
     with pytest.raises(ValueError, match="head_dim 72"):
-        resolve_implementation("pallas", 72, bf16)
+        resolve("pallas", 72, bf16)
+
+
+def test_implementation_choice_for_a_named_hopper_target():
+    """The plan decides for the target it is given, not for the machine it runs on: `auto`
+    is cuDNN for an H100 (without context parallelism), Pallas under it; an older GPU gets
+    Pallas; the cuDNN plan falls back to Pallas for rows with too many segments."""
+    from infir2_jax.model import ExecutionConfig, preset, resolve_plan
+
+    h100, a100 = Target("cuda", (9, 0), "h100"), Target("cuda", (8, 0), "a100")
+    cfg = preset("tiny").replace(dtype="bfloat16")
+    auto = ExecutionConfig(attention_impl="auto")
+    try:
+        plan = resolve_plan(cfg, auto, target=h100, seq_len=256)
+    except ValueError as e:  # no cuDNN library here at all
+        pytest.skip(str(e))
+    if plan.attention != "cudnn":
+        pytest.skip("cuDNN is not installed here")
+    assert plan.segment_limit == 32 and plan.fallback().attention == "pallas"
+    assert plan.fallback().segment_limit is None
+    assert resolve_plan(cfg, auto, target=a100, seq_len=256).attention == "pallas"
+    assert resolve_plan(cfg, auto, seq_len=256).attention == "chunked"  # this CPU
 
 
 def test_batches_with_more_segments_than_cudnn_takes_run_the_pallas_kernel():
-    """A row with more segments than model.max_segments never stops a run: that batch goes
-    through the same steps built with the Pallas kernel (built once, said once)."""
-    import dataclasses
+    """A row with more segments than execution.max_segments never stops a run: that batch
+    goes through the same steps built for the plan's fallback, the Pallas kernel (built once,
+    said once)."""
     import io
 
-    from infir2_jax.config import load_config
+    from infir2_jax.model import ExecutionConfig, ExecutionPlan
     from infir2_jax.train.loop import _Steps
 
-    cfg = load_config("tiny_cpt")
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(max_segments=4))
+    class FakeSetup:  # what _Steps reads of a Setup
+        def __init__(self, attention):
+            fallback = "pallas" if attention == "cudnn" else None
+            self.plan = ExecutionPlan(ExecutionConfig(max_segments=4), attention=attention,
+                                      fallback_attention=fallback)  # fmt: skip
+            self.parts = self.plan
+
+        def fallback_parts(self):
+            return self.plan.fallback()
+
     built = []
 
-    def build(model_cfg):
-        built.append(model_cfg.attention_impl)
-        return f"train-{model_cfg.attention_impl}", f"eval-{model_cfg.attention_impl}"
+    def build(parts):
+        built.append(parts.attention)
+        return f"train-{parts.attention}", f"eval-{parts.attention}"
 
     out = io.StringIO()
-    steps = _Steps(build, cfg, "cudnn", out)
+    steps = _Steps(build, FakeSetup("cudnn"), out)
     few = {"segment_ids": np.repeat(np.arange(1, 5, dtype=np.int32), 8)[None]}  # 4 runs
     many = {"segment_ids": np.repeat(np.arange(1, 9, dtype=np.int32), 4)[None]}  # 8 runs
-    assert steps.for_batch(few) == ("train-None", "eval-None")
+    assert steps.for_batch(few) == ("train-cudnn", "eval-cudnn")
     assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
     assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
-    assert built == [None, "pallas"]
-    assert "a row holds 8 segments, more than model.max_segments=4" in out.getvalue()
+    assert built == ["cudnn", "pallas"]
+    assert "a row holds 8 segments, more than execution.max_segments=4" in out.getvalue()
     # attention that is not cuDNN never looks at segments
-    assert _Steps(build, cfg, "chunked", out).for_batch(many) == ("train-None", "eval-None")
+    chunked = _Steps(build, FakeSetup("chunked"), out)
+    assert chunked.for_batch(many) == ("train-chunked", "eval-chunked")

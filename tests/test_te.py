@@ -31,6 +31,7 @@ from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import Fp8Probe, Fp8State, make_gemm
 from infir2_jax.fp8.te import te_installed
 from infir2_jax.model.layers import Linear
+from infir2_jax.target import local_target
 from infir2_jax.train.loop import train
 from infir2_jax.train.state import update_fp8_state
 
@@ -82,7 +83,7 @@ def test_te_current_equals_our_current_scaling(te, dtype):
     c = jnp.asarray(rng.normal(size=(256, 192)), dtype)
 
     def value_and_grads(recipe):
-        gemm = make_gemm(FP8Config(recipe=recipe))
+        gemm = make_gemm(FP8Config(recipe=recipe)).for_execution(local_target(), None)
         loss = lambda x, w: jnp.sum((gemm(x, w) * c).astype(jnp.float32))  # noqa: E731
         return [np.asarray(a, np.float32) for a in jax.tree.leaves(
             jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w))]  # fmt: skip
@@ -116,7 +117,8 @@ def test_te_delayed_state_follows_te_update_and_scales_the_next_step(te):
     d_in, d_out, tokens, history_len = 32, 48, 16, 4
     gemm = make_gemm(FP8Config(recipe="te_delayed", amax_history=history_len))
     lin = Linear(d_in, d_out, axes=("embed", "mlp"), init_std=0.3, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs=nnx.Rngs(0), gemm=gemm)  # fmt: skip
+                 param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                 gemm=gemm.for_execution(local_target(), None))  # fmt: skip
     graphdef, params, fp8, probes = nnx.split(lin, nnx.Param, Fp8State, Fp8Probe)
     params, fp8, probes = (nnx.to_pure_dict(s) for s in (params, fp8, probes))
     assert set(fp8) == {"fp8_history", "fp8_scale"}
