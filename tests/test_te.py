@@ -50,6 +50,26 @@ def te():
     te_deviceless.enable()
 
 
+def test_te_implementation_is_chosen_once_from_the_target(monkeypatch):
+    """TE's switch (NVTE_JAX_CUSTOM_CALLS, read by TE while tracing) is set when the plan is
+    resolved, never while tracing: off for a CPU target; for a CUDA target the user's own
+    value comes back (none: TE's default, its kernels)."""
+    from infir2_jax.fp8.te import TeGemm
+    from infir2_jax.target import Target
+
+    h100 = Target("cuda", (9, 0), "h100")
+    for user in (None, "te_gemm=false"):
+        if user is None:
+            monkeypatch.delenv("NVTE_JAX_CUSTOM_CALLS", raising=False)
+        else:
+            monkeypatch.setenv("NVTE_JAX_CUSTOM_CALLS", user)
+        gemm = TeGemm("te_current").for_execution(Target(), None)
+        assert os.environ["NVTE_JAX_CUSTOM_CALLS"] == "false" and gemm.layout is None
+        TeGemm("te_current").for_execution(Target(), None)  # twice: the user's value is kept
+        TeGemm("te_current").for_execution(h100, None)
+        assert os.environ.get("NVTE_JAX_CUSTOM_CALLS") == user
+
+
 @pytest.mark.parametrize("recipe", ["te_delayed", "te_current"])
 def test_missing_transformer_engine_names_the_install_script(recipe, monkeypatch):
     real = importlib.metadata.version

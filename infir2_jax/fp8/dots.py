@@ -309,7 +309,8 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     row per 128 of K, B K-major [N, K] with scales per 128×128 block ("block") or per column
     per 128 of K ("column"). `spec.kernel`: "emulated" dequantizes and sums the 128-K blocks
     in FP32 (any platform); "pallas" runs the Hopper kernel; "interpret" runs it in Pallas'
-    GPU interpreter (CPU tests); "auto" the kernel on GPU, the emulation elsewhere."""
+    GPU interpreter (CPU tests); "auto" the kernel for a CUDA target (`spec.platform`, or
+    where XLA lowers it when unbound), the emulation elsewhere."""
     args = (a_q, a_s, b_q_kmajor, b_s)
     emulated = partial(blockwise_fp8_matmul_reference, b_scale_mode=mode, out_dtype=out_dtype)
     if spec.kernel == "emulated" or (
