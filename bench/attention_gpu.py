@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fp8_kernel import median_seconds  # noqa: E402
 from infir2_jax.model.attention import attend  # noqa: E402
+from infir2_jax.target import local_target  # noqa: E402
 
 SHAPES = {  # name -> (heads, kv_heads, head_dim)
     "1.5B": (12, 2, 128),
@@ -75,6 +76,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = ["| shape | tokens | attention | ms fwd+bwd | TFLOPS | max err vs chunked |",
             "|---|---|---|---|---|---|"]  # fmt: skip
+    on_gpu = local_target().is_cuda  # the Pallas kernel compiled, not interpreted
     for name, (heads, kv_heads, d) in shapes.items():
         for seq in seqs:
             segments = packed_segments(1, seq, rng, smallest)
@@ -88,6 +90,7 @@ def main() -> None:
                 run = functools.partial(
                     attend, implementation=impl, chunk_size=min(1024, seq),
                     max_segments=int(segments.max()) + 1, block=min(128, seq),
+                    compiled=on_gpu,
                 )  # fmt: skip
 
                 step = jax.jit(functools.partial(fwd_bwd, run, index, seg, cot))

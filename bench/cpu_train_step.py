@@ -27,6 +27,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from infir2_jax.config import OptimConfig  # noqa: E402
 from infir2_jax.fp8 import Gemm  # noqa: E402
+from infir2_jax.model import ExecutionConfig, resolve_plan  # noqa: E402
 from infir2_jax.model.parts import split_model  # noqa: E402
 from infir2_jax.pretrained import load_params, read_config  # noqa: E402
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -73,11 +74,12 @@ def main() -> None:
     tokens = rng.integers(0, hf_cfg.vocab_size, size=(args.batch, args.seq + 1))
 
     # --- infir2-jax
-    cfg = read_config(directory).replace(dtype="float32", param_dtype="float32", remat="none")
+    cfg = read_config(directory).replace(dtype="float32", param_dtype="float32")
+    plan = resolve_plan(cfg, ExecutionConfig(remat="none"), gemm=Gemm())
     params = traverse_util.unflatten_dict(dict(load_params(directory, cfg)))
     optimizer = make_optimizer(optim, 1000)
     step_fn = jax.jit(
-        make_train_step(split_model(cfg, Gemm()), optimizer, learning_rate_schedule(optim, 1000)),
+        make_train_step(split_model(cfg, plan), optimizer, learning_rate_schedule(optim, 1000)),
         donate_argnums=0,
     )
     state = init_state(params, {}, optimizer)

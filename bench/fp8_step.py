@@ -44,20 +44,21 @@ def measure(recipe: str, preset: str, seq: int, batch: int, steps: int, remat: s
 
     from infir2_jax.config import FP8Config, OptimConfig
     from infir2_jax.fp8 import make_gemm
+    from infir2_jax.model import ExecutionConfig, resolve_plan
     from infir2_jax.model import preset as get_preset
     from infir2_jax.model.parts import init_params, split_model
     from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
     from infir2_jax.train.state import init_state, make_train_step
 
-    cfg = get_preset(preset).replace(dtype="bfloat16", param_dtype="float32", remat=remat)
-    gemm = make_gemm(FP8Config(recipe=recipe))
+    cfg = get_preset(preset).replace(dtype="bfloat16", param_dtype="float32")
+    plan = resolve_plan(cfg, ExecutionConfig(remat=remat), gemm=make_gemm(FP8Config(recipe=recipe)))
     optim = OptimConfig(lr=1e-5, warmup_steps=0)
     optimizer = make_optimizer(optim, 1000)
     step_fn = jax.jit(
-        make_train_step(split_model(cfg, gemm), optimizer, learning_rate_schedule(optim, 1000)),
+        make_train_step(split_model(cfg, plan), optimizer, learning_rate_schedule(optim, 1000)),
         donate_argnums=0,
     )
-    state = jax.jit(lambda: init_state(*init_params(cfg, 0, gemm), optimizer))()
+    state = jax.jit(lambda: init_state(*init_params(cfg, 0, plan), optimizer))()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq + 1))
     batch_arrays = jax.device_put(
         {

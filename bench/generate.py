@@ -120,7 +120,7 @@ def main() -> None:
     args = p.parse_args()
 
     cfg = preset(args.preset) if args.preset else SMALL
-    cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype, remat="none")
+    cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
     cfg = cfg.replace(
         max_position_embeddings=max(cfg.max_position_embeddings, args.prompt + args.new)
     )

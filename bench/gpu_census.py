@@ -33,7 +33,7 @@ SETTINGS = {
     "1.5B 8k node no-remat": ("cpt_1p5b", 8, ["parallel.tensor=1", "parallel.data=1",
                                     "parallel.fsdp=8", "train.seq_len=8192",
                                     "train.batch_size=16", "train.micro_batches=1",
-                                    "model.remat=none"], (68.1, 58.3)),
+                                    "execution.remat=none"], (68.1, 58.3)),
     "1.5B 32k TP2": ("cpt_1p5b", 2, ["parallel.tensor=2", "train.batch_size=1",
                      "train.micro_batches=1"], (57.8, 51.7)),
     "7B 32k TP4": ("cpt_7b", 4, ["parallel.tensor=4", "train.batch_size=1",

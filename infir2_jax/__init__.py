@@ -6,16 +6,29 @@ import os
 # advise on every start that "PyTorch was not found".
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from infir2_jax.model import PRESETS, ModelConfig, Qwen2, from_hf_config, preset, to_hf_config
+from infir2_jax.model import (
+    PRESETS,
+    ExecutionConfig,
+    ExecutionPlan,
+    ModelConfig,
+    Qwen2,
+    from_hf_config,
+    preset,
+    resolve_plan,
+    to_hf_config,
+)
 from infir2_jax.pretrained import from_pretrained, model_from_params
 
 __all__ = [
     "PRESETS",
+    "ExecutionConfig",
+    "ExecutionPlan",
     "ModelConfig",
     "Qwen2",
     "from_hf_config",
     "from_pretrained",
     "model_from_params",
     "preset",
+    "resolve_plan",
     "to_hf_config",
 ]

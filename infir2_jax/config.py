@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from infir2_jax.model.config import ModelConfig, preset
+from infir2_jax.model.config import EXECUTION_FIELDS, ExecutionConfig, ModelConfig, preset
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -401,6 +401,7 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     optim: OptimConfig
+    execution: ExecutionConfig = ExecutionConfig()  # how the model runs (model/config.py)
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = DataConfig()
     fp8: FP8Config = FP8Config()
@@ -488,6 +489,8 @@ RENAMED_KEYS = {
 def _parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    if cls is ModelConfig and (moved := [k for k in EXECUTION_FIELDS if k in raw]):
+        raise ConfigError(f"model.{moved[0]} is now execution.{moved[0]}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))

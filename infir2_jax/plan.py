@@ -9,16 +9,17 @@ bytes of parameters, optimizer state and FP8 state (exact, from the shardings) a
 step's temporaries (activations, gradients, collectives buffers: XLA's buffer assignment of
 the SPMD-partitioned program), the parameter count and model FLOPs.
 
---target cpu (default): fake CPU devices, XLA:CPU's buffer assignment (`attention_impl: auto`
-plans chunked XLA attention there, where a GPU runs flash attention). XLA:GPU fuses
+--target cpu (default): fake CPU devices, XLA:CPU's buffer assignment
+(`execution.attention_impl: auto` plans chunked XLA attention there, where a GPU runs flash
+attention). XLA:GPU fuses
 differently: treat the temporaries as an estimate within roughly ±20 %, the parameter and
 optimizer bytes as exact.
 --target h100 / h200: compile-only GPU devices from XLA's target description (needs
 `pip install -r requirements-gpu-compile.txt`, no GPU): XLA:GPU's own pipeline and buffer
 assignment, plus a census of the optimized program's GEMMs and kernels (FP8 cuBLASLt GEMMs,
 BF16 and FP32 GEMMs, attention and Pallas kernels, [seq, seq] buffer shapes), compiled as on
-that GPU (`attention_impl: auto` resolves for it). Nothing is autotuned (Triton GEMMs are off,
-so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
+that GPU (`execution.attention_impl: auto` resolves for it). Nothing is autotuned (Triton GEMMs
+are off, so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
 --json prints the figures as one JSON object; --dump-hlo writes the optimized HLO text.
 """
 
@@ -40,11 +41,6 @@ def _device_count(cfg, requested: int | None) -> int:
     return (requested or 8) if -1 in sizes else math.prod(sizes)
 
 
-def _attention_label(requested: str | None, resolved: str | None) -> str:
-    resolved = resolved or "xla"
-    return f"{resolved} (auto)" if requested == "auto" else resolved
-
-
 def plan(
     cfg,
     devices: int,
@@ -57,17 +53,22 @@ def plan(
     """Compiles the train step for `cfg` on `devices` devices of `target` (fake CPU devices,
     or compile-only GPUs); prints and returns the figures."""
     from infir2_jax.fp8 import te_deviceless
-    from infir2_jax.gpu_target import census, square_buffers, target_capability
+    from infir2_jax.gpu_target import census, square_buffers
+    from infir2_jax.target import Target
     from infir2_jax.train.setup import prepare
 
+    compiled_for = Target.named(target)
     if cfg.fp8.recipe.startswith("te_"):
         # TransformerEngine imports and traces here only with the compile-only stand-ins for
         # the CUDA driver (a no-op where a real driver is present).
-        major, minor = target_capability(target) if target != "cpu" else (9, 0)
+        major, minor = compiled_for.capability or (9, 0)
         te_deviceless.enable(10 * major + minor)
-    # The training run's own set-up, on the planned devices.
-    setup = prepare(cfg, devices=_plan_devices(target, devices))
-    compiled, attention, seconds = _compile(cfg, setup, target)
+    # The training run's own set-up, on the planned devices: what runs on the target decides
+    # `attention_impl: auto` (cuDNN's packed flash attention on Hopper), the FP8 kernels and
+    # TE's implementation.
+    setup = prepare(cfg, devices=_plan_devices(target, devices), target=compiled_for)
+    compiled, seconds = _compile(cfg, setup)
+    attention = setup.plan.attention
     hlo = compiled.as_text() if (target != "cpu" or dump_hlo) else ""
     if dump_hlo:
         with open(dump_hlo, "w") as f:
@@ -78,7 +79,8 @@ def plan(
         figures["census"] = census(hlo).as_dict()
         figures["census"]["seq_by_seq_buffers"] = square_buffers(hlo, seq_per_device)
     if not as_json:
-        print("\n".join(_report(cfg, setup.layout, figures)), file=out, flush=True)
+        report = _report(cfg, setup.layout, figures, setup.plan.describe_attention())
+        print("\n".join(report), file=out, flush=True)
     return figures
 
 
@@ -98,10 +100,8 @@ def _plan_devices(target: str, devices: int) -> list:
     return jax.devices()[:devices]
 
 
-def _compile(cfg, setup, target: str):
-    """(compiled train step, attention implementation, seconds): the step the run jits, for
-    abstract state and batch."""
-    from infir2_jax.gpu_target import target_capability
+def _compile(cfg, setup):
+    """(compiled train step, seconds): the step the run jits, for abstract state and batch."""
     from infir2_jax.kernels.cudnn_attention import compile_target
     from infir2_jax.train.sharding import abstract_batch, jit_train_step
 
@@ -110,16 +110,14 @@ def _compile(cfg, setup, target: str):
         setup.layout, setup.state_sharding, setup.parts, setup.optimizer, setup.schedule,
         cfg.train.micro_batches,
     )  # fmt: skip
-    # What runs on the target decides `attention_impl: auto` (cuDNN's packed flash attention
-    # on Hopper): compile as if on it.
-    on_target = (
-        compile_target(target_capability(target)) if target != "cpu" else contextlib.nullcontext()
-    )
+    # JAX's cuDNN binding checks the local device (this CPU) while tracing: compile-only, make
+    # it check the target.
+    target = setup.plan.target
+    on_target = compile_target(target.capability) if target.is_cuda else contextlib.nullcontext()
     with on_target:
-        attention = setup.attention()
         began = time.perf_counter()
         compiled = step.lower(setup.abstract, batch).compile()
-    return compiled, attention, time.perf_counter() - began
+    return compiled, time.perf_counter() - began
 
 
 def _per_device(tree) -> float:
@@ -162,7 +160,7 @@ def _figures(cfg, setup, compiled, target, devices, seconds, attention) -> dict:
     )
 
 
-def _report(cfg, layout, figures: dict) -> list[str]:
+def _report(cfg, layout, figures: dict, attention: str) -> list[str]:
     """The printed plan."""
     from infir2_jax.parallel import describe
 
@@ -173,8 +171,8 @@ def _report(cfg, layout, figures: dict) -> list[str]:
     n_params, flops_token = figures["parameters"], figures["flops_per_token"]
     lines = [
         f"plan: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-        f"{n_params / 1e9:.2f} B parameters | fp8 {cfg.fp8.recipe} | remat {cfg.model.remat} | "
-        f"attention {_attention_label(cfg.model.attention_impl, figures['attention'])}",
+        f"{n_params / 1e9:.2f} B parameters | fp8 {cfg.fp8.recipe} | "
+        f"remat {cfg.execution.remat} | attention {attention}",
         f"mesh: {describe(layout)}",
         f"batch: {rows} × {seq} tokens per step, {cfg.train.micro_batches} micro-batches, "
         f"{micro_rows} row(s) × {seq // layout.size('context')} tokens per device per "

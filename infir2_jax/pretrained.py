@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-from flax import nnx, traverse_util
+from flax import traverse_util
 
 from infir2_jax.checkpoint import read_hf_config, read_hf_params, read_model_config, restore_params
 from infir2_jax.checkpoint.hf_mapping import ParamPath
-from infir2_jax.model import ModelConfig, Qwen2
+from infir2_jax.model import ExecutionConfig, ModelConfig, Qwen2
+from infir2_jax.model.execution import ExecutionPlan, resolve_plan
+from infir2_jax.model.parts import split_model
 
 
-def model_from_params(cfg: ModelConfig, params: Mapping[ParamPath, Any]) -> Qwen2:
-    """Builds the module around existing parameter arrays (no random init is run)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0))))
+def model_from_params(
+    cfg: ModelConfig, params: Mapping[ParamPath, Any], plan: ExecutionPlan | None = None
+) -> Qwen2:
+    """Builds the module around existing parameter arrays (no random init is run); `plan`
+    defaults to one device of this process, BF16."""
     tree = traverse_util.unflatten_dict(
         {k: jnp.asarray(v, jnp.dtype(cfg.param_dtype)) for k, v in params.items()}
     )
-    nnx.replace_by_pure_dict(state, tree)
-    return nnx.merge(graphdef, state)
+    return split_model(cfg, resolve_plan(cfg) if plan is None else plan).bind(tree)
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -51,7 +55,12 @@ def from_pretrained(
     checkpoint / run directory) into a model computing and storing weights in `dtype`.
 
     Returns `m` with `m(input_ids) -> logits` [batch, seq, vocab]. `config_overrides` replace
-    ModelConfig fields (e.g. `remat="none"`, `attention_impl="cudnn"`).
+    ModelConfig fields (e.g. `rope_theta=...`) or ExecutionConfig fields (e.g. `remat="none"`,
+    `attention_impl="cudnn"`).
     """
-    cfg = read_config(path).replace(dtype=dtype, param_dtype=dtype, **config_overrides)
-    return model_from_params(cfg, load_params(path, cfg))
+    execution_fields = {f.name for f in dataclasses.fields(ExecutionConfig)}
+    execution = {k: v for k, v in config_overrides.items() if k in execution_fields}
+    model = {k: v for k, v in config_overrides.items() if k not in execution_fields}
+    cfg = read_config(path).replace(dtype=dtype, param_dtype=dtype, **model)
+    plan = resolve_plan(cfg, ExecutionConfig(**execution))
+    return model_from_params(cfg, load_params(path, cfg), plan)

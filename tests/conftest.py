@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 # A small tiny_cpt whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).
 SMALL_PLAN = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_size=2",
-              "train.steps=10", "model.remat=full"]  # fmt: skip
+              "train.steps=10", "execution.remat=full"]  # fmt: skip
 
 
 def plan_h100(*overrides: str, devices: int = 1) -> dict:

@@ -31,7 +31,7 @@ SLOTS = 8
 
 
 def main() -> None:
-    cfg = preset("tiny").replace(remat="none", dtype="bfloat16", param_dtype="bfloat16")
+    cfg = preset("tiny").replace(dtype="bfloat16", param_dtype="bfloat16")
     engine = Engine.from_model(Qwen2(cfg, rngs=nnx.Rngs(0)), slots=SLOTS)
     gpu = SingleDeviceSharding(gpu_devices("h100", 1)[0])
     out = {}

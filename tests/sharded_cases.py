@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infir2_jax.config import FP8Config, ParallelConfig  # noqa: E402
 from infir2_jax.fp8 import make_gemm  # noqa: E402
-from infir2_jax.model import PRESETS, Qwen2  # noqa: E402
+from infir2_jax.model import PRESETS, ExecutionConfig, Qwen2, resolve_plan  # noqa: E402
 from infir2_jax.model.parts import init_params, split_model  # noqa: E402
 from infir2_jax.parallel import activation_layout, make_layout  # noqa: E402
 from infir2_jax.train.sharding import jit_train_step, state_shardings  # noqa: E402
 from infir2_jax.train.state import _summed_loss_fn, make_train_step, new_state  # noqa: E402
 
-MODEL = PRESETS["tiny"].replace(dtype="float32", attention_impl="xla")
+MODEL = PRESETS["tiny"].replace(dtype="float32")
+EXECUTION = ExecutionConfig(attention_impl="xla")
 BATCH, SEQ, MICRO = 16, 64, 2
 
 CASES = [
@@ -70,10 +71,10 @@ def packed_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 def one_step(recipe: str, layout, batch):
     """(metrics, new params, new fp8 state) of one train step; layout None: one device."""
-    gemm = make_gemm(FP8Config(recipe=recipe))
+    plan = resolve_plan(MODEL, EXECUTION, gemm=make_gemm(FP8Config(recipe=recipe)), layout=layout)
     optimizer = optax.sgd(1.0)
-    parts = split_model(MODEL, gemm)
-    init = functools.partial(new_state, MODEL, 0, gemm, optimizer)
+    parts = split_model(MODEL, plan)
+    init = functools.partial(new_state, MODEL, 0, plan, optimizer)
     if layout is None:
         state = jax.jit(init)()
         step = jax.jit(make_train_step(parts, optimizer, lambda _: 1.0, MICRO))
@@ -110,9 +111,9 @@ def noise_floor(recipe: str, batch) -> float:
     """How far one device's gradients move when every parameter is perturbed by 1e-7
     (relative, float32 rounding level): the chaos FP8 rounding adds to any reordering of
     float32 sums — sharding reorders them too."""
-    gemm = make_gemm(FP8Config(recipe=recipe))
-    parts = split_model(MODEL, gemm)
-    params, fp8 = init_params(MODEL, 0, gemm)
+    plan = resolve_plan(MODEL, EXECUTION, gemm=make_gemm(FP8Config(recipe=recipe)))
+    parts = split_model(MODEL, plan)
+    params, fp8 = init_params(MODEL, 0, plan)
     probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts.probes)
     grad = jax.jit(jax.grad(lambda p: _summed_loss_fn(parts)(p, probes, fp8, batch)[0]))
     key = jax.random.key(1)
@@ -216,7 +217,7 @@ def compare_context_attention() -> list[dict]:
 
         return jax.grad(loss)(params, *inputs)
 
-    reference = Qwen2(MODEL, rngs=nnx.Rngs(0))
+    reference = Qwen2(MODEL, rngs=nnx.Rngs(0), plan=resolve_plan(MODEL, EXECUTION))
     ref_packed = reference(*inputs)
     ref_plain = reference(batch["input_ids"])
     ref_grads = jax.jit(grads)(reference)
@@ -227,9 +228,10 @@ def compare_context_attention() -> list[dict]:
     results = []
     for implementation, sizes in cases:
         # attention_block 16: several query and key tiles per row (the kernel's loops)
-        config = MODEL.replace(attention_impl=implementation, attention_block=16)
-        model = Qwen2(config, rngs=nnx.Rngs(0))  # the same weights as the reference
+        execution = ExecutionConfig(attention_impl=implementation, attention_block=16)
         layout = make_layout(ParallelConfig(**sizes))
+        plan = resolve_plan(MODEL, execution, layout=layout)
+        model = Qwen2(MODEL, rngs=nnx.Rngs(0), plan=plan)  # the same weights as the reference
 
         @jax.jit
         def forward(ids, positions, segments, layout=layout, model=model):

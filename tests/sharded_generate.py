@@ -25,7 +25,7 @@ from infir2_jax.config import FP8Config, ParallelConfig  # noqa: E402
 from infir2_jax.fp8 import make_gemm  # noqa: E402
 from infir2_jax.generate import Engine, SamplingParams  # noqa: E402
 from infir2_jax.generate.engine import decode_layout  # noqa: E402
-from infir2_jax.model import ModelConfig, Qwen2  # noqa: E402
+from infir2_jax.model import ModelConfig, Qwen2, resolve_plan  # noqa: E402
 from infir2_jax.parallel.rules import activation_layout  # noqa: E402
 
 
@@ -41,7 +41,10 @@ def _fp8_block(layout, prompts) -> dict:
         num_kv_heads=2, head_dim=128, tie_embeddings=False, dtype="float32", init_std=0.05,
     )  # fmt: skip
     fp8 = make_gemm(FP8Config(recipe="blockwise", power_of_two_scales=False))
-    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(0), gemm=fp8))
+    graphdef, params = nnx.split(Qwen2(cfg, rngs=nnx.Rngs(0), plan=resolve_plan(cfg, gemm=fp8)))
+    # The same model planned for the mesh: blockwise GEMMs per device on its layout.
+    on_mesh = resolve_plan(cfg, gemm=fp8, layout=layout)
+    sharded_def = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), plan=on_mesh)))[0]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     nudged = jax.tree.unflatten(
@@ -56,9 +59,9 @@ def _fp8_block(layout, prompts) -> dict:
     def prefill(params, rows, lengths):
         return nnx.merge(graphdef, params).prefill(rows, lengths)[0]
 
-    def sharded(*args):
+    def sharded(params, rows, lengths):
         with activation_layout(layout):
-            return prefill(*args)
+            return nnx.merge(sharded_def, params).prefill(rows, lengths)[0]
 
     one = jax.jit(prefill)(params, rows, lengths)
     floor = float(jnp.abs(jax.jit(prefill)(nudged, rows, lengths) - one).max())

@@ -30,7 +30,7 @@ from infir2_jax.train.stopping import NonFiniteLoss
 def tiny():
     cfg = load_config("tiny_cpt", ["train.run_dir=unused"])
     setup = prepare(cfg)
-    state = initial_state(cfg, setup.gemm, setup.parts, setup.optimizer, setup.state_sharding)
+    state = initial_state(cfg, setup.plan, setup.parts, setup.optimizer, setup.state_sharding)
     return cfg, setup, state
 
 

@@ -151,7 +151,7 @@ def test_sft_configs_have_the_recipe_numbers(size, lr):
     assert two.train.init_from == one.train.run_dir  # stage 2 starts from stage 1
     for cfg, samples in ((one, 72_000), (two, 165_000)):
         assert cfg.data.kind == "sft" and cfg.data.chat_template == "qwen2.5"
-        assert (cfg.train.batch_size, cfg.train.seq_len, cfg.model.remat) == (64, 32768, "full")
+        assert (cfg.train.batch_size, cfg.train.seq_len, cfg.execution.remat) == (64, 32768, "full")
         assert cfg.train.steps == -(-5 * samples // 64)  # 5 epochs of one sample per row
         steps = cfg.train.steps
         schedule = learning_rate_schedule(cfg.optim, steps)
@@ -169,8 +169,8 @@ def test_warmup_fraction_and_steps_are_exclusive():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny_cpt", ["train.steps=7", "optim.lr=1e-3", "model.remat=full"])
-    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.model.remat == "full"
+    cfg = load_config("tiny_cpt", ["train.steps=7", "optim.lr=1e-3", "execution.remat=full"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.execution.remat == "full"
 
 
 @pytest.mark.parametrize(
@@ -180,7 +180,10 @@ def test_overrides_are_typed():
         ("optimm.lr=1", "optimm"),
         ("model.hidden=3", "model.hidden"),
         ("train.steps=many", "train.steps: expected an integer"),
-        ("model.remat=sometimes", "model.remat"),
+        ("execution.remat=sometimes", "execution.remat"),
+        ("model.remat=full", "model.remat is now execution.remat"),
+        ("model.attention_impl=auto", "model.attention_impl is now execution.attention_impl"),
+        ("execution.attention_block=100", "execution.attention_block must be a power of two"),
         ("fp8.recipe=fp4", "fp8.recipe"),
         ("fp8.bf16_layers=3", "fp8.bf16_layers: expected a list"),
         ("model.preset=qwen9", "qwen9"),

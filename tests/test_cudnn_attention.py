@@ -4,6 +4,8 @@ of segments per row. Its compilation for an H100 is in tests/test_gpu_compile.py
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from infir2_jax.kernels.cudnn_attention import max_runs, segment_spans
 from infir2_jax.model.attention import attention_mask
 from infir2_jax.model.attention_impl import resolve_implementation
+from infir2_jax.target import Target
 
 
 def _packed_rows(rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
@@ -63,22 +66,44 @@ def test_segment_spans_mask_exactly_what_the_xla_path_masks(seq):
 
 def test_implementation_choice_without_a_gpu():
     bf16 = jnp.bfloat16
-    assert resolve_implementation("auto", 128, bf16) == "chunked"
-    assert resolve_implementation("chunked", 128, bf16) == "chunked"
-    assert resolve_implementation(None, 128, bf16) is None
-    assert resolve_implementation("pallas", 128, bf16, context=2, seq_len=512) == "pallas"
+    resolve = functools.partial(resolve_implementation, target=Target())
+    assert resolve("auto", 128, bf16) == "chunked"
+    assert resolve("chunked", 128, bf16) == "chunked"
+    assert resolve(None, 128, bf16) is None
+    assert resolve("pallas", 128, bf16, context=2, seq_len=512) == "pallas"
     with pytest.raises(ValueError, match="attention_impl=cudnn cannot run here: not compiling"):
-        resolve_implementation("cudnn", 128, bf16)
+        resolve("cudnn", 128, bf16)
     with pytest.raises(ValueError, match="context parallelism"):
-        resolve_implementation("cudnn", 128, bf16, context=2)
+        resolve("cudnn", 128, bf16, context=2)
     with pytest.raises(ValueError, match="per-device length of 160 tokens"):
-        resolve_implementation("pallas", 128, bf16, context=2, seq_len=320)
+        resolve("pallas", 128, bf16, context=2, seq_len=320)
     with pytest.raises(ValueError, match="head_dim 72"):
-        resolve_implementation("pallas", 72, bf16)
+        resolve("pallas", 72, bf16)
+
+
+def test_implementation_choice_for_a_named_hopper_target():
+    """The plan decides for the target it is given, not for the machine it runs on: `auto`
+    is cuDNN for an H100 (without context parallelism), Pallas under it; an older GPU gets
+    Pallas; the cuDNN plan falls back to Pallas for rows with too many segments."""
+    from infir2_jax.model import ExecutionConfig, preset, resolve_plan
+
+    h100, a100 = Target("cuda", (9, 0), "h100"), Target("cuda", (8, 0), "a100")
+    cfg = preset("tiny").replace(dtype="bfloat16")
+    auto = ExecutionConfig(attention_impl="auto")
+    try:
+        plan = resolve_plan(cfg, auto, target=h100, seq_len=256)
+    except ValueError as e:  # no cuDNN library here at all
+        pytest.skip(str(e))
+    if plan.attention != "cudnn":
+        pytest.skip("cuDNN is not installed here")
+    assert plan.segment_limit == 32 and plan.fallback().attention == "pallas"
+    assert plan.fallback().segment_limit is None
+    assert resolve_plan(cfg, auto, target=a100, seq_len=256).attention == "pallas"
+    assert resolve_plan(cfg, auto, seq_len=256).attention == "chunked"  # this CPU
 
 
 def test_batches_with_more_segments_than_cudnn_takes_run_the_pallas_kernel():
-    """A row with more segments than model.max_segments never stops a run: that batch goes
+    """A row with more segments than execution.max_segments never stops a run: that batch goes
     through the same steps built with the Pallas kernel (built once, said once)."""
     import io
 
@@ -98,7 +123,7 @@ def test_batches_with_more_segments_than_cudnn_takes_run_the_pallas_kernel():
     assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
     assert steps.for_batch(many) == ("train-pallas", "eval-pallas")
     assert built == ["cudnn", "pallas"]
-    assert "a row holds 8 segments, more than model.max_segments=4" in out.getvalue()
+    assert "a row holds 8 segments, more than execution.max_segments=4" in out.getvalue()
     # attention that is not cuDNN (no segment limit) never looks at segments
     assert Steps(build, "xla", lambda: "pallas", None, out).for_batch(many) == (
         "train-xla",
@@ -106,17 +131,13 @@ def test_batches_with_more_segments_than_cudnn_takes_run_the_pallas_kernel():
     )
 
 
-def test_the_fallback_parts_use_the_pallas_kernel(monkeypatch):
-    """Setup decides the segment limit (cuDNN only) and builds the fallback parts with the
-    Pallas flash kernel."""
-    import dataclasses
+def test_the_fallback_plan_is_the_pallas_kernel():
+    """The plan decides the segment limit (cuDNN only) and its fallback: the Pallas kernel."""
+    from infir2_jax.model import ExecutionConfig, ExecutionPlan
 
-    from infir2_jax.config import load_config
-    from infir2_jax.train import setup as setup_module
-
-    cfg = load_config("tiny_cpt")
-    setup = setup_module.prepare(dataclasses.replace(cfg, model=cfg.model.replace(max_segments=4)))
-    assert setup.segment_limit("cudnn") == 4
-    assert setup.segment_limit("chunked") is None and setup.segment_limit(None) is None
-    monkeypatch.setattr(setup_module, "split_model", lambda model, gemm: model.attention_impl)
-    assert setup.fallback_parts() == "pallas"
+    cudnn = ExecutionPlan(
+        ExecutionConfig(max_segments=4), attention="cudnn", fallback_attention="pallas"
+    )
+    assert cudnn.segment_limit == 4
+    assert cudnn.fallback().attention == "pallas" and cudnn.fallback().segment_limit is None
+    assert ExecutionPlan(ExecutionConfig(max_segments=4), attention="chunked").segment_limit is None

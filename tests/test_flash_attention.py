@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from infir2_jax.kernels.flash_attention import flash_attention
-from infir2_jax.model import Qwen2, preset
+from infir2_jax.model import ExecutionConfig, Qwen2, preset, resolve_plan
 from infir2_jax.model.attention import attention_mask
 from infir2_jax.parallel.context import load_balanced_order
 
@@ -94,12 +94,12 @@ def test_model_with_pallas_attention_equals_xla_attention():
     ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, size=(B, T)))
     positions = jnp.asarray(np.concatenate([np.arange(40), np.arange(31), np.arange(57)]))
     positions = jnp.broadcast_to(positions, (B, T))
-    logits = {
-        impl: Qwen2(cfg.replace(attention_impl=impl, attention_block=32), rngs=nnx.Rngs(0))(
-            ids, positions, segments
-        )
-        for impl in ("xla", "pallas")
-    }
+
+    def model(impl: str) -> Qwen2:
+        execution = ExecutionConfig(attention_impl=impl, attention_block=32)
+        return Qwen2(cfg, rngs=nnx.Rngs(0), plan=resolve_plan(cfg, execution))
+
+    logits = {impl: model(impl)(ids, positions, segments) for impl in ("xla", "pallas")}
     valid = np.asarray(segments) > 0
     diff = np.abs(np.asarray(logits["pallas"]) - np.asarray(logits["xla"]))[valid]
     assert float(diff.max()) < 1e-4

@@ -16,6 +16,7 @@ from flax import nnx
 from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import Fp8History, Fp8Probe, make_gemm
 from infir2_jax.model.layers import Linear
+from infir2_jax.target import Target
 from infir2_jax.train import train
 from infir2_jax.train.state import update_fp8_state
 
@@ -68,7 +69,8 @@ def test_delayed_scaling_matches_hand_recomputation():
     class Twice(nnx.Module):
         def __init__(self):
             self.lin = Linear(d, d, axes=("embed", "mlp"), init_std=0.3, dtype=jnp.float32,
-                              param_dtype=jnp.float32, rngs=nnx.Rngs(0), gemm=gemm)  # fmt: skip
+                              param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                              gemm=gemm.for_execution(Target(), None))  # fmt: skip
 
         def __call__(self, x):
             return self.lin(self.lin(x))

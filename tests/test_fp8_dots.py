@@ -14,7 +14,7 @@ from flax import nnx
 
 from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import make_gemm
-from infir2_jax.model import Qwen2, preset
+from infir2_jax.model import ExecutionConfig, Qwen2, preset, resolve_plan
 from infir2_jax.model.parts import init_params, split_model
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.state import init_state, make_train_step
@@ -130,13 +130,13 @@ def _f8_dot_count(text: str) -> int:
 def test_train_step_hlo_has_21_fp8_dots_per_layer(recipe, expected):
     """7 projections × (fprop, dgrad, wgrad). Layers are scanned, so the lowered step holds
     the layer body once: 21 FP8 dots in total, whatever the depth."""
-    cfg = load_config("tiny_cpt", [f"fp8.recipe={recipe}", "model.remat=none"])
-    gemm = make_gemm(cfg.fp8)
+    cfg = load_config("tiny_cpt", [f"fp8.recipe={recipe}", "execution.remat=none"])
+    plan = resolve_plan(cfg.model, cfg.execution, gemm=make_gemm(cfg.fp8))
     optimizer = make_optimizer(cfg.optim, 10)
     step = make_train_step(
-        split_model(cfg.model, gemm), optimizer, learning_rate_schedule(cfg.optim, 10)
+        split_model(cfg.model, plan), optimizer, learning_rate_schedule(cfg.optim, 10)
     )
-    state = jax.eval_shape(lambda: init_state(*init_params(cfg.model, 0, gemm), optimizer))
+    state = jax.eval_shape(lambda: init_state(*init_params(cfg.model, 0, plan), optimizer))
     batch = {
         k: jax.ShapeDtypeStruct((2, 64), jnp.int32)
         for k in ("input_ids", "labels", "positions", "segment_ids", "loss_mask")
@@ -151,7 +151,7 @@ def test_bf16_layers_run_without_fp8():
     state = nnx.state(reference, nnx.Param)
 
     def logits(fp8: FP8Config):
-        model = Qwen2(cfg, rngs=nnx.Rngs(0), gemm=make_gemm(fp8))
+        model = Qwen2(cfg, rngs=nnx.Rngs(0), plan=resolve_plan(cfg, gemm=make_gemm(fp8)))
         nnx.update(model, state)
         return np.asarray(model(ids))
 
@@ -165,6 +165,20 @@ def test_bf16_layers_run_without_fp8():
     assert 0 < np.abs(partial - bf16).max() < np.abs(all_fp8 - bf16).max() * 2
     with pytest.raises(ValueError, match="bf16_layers"):
         make_gemm(FP8Config(recipe="current", bf16_layers=(5,))).layer_mask(3)
+
+
+def test_the_fp8_switch_branches_only_when_some_layer_is_bf16():
+    """Each layer's FP8 switch is a variable of its projections: with BF16 layers the scan
+    body chooses per layer (a `cond`); without, there is no switch and no branch."""
+    cfg = preset("tiny").replace(num_layers=2)
+    ids = jnp.zeros((1, 16), jnp.int32)
+
+    def jaxpr(fp8: FP8Config) -> str:
+        model = Qwen2(cfg, rngs=nnx.Rngs(0), plan=resolve_plan(cfg, gemm=make_gemm(fp8)))
+        return str(jax.make_jaxpr(lambda i: model(i))(ids))
+
+    assert " cond[" not in jaxpr(FP8Config(recipe="current"))
+    assert " cond[" in jaxpr(FP8Config(recipe="current", bf16_layers=(0,)))
 
 
 @pytest.mark.parametrize("contract", [(1, 0), (1, 1), (0, 0)])  # fprop, dgrad, wgrad
@@ -221,8 +235,10 @@ def _layer_residuals(recipe: str, tokens: int = 256) -> list:
     from infir2_jax.model.rope import rope_tables
 
     # chunked attention recomputes its scores: what is left is the projections' business
-    cfg = preset("tiny").replace(attention_impl="chunked", attention_chunk_size=tokens // 2)
-    layer = DecoderLayer(cfg, rngs=nnx.Rngs(0), gemm=make_gemm(FP8Config(recipe=recipe)))
+    cfg = preset("tiny")
+    execution = ExecutionConfig(attention_impl="chunked", attention_chunk_size=tokens // 2)
+    plan = resolve_plan(cfg, execution, gemm=make_gemm(FP8Config(recipe=recipe)))
+    layer = DecoderLayer(cfg, rngs=nnx.Rngs(0), plan=plan)
     graphdef, state = nnx.split(layer)
     rope = rope_tables(jnp.arange(tokens)[None], cfg.head_dim, cfg.rope_theta, jnp.bfloat16)
     index, segments = jnp.arange(tokens, dtype=jnp.int32), jnp.ones((1, tokens), jnp.int32)

@@ -79,10 +79,11 @@ def test_kv_cache_logits_equal_full_forward_at_every_position(recipe):
     tiles and 128×128 weight blocks quantize a token the same in both passes)."""
     from flax import nnx
 
-    from infir2_jax.model import preset
+    from infir2_jax.model import preset, resolve_plan
 
-    cfg = preset("tiny").replace(dtype="float32", remat="none", init_std=0.1)
-    model = Qwen2(cfg, rngs=nnx.Rngs(0), gemm=make_gemm(FP8Config(recipe=recipe)))
+    cfg = preset("tiny").replace(dtype="float32", init_std=0.1)
+    plan = resolve_plan(cfg, gemm=make_gemm(FP8Config(recipe=recipe)))
+    model = Qwen2(cfg, rngs=nnx.Rngs(0), plan=plan)
     rng = np.random.default_rng(1)
     ids = rng.integers(0, cfg.vocab_size, (3, 24))
     lengths = np.array([5, 9, 12])
@@ -503,7 +504,7 @@ def test_stale_cache_entries_never_reach_a_new_sample():
 
     from infir2_jax.model import preset
 
-    cfg = preset("tiny").replace(dtype="float32", remat="none")
+    cfg = preset("tiny").replace(dtype="float32")
     model = Qwen2(cfg, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6)))
     _, k, v = model.prefill(ids, jnp.array([6]))

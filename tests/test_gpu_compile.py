@@ -104,7 +104,7 @@ def test_blockwise_compiles_to_the_pallas_kernel(h100_plans):
 
 # Attention: seq 384 differs from every other dimension, so [384, 384] can only be scores,
 # masks or index comparisons.
-SEQ = ["train.seq_len=384", "model.remat=none"]
+SEQ = ["train.seq_len=384", "execution.remat=none"]
 
 
 @needs_plugin
@@ -112,11 +112,11 @@ def test_auto_attention_is_cudnn_flash_attention_on_hopper_with_no_seq_by_seq_bu
     """`auto` on an H100: cuDNN flash attention over the packed rows (one forward, one
     backward call per layer body), and no [seq, seq] buffer of any dtype anywhere; the
     explicit-mask XLA path, for contrast, holds several."""
-    flash = plan_h100(*SEQ, "model.attention_impl=auto")
+    flash = plan_h100(*SEQ, "execution.attention_impl=auto")
     assert flash["attention"] == "cudnn"
     assert flash["census"]["attention_kernels"] == 2, flash["census"]
     assert flash["census"]["seq_by_seq_buffers"] == 0, flash["census"]
-    masked = plan_h100(*SEQ, "model.attention_impl=xla")
+    masked = plan_h100(*SEQ, "execution.attention_impl=xla")
     assert masked["census"]["seq_by_seq_buffers"] > 0
     assert flash["peak"] < masked["peak"]
 
@@ -126,7 +126,7 @@ def test_cudnn_attention_under_tensor_parallelism_with_one_row_per_device():
     """Heads split over 2 devices, one row: the call is partitioned by hand (JAX's own rule
     for the packed call fails Shardy's verifier with one row, jax 0.10.2)."""
     plan = plan_h100(
-        *SEQ, "model.attention_impl=cudnn", "parallel.tensor=2", "parallel.data=1",
+        *SEQ, "execution.attention_impl=cudnn", "parallel.tensor=2", "parallel.data=1",
         "model.vocab_size=258",
         "train.batch_size=1", devices=2,
     )  # fmt: skip
@@ -139,13 +139,13 @@ def test_pallas_flash_attention_compiles_for_hopper_alone_and_under_context_para
     """The Pallas kernel lowered for an H100 (Triton): forward, dK/dV and dQ kernels, no
     [seq, seq] buffer; `auto` picks it under context parallelism, where cuDNN's packed form
     does not apply."""
-    alone = plan_h100(*SEQ, "model.attention_impl=pallas")
+    alone = plan_h100(*SEQ, "execution.attention_impl=pallas")
     assert alone["attention"] == "pallas"
     assert alone["census"]["pallas_kernels"] == 3, alone["census"]
     assert alone["census"]["seq_by_seq_buffers"] == 0, alone["census"]
     context = plan_h100(
-        *SEQ, "model.attention_impl=auto", "parallel.context=2", "parallel.data=1",
-        "model.attention_block=64",
+        *SEQ, "execution.attention_impl=auto", "parallel.context=2", "parallel.data=1",
+        "execution.attention_block=64",
         "train.batch_size=1", devices=2,
     )  # fmt: skip
     assert context["attention"] == "pallas"

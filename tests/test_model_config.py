@@ -65,3 +65,48 @@ def test_hf_config_features_we_do_not_implement_are_rejected():
         from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="model_type"):
         from_hf_config({**base, "model_type": "llama"})
+
+
+def test_model_configs_stored_before_the_execution_section_still_load():
+    """Checkpoints written when `model` also held the execution choices (remat, attention
+    kernel, chunk sizes) load: those keys are dropped; unknown keys are still an error."""
+    import dataclasses
+
+    from infir2_jax.checkpoint import CheckpointError
+    from infir2_jax.checkpoint.orbax_io import model_config_from_json
+
+    cfg = preset("tiny")
+    old = {
+        **dataclasses.asdict(cfg), "remat": "full", "loss_chunk_size": 2048,
+        "attention_impl": None, "attention_chunk_size": 1024, "max_segments": 32,
+        "attention_block": 128,
+    }  # fmt: skip
+    assert model_config_from_json(old, "old") == cfg
+    with pytest.raises(CheckpointError, match="bogus"):
+        model_config_from_json({**old, "bogus": 1}, "old")
+
+
+def test_the_fp8_switch_is_a_layer_variable_outside_the_saved_state():
+    """With BF16 layers, each projection holds its layer's switch, stacked like its kernel;
+    the parameters and FP8 state (what checkpoints hold) keep exactly their keys."""
+    import numpy as np
+
+    from infir2_jax.config import FP8Config
+    from infir2_jax.fp8 import Fp8State, make_gemm
+    from infir2_jax.model import resolve_plan
+    from infir2_jax.model.parts import split_model
+
+    cfg = preset("tiny")
+    gemm = make_gemm(FP8Config(recipe="delayed", bf16_layers=(0, -1)))
+    parts = split_model(cfg, resolve_plan(cfg, gemm=gemm))
+    switch = parts.switches["layers"]["self_attn"]["q_proj"]["fp8_switch"]
+    np.testing.assert_array_equal(switch, [False, True, True, False])
+    plain = split_model(cfg, resolve_plan(cfg, gemm=make_gemm(FP8Config(recipe="delayed"))))
+    assert plain.switches == {}
+    for a, b in ((parts.params, plain.params), (parts.fp8, plain.fp8)):
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert set(parts.fp8["layers"]["mlp"]["up_proj"]) == {"fp8_history"}
+    model = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), plan=parts.plan))
+    assert set(nnx.to_pure_dict(nnx.state(model, Fp8State))["layers"]["self_attn"]["q_proj"]) == {
+        "fp8_history"
+    }

@@ -67,9 +67,11 @@ def _golden() -> dict[str, dict[str, tuple]]:
 def test_partition_specs_match_golden_table(table):
     from flax import traverse_util
 
+    from infir2_jax.model import resolve_plan
     from infir2_jax.model.parts import split_model
 
-    parts = split_model(PRESETS["tiny-untied"], Gemm())
+    cfg = PRESETS["tiny-untied"]
+    parts = split_model(cfg, resolve_plan(cfg, gemm=Gemm()))
     got = {
         "/".join(path): tuple(logical_to_spec(axes, RULES[table]))
         for path, axes in traverse_util.flatten_dict(parts.param_axes).items()

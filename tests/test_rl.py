@@ -331,15 +331,16 @@ def test_one_grpo_step_moves_probability_towards_positive_advantages():
 
     from infir2_jax.fp8 import Gemm
     from infir2_jax.generate import Engine, SamplingParams
-    from infir2_jax.model import preset
+    from infir2_jax.model import ExecutionConfig, preset, resolve_plan
     from infir2_jax.model.parts import init_params, split_model
     from infir2_jax.rl.batch import Rollout, pack_rollouts
     from infir2_jax.rl.objective import policy_objective
     from infir2_jax.train.state import init_state, make_train_step
 
-    cfg = preset("tiny").replace(dtype="float32", remat="none", init_std=0.05)
-    params, fp8 = init_params(cfg, 0, Gemm())
-    parts = split_model(cfg, Gemm())
+    cfg = preset("tiny").replace(dtype="float32", init_std=0.05)
+    plan = resolve_plan(cfg, ExecutionConfig(remat="none"), gemm=Gemm())
+    params, fp8 = init_params(cfg, 0, plan)
+    parts = split_model(cfg, plan)
     engine = Engine(cfg, params, slots=8)
     prompts = [[1, 2, 3, 4], [5, 6, 7]]
     results = engine.generate(prompts, SamplingParams(temperature=1.0, n=4, max_new_tokens=6))

@@ -31,6 +31,7 @@ from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import Fp8Probe, Fp8State, make_gemm
 from infir2_jax.fp8.te import te_installed
 from infir2_jax.model.layers import Linear
+from infir2_jax.target import local_target
 from infir2_jax.train.loop import train
 from infir2_jax.train.state import update_fp8_state
 
@@ -47,6 +48,26 @@ def te():
     from infir2_jax.fp8 import te_deviceless
 
     te_deviceless.enable()
+
+
+def test_te_implementation_is_chosen_once_from_the_target(monkeypatch):
+    """TE's switch (NVTE_JAX_CUSTOM_CALLS, read by TE while tracing) is set when the plan is
+    resolved, never while tracing: off for a CPU target; for a CUDA target the user's own
+    value comes back (none: TE's default, its kernels)."""
+    from infir2_jax.fp8.te import TeGemm
+    from infir2_jax.target import Target
+
+    h100 = Target("cuda", (9, 0), "h100")
+    for user in (None, "te_gemm=false"):
+        if user is None:
+            monkeypatch.delenv("NVTE_JAX_CUSTOM_CALLS", raising=False)
+        else:
+            monkeypatch.setenv("NVTE_JAX_CUSTOM_CALLS", user)
+        gemm = TeGemm("te_current").for_execution(Target(), None)
+        assert os.environ["NVTE_JAX_CUSTOM_CALLS"] == "false" and gemm.layout is None
+        TeGemm("te_current").for_execution(Target(), None)  # twice: the user's value is kept
+        TeGemm("te_current").for_execution(h100, None)
+        assert os.environ.get("NVTE_JAX_CUSTOM_CALLS") == user
 
 
 @pytest.mark.parametrize("recipe", ["te_delayed", "te_current"])
@@ -82,7 +103,7 @@ def test_te_current_equals_our_current_scaling(te, dtype):
     c = jnp.asarray(rng.normal(size=(256, 192)), dtype)
 
     def value_and_grads(recipe):
-        gemm = make_gemm(FP8Config(recipe=recipe))
+        gemm = make_gemm(FP8Config(recipe=recipe)).for_execution(local_target(), None)
         loss = lambda x, w: jnp.sum((gemm(x, w) * c).astype(jnp.float32))  # noqa: E731
         return [np.asarray(a, np.float32) for a in jax.tree.leaves(
             jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w))]  # fmt: skip
@@ -116,7 +137,8 @@ def test_te_delayed_state_follows_te_update_and_scales_the_next_step(te):
     d_in, d_out, tokens, history_len = 32, 48, 16, 4
     gemm = make_gemm(FP8Config(recipe="te_delayed", amax_history=history_len))
     lin = Linear(d_in, d_out, axes=("embed", "mlp"), init_std=0.3, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs=nnx.Rngs(0), gemm=gemm)  # fmt: skip
+                 param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+                 gemm=gemm.for_execution(local_target(), None))  # fmt: skip
     graphdef, params, fp8, probes = nnx.split(lin, nnx.Param, Fp8State, Fp8Probe)
     params, fp8, probes = (nnx.to_pure_dict(s) for s in (params, fp8, probes))
     assert set(fp8) == {"fp8_history", "fp8_scale"}

@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from infir2_jax.checkpoint.hf_io import CheckpointError
 from infir2_jax.checkpoint.hf_mapping import ParamPath, param_shapes
-from infir2_jax.model.config import ModelConfig
+from infir2_jax.model.config import ModelConfig, drop_execution_fields
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -40,6 +40,7 @@ def model_config_to_json(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_json(d: dict[str, Any], where: str) -> ModelConfig:
+    d = drop_execution_fields(d)  # saved before execution choices left the model config
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:

@@ -1,5 +1,6 @@
 """FP8 recipes: quantizers, scaled matmuls with custom VJPs, and the recipe registry."""
 
+from infir2_jax.fp8.base import Fp8History, Fp8Probe, Fp8Scale, Fp8State, Fp8Switch, Gemm
 from infir2_jax.fp8.dots import (
     Fp8Spec,
     blockwise_dot,
@@ -19,17 +20,7 @@ from infir2_jax.fp8.quantize import (
     quantize_blocks,
     scale_from_amax,
 )
-from infir2_jax.fp8.recipes import (
-    RECIPES,
-    DelayedGemm,
-    Fp8History,
-    Fp8Probe,
-    Fp8Scale,
-    Fp8State,
-    Gemm,
-    make_gemm,
-    roll_history,
-)
+from infir2_jax.fp8.recipes import RECIPES, DelayedGemm, make_gemm, roll_history
 
 __all__ = [
     "E4M3",
@@ -41,6 +32,7 @@ __all__ = [
     "Fp8Probe",
     "Fp8Scale",
     "Fp8State",
+    "Fp8Switch",
     "Fp8Spec",
     "Gemm",
     "blockwise_dot",

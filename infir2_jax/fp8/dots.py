@@ -49,6 +49,9 @@ class Fp8Spec:
     power_of_two: bool = False
     block: int = 128  # blockwise: 1×block tiles, block×block weight blocks
     kernel: str = "auto"  # blockwise: auto | pallas | emulated | interpret (see _block_matmul)
+    # The platform compiled for ("cpu", "cuda"), bound with the execution plan
+    # (`Gemm.for_execution`); None (a dot called on its own): decided when XLA lowers it.
+    platform: str | None = None
 
 
 def _f8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -75,7 +78,9 @@ def _dequantized_dot(qa, sa, qb, sb, contract, out_dtype):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
 
 
-def _scaled_f8_dot(qa, sa, qb, sb, contract: tuple[int, int], out_dtype) -> jax.Array:
+def _scaled_f8_dot(
+    qa, sa, qb, sb, contract: tuple[int, int], out_dtype, platform: str | None = None
+) -> jax.Array:
     """(qa · sa) · (qb · sb) for per-tensor (scalar) scales: FP8 operands, FP32 accumulation,
     FP32 scales, an `out_dtype` result — one arithmetic, lowered two ways.
 
@@ -90,6 +95,8 @@ def _scaled_f8_dot(qa, sa, qb, sb, contract: tuple[int, int], out_dtype) -> jax.
         name: partial(fn, contract=contract, out_dtype=out_dtype)
         for name, fn in (("cpu", _rescaled_dot), ("default", _dequantized_dot))
     }
+    if platform is not None:
+        return branches["cpu" if platform == "cpu" else "default"](qa, sa, qb, sb)
     return jax.lax.platform_dependent(qa, sa, qb, sb, **branches)
 
 
@@ -118,13 +125,13 @@ def _sum_cotangents(parts: list[jax.Array], dtype) -> jax.Array:
 def _per_tensor_fwd(x, w, sx, sw, spec: Fp8Spec):
     qx = quantize_with_scale(x, sx, spec.fwd)
     qw = quantize_with_scale(w, sw, spec.fwd)
-    return _scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype), (qx, qw)
+    return _scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype, spec.platform), (qx, qw)
 
 
 def _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec: Fp8Spec, x_dtype, w_dtype):
     qg = quantize_with_scale(g, sg, spec.bwd)
-    dx = _scaled_f8_dot(qg, sg, qw, sw, (1, 1), x_dtype)
-    dw = _scaled_f8_dot(qx, sx, qg, sg, (0, 0), w_dtype)
+    dx = _scaled_f8_dot(qg, sg, qw, sw, (1, 1), x_dtype, spec.platform)
+    dw = _scaled_f8_dot(qx, sx, qg, sg, (0, 0), w_dtype, spec.platform)
     return dx, dw
 
 
@@ -152,7 +159,7 @@ def _current_fwd(x, ws, spec):
     for w in ws:
         sw = scale_from_amax(finite_amax(w), spec.fwd, margin=spec.margin)
         qw = quantize_with_scale(w, sw, spec.fwd)
-        ys.append(_scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype))
+        ys.append(_scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype, spec.platform))
         qws.append(qw)
         sws.append(sw)
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
@@ -302,7 +309,8 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     row per 128 of K, B K-major [N, K] with scales per 128×128 block ("block") or per column
     per 128 of K ("column"). `spec.kernel`: "emulated" dequantizes and sums the 128-K blocks
     in FP32 (any platform); "pallas" runs the Hopper kernel; "interpret" runs it in Pallas'
-    GPU interpreter (CPU tests); "auto" the kernel on GPU, the emulation elsewhere."""
+    GPU interpreter (CPU tests); "auto" the kernel for a CUDA target (`spec.platform`, or
+    where XLA lowers it when unbound), the emulation elsewhere."""
     args = (a_q, a_s, b_q_kmajor, b_s)
     emulated = partial(blockwise_fp8_matmul_reference, b_scale_mode=mode, out_dtype=out_dtype)
     if spec.kernel == "emulated" or (
@@ -323,6 +331,8 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     )
     if spec.kernel in ("pallas", "interpret"):
         return kernel(*args)
+    if spec.platform is not None:
+        return (kernel if spec.platform == "cuda" else emulated)(*args)
     return jax.lax.platform_dependent(*args, cuda=kernel, default=emulated)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infir2_jax.fp8.base import Fp8History, Fp8Probe, Gemm
 from infir2_jax.fp8.dots import (
     Fp8Spec,
     blockwise_dots,
@@ -24,111 +25,6 @@ from infir2_jax.fp8.dots import (
 )
 from infir2_jax.fp8.quantize import E4M3, E5M2
 from infir2_jax.parallel.partitioned import partitioned_gemm
-from infir2_jax.parallel.rules import current_layout
-
-
-class Fp8State(nnx.Variable):
-    """State of a stateful FP8 recipe. Not a parameter: no optimizer, weight decay, clipping or
-    averaging ever sees it; the recipe updates it once per optimizer step from the amaxes the
-    probes report (`Gemm.update_state`). Saved in checkpoints, replicated on every device."""
-
-
-class Fp8History(Fp8State):
-    """An amax history [3, H] (rows x, w, g). `delayed`: column 0 newest; `te_delayed`: TE's
-    layout (TE's DelayedScaleQuantizer rolls it)."""
-
-
-class Fp8Scale(Fp8State):
-    """`te_delayed`: TE's current scales [3] (x, w, g), computed from the history at the last
-    update."""
-
-
-class Fp8Probe(nnx.Variable):
-    """Zeros [uses, 3]; the gradient w.r.t. row k is the amax of (x, w, g) observed by the
-    k-th application of the layer in one step, so a layer applied twice is counted once
-    (the update takes the max over rows, never a sum)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Gemm:
-    """BF16 (no FP8): y = x @ w in the compute dtype. Base of every policy."""
-
-    name: str = "none"
-    bf16_layers: tuple[int, ...] = ()  # decoder layers that stay BF16 (negative: from the end)
-
-    @property
-    def stateful(self) -> bool:
-        return False
-
-    @property
-    def is_fp8(self) -> bool:
-        return False
-
-    def init_state(self) -> dict[str, nnx.Variable]:
-        return {}
-
-    def update_state(self, state: dict[str, jax.Array], observed: jax.Array) -> dict:
-        """One GEMM's state after an optimizer step, from the probe's cotangent `observed`
-        [..., uses, 3] (amaxes of x, w, g per application; leading axes: stacked layers)."""
-        return state
-
-    def fp8_dots(self, x: jax.Array, ws: tuple, states: tuple, uses: tuple, axes: tuple) -> tuple:
-        """x @ w for each w in `ws` in FP8 (one quantization of x where the recipe allows)."""
-        raise AssertionError("the BF16 policy has no FP8 path")
-
-    def many(
-        self,
-        x: jax.Array,
-        ws: tuple[jax.Array, ...],
-        states: tuple[dict[str, jax.Array], ...] | None = None,
-        *,
-        uses: tuple[int, ...] | None = None,
-        enabled: jax.Array | None = None,
-        axes: tuple[tuple[str, str] | None, ...] | None = None,
-    ) -> tuple[jax.Array, ...]:
-        """x [tokens, in] @ w [in, out_i] for every w in `ws` (projections that share their
-        input: q, k, v; gate, up). `enabled` (a traced bool) selects BF16 per layer; `axes`
-        are each w's logical axis names (for policies that partition their GEMM by hand)."""
-        ws = tuple(ws)
-        n = len(ws)
-        if not self.is_fp8:
-            return tuple(jnp.dot(x, w) for w in ws)
-        states = tuple(states) if states is not None else ({},) * n
-        uses = tuple(uses) if uses is not None else (0,) * n
-        axes = tuple(axes) if axes is not None else (None,) * n
-
-        def fp8():
-            return tuple(self.fp8_dots(x, ws, states, uses, axes))
-
-        if enabled is None:
-            return fp8()
-        return jax.lax.cond(enabled, fp8, lambda: tuple(jnp.dot(x, w) for w in ws))
-
-    def __call__(
-        self,
-        x: jax.Array,
-        w: jax.Array,
-        state: dict[str, jax.Array] | None = None,
-        *,
-        use: int = 0,
-        enabled: jax.Array | None = None,
-        axes: tuple[str, str] | None = None,
-    ) -> jax.Array:
-        """x [tokens, in] @ w [in, out]: `many` with one weight."""
-        return self.many(x, (w,), (state or {},), uses=(use,), enabled=enabled, axes=(axes,))[0]
-
-    def layer_mask(self, num_layers: int) -> tuple[bool, ...] | None:
-        """Per layer, False for BF16 layers; None when every layer uses FP8 (no branch)."""
-        if not self.is_fp8 or not self.bf16_layers:
-            return None
-        mask = [True] * num_layers
-        for i in self.bf16_layers:
-            if not -num_layers <= i < num_layers:
-                raise ValueError(
-                    f"fp8.bf16_layers: {i} is not a layer of a {num_layers}-layer model"
-                )
-            mask[i] = False
-        return tuple(mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +39,10 @@ class _StatelessFp8(Gemm):
     def is_fp8(self) -> bool:
         return True
 
+    def for_execution(self, target, layout):
+        spec = dataclasses.replace(self.spec, platform=target.platform)
+        return dataclasses.replace(self, layout=layout, spec=spec)
+
     def fp8_dots(self, x, ws, states, uses, axes):
         return self.dots(x, ws, self.spec)
 
@@ -154,7 +54,7 @@ class BlockwiseGemm(_StatelessFp8):
     device in a shard_map (`partitioned_gemm`), as Megatron's column/row-parallel layers do."""
 
     def fp8_dots(self, x, ws, states, uses, axes):
-        layout = current_layout()
+        layout = self.layout
         if self.spec.kernel == "emulated" or layout is None or None in axes:
             return self.dots(x, ws, self.spec)
         return partitioned_gemm(
@@ -175,6 +75,10 @@ class DelayedGemm(Gemm):
     @property
     def is_fp8(self) -> bool:
         return True
+
+    def for_execution(self, target, layout):
+        spec = dataclasses.replace(self.spec, platform=target.platform)
+        return dataclasses.replace(self, layout=layout, spec=spec)
 
     def init_state(self) -> dict[str, nnx.Variable]:
         return {

@@ -22,7 +22,8 @@ over the whole weight.
 
 Platforms: on a GPU, TE's custom calls (te_gemm_v2_ffi, te_dbias_quantize_ffi, ...). On any
 other platform TE's own pure-JAX implementation of the same recipe (TE's switch
-`NVTE_JAX_CUSTOM_CALLS=false`, set while TE traces), so its numerics can be tested on a CPU.
+`NVTE_JAX_CUSTOM_CALLS=false`, set once from the plan's target: `use_custom_calls`), so its
+numerics can be tested on a CPU.
 TE must be importable: on a GPU node `launch/install_te_jax.sh`; without a GPU only with the
 compile-only setup of `infir2_jax.fp8.te_deviceless` (plan, tests).
 """
@@ -44,10 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infir2_jax.fp8.base import Fp8History, Fp8Probe, Fp8Scale, Gemm
 from infir2_jax.fp8.dots import row_major
-from infir2_jax.fp8.recipes import Fp8History, Fp8Probe, Fp8Scale, Gemm
 from infir2_jax.parallel.partitioned import partitioned_gemm
-from infir2_jax.parallel.rules import current_layout
 
 INSTALL_HINT = "install it with `bash launch/install_te_jax.sh` (README: TransformerEngine)"
 _DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
@@ -99,32 +99,35 @@ def import_te():
     return te
 
 
+_SWITCH = "NVTE_JAX_CUSTOM_CALLS"
+# The user's own value of TE's switch, saved when `use_custom_calls(False)` first replaced it.
+_USER_SWITCH: list[str | None] = []
+
+
+def use_custom_calls(on: bool) -> None:
+    """Decides, at set-up and before anything is traced, which implementation TE traces (TE
+    reads its switch NVTE_JAX_CUSTOM_CALLS while tracing; process-wide): its GPU custom calls
+    (`on`: the target is a CUDA GPU; a user's own value, e.g. one primitive off, is left as
+    it is) or its pure-JAX implementation of the same recipe (any other target)."""
+    if not on:
+        if not _USER_SWITCH:
+            _USER_SWITCH.append(os.environ.get(_SWITCH))
+        os.environ[_SWITCH] = "false"
+    elif _USER_SWITCH:
+        user = _USER_SWITCH.pop()
+        if user is None:
+            os.environ.pop(_SWITCH, None)
+        else:
+            os.environ[_SWITCH] = user
+
+
 @contextlib.contextmanager
-def _te_trace(kernels: bool) -> Iterator[None]:
-    """While TE traces: an empty MeshResource (we partition; TE adds no collectives), and
-    off a GPU TE's pure-JAX implementation (its switch NVTE_JAX_CUSTOM_CALLS=false, which TE
-    reads while tracing; process-wide, so tracing is assumed single-threaded). On a GPU a
-    user's own NVTE_JAX_CUSTOM_CALLS (e.g. one primitive off) is left as it is."""
+def _te_trace() -> Iterator[None]:
+    """While TE traces: an empty MeshResource (we partition; TE adds no collectives)."""
     from transformer_engine.jax.sharding import MeshResource, global_shard_guard
 
-    before = os.environ.get("NVTE_JAX_CUSTOM_CALLS")
-    if not kernels:
-        os.environ["NVTE_JAX_CUSTOM_CALLS"] = "false"
-    try:
-        with global_shard_guard(MeshResource()):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("NVTE_JAX_CUSTOM_CALLS", None)
-        else:
-            os.environ["NVTE_JAX_CUSTOM_CALLS"] = before
-
-
-def _on_gpu() -> bool:
-    """Whether the step being traced is for GPUs (the layout's mesh, else the default)."""
-    layout = current_layout()
-    platform = layout.mesh.devices.flat[0].platform if layout else jax.default_backend()
-    return platform in ("gpu", "cuda")
+    with global_shard_guard(MeshResource()):
+        yield
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -164,6 +167,10 @@ class TeGemm(Gemm):
     def is_fp8(self) -> bool:
         return True
 
+    def for_execution(self, target, layout):
+        use_custom_calls(target.is_cuda)
+        return dataclasses.replace(self, layout=layout)
+
     def init_state(self) -> dict[str, nnx.Variable]:
         if not self.delayed:
             return {}
@@ -199,15 +206,14 @@ class TeGemm(Gemm):
         probes = tuple(
             s["fp8_probe"][u] if self.delayed else None for s, u in zip(states, uses, strict=True)
         )
-        kernels = _on_gpu()
 
         def local(a, bs, gathered, metas, probes):
             return tuple(
-                _te_dense(self, kernels, a, g.gather(b) if g else b, meta, probe)
+                _te_dense(self, a, g.gather(b) if g else b, meta, probe)
                 for b, g, meta, probe in zip(bs, gathered, metas, probes, strict=True)
             )
 
-        layout = current_layout()
+        layout = self.layout
         if layout is None or None in axes:
             return local(x, ws, (None,) * len(ws), metas, probes)
         # TE's primitives do not type their results with the mesh axes they vary over, so
@@ -262,19 +268,19 @@ class TeGemm(Gemm):
         return {"fp8_scale": jnp.stack(new_s, axis=-1), "fp8_history": jnp.stack(new_h, axis=-2)}
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _te_dense(gemm: TeGemm, kernels: bool, x, w, meta, probe):
-    """x [tokens, in] @ w [in, out] through TE's `dense` (its GPU `kernels`, or its pure-JAX
-    implementation); `meta` (scale [3], history [3, H]) and `probe` [3] for te_delayed, None
-    for te_current. The probe's cotangent is the amaxes (x, w, g) TE observed here (on this
-    device, under a mesh: `_spread` takes their max over devices)."""
-    return _te_dense_fwd(gemm, kernels, x, w, meta, probe)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _te_dense(gemm: TeGemm, x, w, meta, probe):
+    """x [tokens, in] @ w [in, out] through TE's `dense` (its GPU kernels, or its pure-JAX
+    implementation: see `use_custom_calls`); `meta` (scale [3], history [3, H]) and `probe`
+    [3] for te_delayed, None for te_current. The probe's cotangent is the amaxes (x, w, g) TE
+    observed here (on this device, under a mesh: `_spread` takes their max over devices)."""
+    return _te_dense_fwd(gemm, x, w, meta, probe)[0]
 
 
-def _te_dense_fwd(gemm, kernels, x, w, meta, probe):
+def _te_dense_fwd(gemm, x, w, meta, probe):
     from transformer_engine.jax.dense import dense
 
-    with _te_trace(kernels):
+    with _te_trace():
         scale, history = meta if meta is not None else (None, None)
         quantizers = gemm._quantizers(scale, history)
         y, vjp = jax.vjp(lambda a, b, q: dense(a, b, quantizer_set=q), x, w, quantizers)
@@ -290,8 +296,8 @@ def _pinned(a):
     return row_major(a) if isinstance(a, jax.Array) and a.ndim >= 2 else a
 
 
-def _te_dense_bwd(gemm, kernels, vjp, g):
-    with _te_trace(kernels):
+def _te_dense_bwd(gemm, vjp, g):
+    with _te_trace():
         dx, dw, dq = vjp(g)
     if not gemm.delayed:
         return dx, dw, None, None

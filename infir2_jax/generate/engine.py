@@ -29,11 +29,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from infir2_jax.config import ParallelConfig
-from infir2_jax.fp8 import Gemm
+from infir2_jax.fp8.base import BF16, Gemm
 from infir2_jax.generate.sampling import SamplingParams, TokenFilter, sample
-from infir2_jax.model import ModelConfig, Qwen2
+from infir2_jax.model import ExecutionConfig, ModelConfig, Qwen2, resolve_plan
 from infir2_jax.model.kv_cache import KVCache
-from infir2_jax.model.layers import BF16
 from infir2_jax.model.parts import Params, split_model
 from infir2_jax.parallel.mesh import make_mesh
 from infir2_jax.parallel.params import param_shardings
@@ -140,7 +139,8 @@ class Engine:
     """Samples from a Qwen2 model. `params`: the nested parameter dict (`nnx.to_pure_dict`
     of the model's `nnx.Param` state: what the trainer holds); `gemm`: the projections' matmul
     policy, BF16 or FP8 blockwise (`fp8_block`, the numerics of block-FP8 inference);
-    `layout`: a mesh with the `decode` rules table (None: the default device).
+    `layout`: a mesh with the `decode` rules table (None: the default device); `execution`:
+    the execution choices (attention kernel), resolved with both into the engine's plan.
 
     Parameters are cast to `cfg.dtype` and placed on the layout once, at construction (for
     FP32 master weights: one BF16 copy while the engine lives; `update_params` replaces it).
@@ -153,6 +153,7 @@ class Engine:
         *,
         gemm: Gemm = BF16,
         layout: Layout | None = None,
+        execution: ExecutionConfig | None = None,
         slots: int = 16,
         steps_per_call: int = 32,
         max_len: int | None = None,
@@ -186,7 +187,8 @@ class Engine:
         if layout is not None and layout.size("context") > 1:
             raise ValueError("generate: context parallelism is not supported; use tensor/data")
         self._rows_floor = data
-        self._parts = split_model(cfg, gemm)
+        self.plan = resolve_plan(cfg, execution or ExecutionConfig(), gemm=gemm, layout=layout)
+        self._parts = split_model(cfg, self.plan)
         self._shardings = (
             None
             if layout is None
@@ -202,10 +204,11 @@ class Engine:
 
     @classmethod
     def from_model(cls, model: Qwen2, **kwargs) -> Engine:
-        """An engine over a live model's parameters and GEMM policy."""
-        gemm = model.layers.self_attn.q_proj.gemm
+        """An engine over a live model's parameters, GEMM policy and execution choices (the
+        plan is resolved again for the engine's own layout)."""
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return cls(model.config, params, gemm=gemm, **kwargs)
+        plan = model.plan
+        return cls(model.config, params, gemm=plan.gemm, execution=plan.execution, **kwargs)
 
     def update_params(self, params: Params) -> None:
         """New weights (an RL step): cast and placed like at construction."""

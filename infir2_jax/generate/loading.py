@@ -1,5 +1,6 @@
-"""An engine from a model path plus `--set model.* / fp8.* / parallel.*` assignments: the start
-shared by the command lines over the generation engine (`generate`, `serve`)."""
+"""An engine from a model path plus `--set model.* / execution.* / fp8.* / parallel.*`
+assignments: the start shared by the command lines over the generation engine (`generate`,
+`serve`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flax import traverse_util
 from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.config import (
     ConfigError,
+    ExecutionConfig,
     FP8Config,
     ParallelConfig,
     parse_assignments,
@@ -25,7 +27,7 @@ from infir2_jax.model import ModelConfig
 from infir2_jax.pretrained import load_params, read_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-SECTIONS = ("model", "fp8", "parallel")
+SECTIONS = ("model", "execution", "fp8", "parallel")
 
 
 def sections(assignments: list[str]) -> dict[str, dict]:
@@ -43,7 +45,7 @@ def model_config(path: str, overrides: dict) -> ModelConfig:
         cfg = read_config(path)
     except FileNotFoundError as e:
         raise CheckpointError(f"--model {path}: {e}") from None
-    base = {**dataclasses.asdict(cfg), "dtype": "bfloat16", "remat": "none"}
+    base = {**dataclasses.asdict(cfg), "dtype": "bfloat16"}
     cfg2 = parse_section(ModelConfig, {**base, **overrides}, "model")
     changed = cfg.architecture_mismatch(cfg2)
     if changed:
@@ -87,9 +89,10 @@ def load_engine(
     # not fit the devices is an error, not silently one device).
     sharded = jax.device_count() > 1 or bool(by_section["parallel"])
     layout = decode_layout(parallel) if sharded else None
+    execution = parse_section(ExecutionConfig, by_section["execution"], "execution")
     params = traverse_util.unflatten_dict(load_params(model, cfg))
     return Engine(
-        cfg, params, gemm=make_gemm(fp8), layout=layout, slots=slots,
+        cfg, params, gemm=make_gemm(fp8), layout=layout, execution=execution, slots=slots,
         steps_per_call=steps_per_call, max_len=max_len or cfg.max_position_embeddings,
         tokenizer=tokenizer,
     )  # fmt: skip

@@ -18,21 +18,18 @@ packed rows, head_dim <= 256 and a multiple of 8, and BF16/FP16 inputs;
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+if TYPE_CHECKING:
+    from infir2_jax.target import Target
+
 MIN_CAPABILITY = (9, 0)  # packed (THD) rows: Hopper and later
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-# The compute capability of the GPU being compiled for when there is no GPU (the planner's
-# deviceless H100/H200 compile); None: ask the local backend.
-_TARGET_CAPABILITY: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
-    "cudnn_target_capability", default=None
-)
 
 
 def _binding():
@@ -41,26 +38,13 @@ def _binding():
     return fused_attention_stablehlo
 
 
-def gpu_capability() -> tuple[int, int] | None:
-    """(major, minor) of the GPU the step compiles for, or None when it is not a CUDA GPU."""
-    target = _TARGET_CAPABILITY.get()
-    if target is not None:
-        return target
-    if jax.default_backend() != "gpu":
-        return None
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    if capability is None:  # a ROCm GPU
-        return None
-    major, minor = (int(x) for x in str(capability).split("."))
-    return major, minor
-
-
 @contextlib.contextmanager
 def compile_target(capability: tuple[int, int]) -> Iterator[None]:
-    """Compile for a GPU of `capability` from a machine without one: the binding checks the
-    local backend's device (the CPU here) for Hopper; this makes it check the target."""
+    """Compile for a GPU of `capability` from a machine without one (compile-only: the
+    planner and tests): the binding checks the local backend's device (the CPU here) for
+    Hopper while tracing; this makes it check the target. What runs is decided by the plan's
+    `Target`, not here."""
     fa = _binding()
-    token = _TARGET_CAPABILITY.set(capability)
 
     def at_least(c: str) -> bool:
         return capability >= tuple(int(x) for x in c.split("."))
@@ -74,13 +58,12 @@ def compile_target(capability: tuple[int, int]) -> Iterator[None]:
         yield
     finally:
         fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved
-        _TARGET_CAPABILITY.reset(token)
 
 
-def unsupported_reason(head_dim: int, dtype) -> str | None:
-    """Why cuDNN packed flash attention cannot run this model here (None: it can)."""
-    capability = gpu_capability()
-    if capability is None:
+def unsupported_reason(head_dim: int, dtype, target: Target) -> str | None:
+    """Why cuDNN packed flash attention cannot run this model on `target` (None: it can)."""
+    capability = target.capability
+    if not target.is_cuda or capability is None:
         return "not compiling for a CUDA GPU"
     if capability < MIN_CAPABILITY:
         return f"packed rows need a Hopper GPU (compute capability 9.0), this is {capability}"

@@ -152,7 +152,7 @@ def _check(q, k, v, block_q, block_k, interpret: bool):
         if length % tile or (not interpret and (tile < 16 or tile & (tile - 1))):
             raise ValueError(
                 f"flash attention: {name} length {length} must be a multiple of the tile "
-                f"{tile}, a power of two >= 16 (model.attention_block)"
+                f"{tile}, a power of two >= 16 (execution.attention_block)"
             )
 
 

@@ -8,19 +8,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infir2_jax.fp8.recipes import Gemm
-from infir2_jax.model.attention_impl import (
-    FLASH,
-    checks_varying_axes,
-    flash,
-    resolve_implementation,
-)
+from infir2_jax.model.attention_impl import FLASH, checks_varying_axes, flash
 from infir2_jax.model.config import ModelConfig
+from infir2_jax.model.execution import ExecutionPlan
 from infir2_jax.model.kv_cache import decode_attention
 from infir2_jax.model.layers import Linear, project, projection_options
 from infir2_jax.model.rope import apply_rope
 from infir2_jax.parallel.context import context_parallel_attention
-from infir2_jax.parallel.rules import constrain, current_layout
+from infir2_jax.parallel.rules import Layout, constrain
 
 
 def attention_mask(
@@ -48,10 +43,12 @@ def attend(
     max_segments: int = 32,
     block: int = 128,
     context_parallel: bool = False,
+    layout: Layout | None = None,
+    compiled: bool = False,
 ) -> jax.Array:
     """Masked attention, q [batch, q, heads, dim] over k/v [batch, k, kv_heads, dim].
 
-    `implementation` is a resolved `model.attention_impl` (model/attention_impl.py):
+    `implementation` is a resolved `execution.attention_impl` (model/attention_impl.py):
     `"cudnn"` / `"pallas"` run flash attention (no [q, k] buffer); `"chunked"` processes
     `chunk_size` queries at a time under remat, so only [chunk, k] scores exist at once
     (forward and backward) instead of [q, k]: the pure-XLA way to run 32k-token rows on any
@@ -60,8 +57,9 @@ def attend(
     """
     if implementation in FLASH:
         return flash(
-            implementation, q, k, v, q_index, k_index, q_segments, k_segments,
-            context_parallel=context_parallel, max_segments=max_segments, block=block,
+            implementation, q, k, v, q_index, k_index, q_segments, k_segments, layout=layout,
+            compiled=compiled, context_parallel=context_parallel, max_segments=max_segments,
+            block=block,
         )  # fmt: skip
 
     def block(q_blk, q_idx, q_seg):
@@ -74,7 +72,7 @@ def attend(
         return block(q, q_index, q_segments)
     if length % chunk_size:
         raise ValueError(
-            f"model.attention_chunk_size={chunk_size} must divide the per-device query "
+            f"execution.attention_chunk_size={chunk_size} must divide the per-device query "
             f"length {length}"
         )
     n = length // chunk_size
@@ -90,8 +88,15 @@ def attend(
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, gemm: Gemm):
-        dims = projection_options(cfg, rngs, gemm)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        plan: ExecutionPlan,
+        fp8_switch: jax.Array | None = None,
+    ):
+        dims = projection_options(cfg, rngs, plan.gemm, fp8_switch)
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         d = cfg.hidden_size
         # Megatron layout: q/k/v column-parallel (output split over heads), o row-parallel.
@@ -104,10 +109,7 @@ class Attention(nnx.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        self.implementation = cfg.attention_impl
-        self.chunk_size = cfg.attention_chunk_size
-        self.max_segments = cfg.max_segments
-        self.block = cfg.attention_block
+        self.plan = plan
 
     def __call__(
         self,
@@ -115,11 +117,10 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array],
         token_index: jax.Array,
         segment_ids: jax.Array,
-        fp8_enabled: jax.Array | None = None,
     ) -> jax.Array:
         """x [batch, seq, embed]; token_index [seq]: each position's index in the original
         row (a permutation under context parallelism); segment_ids [batch, seq]."""
-        return self.forward(x, rope, token_index, segment_ids, fp8_enabled)[0]
+        return self.forward(x, rope, token_index, segment_ids)[0]
 
     def forward(
         self,
@@ -127,38 +128,30 @@ class Attention(nnx.Module):
         rope: tuple[jax.Array, jax.Array],
         token_index: jax.Array,
         segment_ids: jax.Array,
-        fp8_enabled: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(output, k, v): `__call__` plus the rotated keys and the values [batch, seq,
         kv_heads, head_dim] (what a prefill writes into the KV cache)."""
-        q, k, v = self.qkv(x, rope, fp8_enabled)
-        seq = x.shape[1]
-        layout = current_layout()
-        context_parallel = layout is not None and layout.size("context") > 1
-        implementation = resolve_implementation(
-            self.implementation,
-            self.head_dim,
-            q.dtype,
-            context=layout.size("context") if context_parallel else 1,
-            seq_len=seq,
-            block=self.block,
-        )
+        q, k, v = self.qkv(x, rope)
+        plan = self.plan
+        context_parallel = plan.context > 1
         local = functools.partial(
             attend,
-            implementation=implementation,
-            chunk_size=self.chunk_size,
-            max_segments=self.max_segments,
-            block=self.block,
+            implementation=plan.attention,
+            chunk_size=plan.execution.attention_chunk_size,
+            max_segments=plan.execution.max_segments,
+            block=plan.execution.attention_block,
             context_parallel=context_parallel,
+            layout=plan.layout,
+            compiled=plan.target.is_cuda,
         )
         if context_parallel:
             out = context_parallel_attention(
-                layout, local, q, k, v, token_index, segment_ids,
-                check_vma=checks_varying_axes(implementation),
+                plan.layout, local, q, k, v, token_index, segment_ids,
+                check_vma=checks_varying_axes(plan.attention),
             )  # fmt: skip
         else:
             out = local(q, k, v, token_index, token_index, segment_ids, segment_ids)
-        return self.output(out, fp8_enabled), k, v
+        return self.output(out), k, v
 
     def decode(
         self,
@@ -167,18 +160,17 @@ class Attention(nnx.Module):
         cached_k: jax.Array,
         cached_v: jax.Array,
         positions: jax.Array,
-        fp8_enabled: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """One new token per slot, x [slots, 1, embed] at `positions` [slots], attending to
         this layer's cache (cached_k/v [slots, kv_heads, length, head_dim]) and to itself.
         Returns (output, k, v): the caller appends k/v [slots, 1, kv_heads, head_dim] to the
         cache (`KVCache.append`)."""
-        q, k, v = self.qkv(x, rope, fp8_enabled)
+        q, k, v = self.qkv(x, rope)
         out = decode_attention(q, k, v, cached_k, cached_v, positions)
-        return self.output(out, fp8_enabled), k, v
+        return self.output(out), k, v
 
     def qkv(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], fp8_enabled: jax.Array | None
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array]
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projected heads, RoPE applied to q and k: q [batch, seq, heads, head_dim], k and v
         [batch, seq, kv_heads, head_dim]."""
@@ -188,15 +180,15 @@ class Attention(nnx.Module):
             y = y.reshape(batch, seq, count, self.head_dim)
             return constrain(y, ("batch", "inner_seq", axis, None))
 
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), fp8_enabled)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
         q = heads(q, self.num_heads, "act_heads")
         k = heads(k, self.num_kv_heads, "act_kv_heads")
         v = heads(v, self.num_kv_heads, "act_kv_heads")
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
-    def output(self, out: jax.Array, fp8_enabled: jax.Array | None) -> jax.Array:
+    def output(self, out: jax.Array) -> jax.Array:
         """o_proj of the attention output [batch, seq, heads, head_dim] -> [batch, seq, embed]."""
         batch, seq = out.shape[:2]
         out = constrain(out, ("batch", "inner_seq", "act_heads", None))
-        y = self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim), fp8_enabled)
+        y = self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
         return constrain(y, ("batch", "seq", None))

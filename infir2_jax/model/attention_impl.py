@@ -1,5 +1,5 @@
-"""Which attention implementation runs (`model.attention_impl`), and the flash kernels run
-per device.
+"""Which attention implementation runs (`execution.attention_impl`, resolved once into the
+execution plan: model/execution.py), and the flash kernels run per device.
 
     auto     cudnn where it runs; else pallas on a CUDA GPU; else chunked (CPU)
     cudnn    cuDNN flash attention for packed rows (kernels/cudnn_attention.py): Hopper, no
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from infir2_jax.kernels import cudnn_attention
 from infir2_jax.kernels.flash_attention import flash_attention
-from infir2_jax.parallel.rules import current_layout
+from infir2_jax.parallel.rules import Layout
+from infir2_jax.target import Target
 
 FLASH = ("cudnn", "pallas")
 
@@ -40,7 +41,7 @@ def _pallas_unsupported(
         if length % tile or (compiled and (tile < 16 or tile & (tile - 1))):
             return (
                 f"a per-device length of {length} tokens (it must be a multiple of "
-                f"model.attention_block={block}, or a power of two >= 16 below it)"
+                f"execution.attention_block={block}, or a power of two >= 16 below it)"
             )
     return None
 
@@ -50,19 +51,20 @@ def resolve_implementation(
     head_dim: int,
     dtype,
     *,
+    target: Target,
     context: int = 1,
     seq_len: int | None = None,
     block: int = 128,
 ) -> str | None:
-    """The implementation that runs for `requested` on the platform being compiled for, rows
-    of `seq_len` tokens split over `context` devices; an explicit flash implementation that
+    """The implementation that runs for `requested` on `target`, rows of `seq_len` tokens
+    (None: any length) split over `context` devices; an explicit flash implementation that
     cannot run is an error naming why."""
     lengths = () if seq_len is None else (seq_len // context, seq_len)
-    on_cuda = cudnn_attention.gpu_capability() is not None
+    on_cuda = target.is_cuda
     pallas_reason = _pallas_unsupported(head_dim, lengths, block, compiled=on_cuda)
     if requested == "pallas":
         if pallas_reason:
-            raise ValueError(f"model.attention_impl=pallas cannot run here: {pallas_reason}")
+            raise ValueError(f"execution.attention_impl=pallas cannot run here: {pallas_reason}")
         return "pallas"
     if requested not in ("auto", "cudnn"):
         return requested
@@ -72,47 +74,29 @@ def resolve_implementation(
         # with its causal diagonal at the segment's start (parallel/context.py).
         "context parallelism (parallel.context > 1) splits rows into non-contiguous chunks"
         if context > 1
-        else cudnn_attention.unsupported_reason(head_dim, dtype)
+        else cudnn_attention.unsupported_reason(head_dim, dtype, target)
     )
     if reason is None:
         return "cudnn"
     if requested == "cudnn":
         raise ValueError(
-            f"model.attention_impl=cudnn cannot run here: {reason}; use auto, pallas or chunked"
+            f"execution.attention_impl=cudnn cannot run here: {reason}; use auto, pallas or chunked"
         )
     return "pallas" if on_cuda and pallas_reason is None else "chunked"
 
 
-def run_attention(model_cfg, *, seq_len: int, context: int) -> str | None:
-    """The attention a run of `model_cfg` on rows of `seq_len` tokens split over `context`
-    devices will use (what the train loop prints and the planner compiles)."""
-    return resolve_implementation(
-        model_cfg.attention_impl,
-        model_cfg.head_dim,
-        model_cfg.dtype,
-        context=context,
-        seq_len=seq_len,
-        block=model_cfg.attention_block,
-    )
-
-
-def _pallas(q, k, v, q_index, k_index, q_segments, k_segments, *, block, contiguous):
-    """The Pallas kernel compiled for the GPU, or interpreted when lowering for the CPU."""
-    args = (q, k, v, q_index, k_index, q_segments, k_segments)
-    kernel = functools.partial(flash_attention, block=block, contiguous=contiguous, interpret=False)
-    interpreted = functools.partial(
-        flash_attention, block=block, contiguous=contiguous, interpret=True
-    )
+def _pallas(
+    q, k, v, q_index, k_index, q_segments, k_segments, *, block, contiguous, compiled: bool
+):
+    """The Pallas kernel compiled for a CUDA target, or interpreted (any other target)."""
     lengths = (q.shape[1], k.shape[1])
-    if _pallas_unsupported(q.shape[-1], lengths, block, compiled=True):
-        # Tiles Triton cannot take, so this is not a GPU compile (resolve_implementation
-        # rejects them there): only the interpreter runs them.
-        return interpreted(*args)
-    return jax.lax.platform_dependent(
-        *args,
-        cuda=lambda *a: kernel(*a),
-        default=lambda *a: interpreted(*a),
-    )
+    reason = _pallas_unsupported(q.shape[-1], lengths, block, compiled=compiled)
+    if reason:  # the plan checked its row length; a fallback or another length gets here
+        raise ValueError(f"execution.attention_impl=pallas cannot run here: {reason}")
+    return flash_attention(
+        q, k, v, q_index, k_index, q_segments, k_segments,
+        block=block, contiguous=contiguous, interpret=not compiled,
+    )  # fmt: skip
 
 
 def flash(
@@ -125,26 +109,28 @@ def flash(
     q_segments: jax.Array,
     k_segments: jax.Array,
     *,
+    layout: Layout | None,
+    compiled: bool,
     context_parallel: bool,
     max_segments: int,
     block: int,
 ) -> jax.Array:
     """Flash attention (`cudnn` or `pallas`), q [batch, tq, heads, d] over k/v [batch, tk,
-    kv_heads, d], masked by token index and segment id as model/attention.py's mask."""
+    kv_heads, d], masked by token index and segment id as model/attention.py's mask, run per
+    device on `layout` (None: one device); `compiled`: the Pallas kernel for a CUDA GPU
+    (else Pallas' interpreter)."""
+    pallas = functools.partial(_pallas, block=block, compiled=compiled)
     if context_parallel:  # already per device, inside the context-parallel shard_map
         if implementation != "pallas":
             raise ValueError(f"attention {implementation!r} under context parallelism")
-        return _pallas(
-            q, k, v, q_index, k_index, q_segments, k_segments, block=block, contiguous=False
-        )
+        return pallas(q, k, v, q_index, k_index, q_segments, k_segments, contiguous=False)
 
     def run(q, k, v, segments):  # one whole row per device: indices 0..T-1
         if implementation == "cudnn":
             return cudnn_attention.packed_attention(q, k, v, segments, max_segments=max_segments)
         index = jnp.arange(q.shape[1], dtype=jnp.int32)
-        return _pallas(q, k, v, index, index, segments, segments, block=block, contiguous=True)
+        return pallas(q, k, v, index, index, segments, segments, contiguous=True)
 
-    layout = current_layout()
     if layout is None or layout.mesh.size == 1:
         return run(q, k, v, q_segments)
     # Partitioned by hand; for cuDNN also because JAX's own partitioning rule for the packed

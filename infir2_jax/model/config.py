@@ -22,7 +22,8 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Qwen2-architecture decoder (HF `Qwen2ForCausalLM`)."""
+    """Shape and numerics of a Qwen2-architecture decoder (HF `Qwen2ForCausalLM`); how it
+    runs is `ExecutionConfig`'s."""
 
     vocab_size: int
     hidden_size: int
@@ -41,27 +42,6 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     init_std: float = 0.02
-    # What the backward pass recomputes instead of storing, per scanned decoder layer.
-    remat: RematPolicy = "full"
-    # Tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at a time.
-    loss_chunk_size: int = 2048
-    # Which attention runs (model/attention_impl.py):
-    # "auto": "cudnn" where it runs (a Hopper GPU, no context parallelism), else "pallas" on a
-    # CUDA GPU, else "chunked".
-    # "cudnn": cuDNN flash attention for packed rows (kernels/cudnn_attention.py): no
-    # [seq, seq] buffer; at most `max_segments` segments (documents, padding) per row (a batch
-    # with more runs through "pallas" instead, train/loop.py: _Steps). JAX's
-    # binding keeps FP32 softmax statistics of [batch·max_segments, heads, seq] per layer, so
-    # each segment of headroom costs 4·heads·seq bytes per row and layer.
-    # "pallas": our Pallas flash attention (kernels/flash_attention.py), `attention_block`
-    # query/key tiles; any CUDA GPU and context parallelism; interpreted (slow) on the CPU.
-    # "chunked": XLA attention `attention_chunk_size` queries at a time under remat, so a
-    # 32k-token row never holds [seq, seq] scores (any platform, any parallelism).
-    # "xla" / None: one jax.nn.dot_product_attention call with an explicit [seq, seq] mask.
-    attention_impl: Literal["auto", "xla", "cudnn", "pallas", "chunked"] | None = None
-    attention_chunk_size: int = 1024
-    max_segments: int = 32
-    attention_block: int = 128
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
@@ -80,16 +60,6 @@ class ModelConfig:
             value = getattr(self, name)
             if value not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16: {value!r}")
-        if self.loss_chunk_size <= 0:
-            raise ValueError("model.loss_chunk_size must be positive")
-        if self.attention_chunk_size <= 0:
-            raise ValueError("model.attention_chunk_size must be positive")
-        if self.max_segments <= 0:
-            raise ValueError("model.max_segments must be positive")
-        if self.attention_block < 16 or self.attention_block & (self.attention_block - 1):
-            raise ValueError(
-                f"model.attention_block must be a power of two >= 16, got {self.attention_block}"
-            )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -126,6 +96,68 @@ class ModelConfig:
         matmul_weights = self.num_params - embedding_tables + self.vocab_size * self.hidden_size
         attention = 6 * self.num_layers * self.num_heads * self.head_dim * seq_len
         return 6.0 * matmul_weights + attention
+
+
+# Execution choices that old model configs (checkpoint metadata, run directories) still carry
+# under `model`: dropped when such a config is read, an error naming the new key in a config.
+EXECUTION_FIELDS = (
+    "remat",
+    "loss_chunk_size",
+    "attention_impl",
+    "attention_chunk_size",
+    "max_segments",
+    "attention_block",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How a model runs, not what it computes: recomputation, chunk sizes, the attention
+    kernel (`execution.*`). Resolved with the devices into an `ExecutionPlan`
+    (model/execution.py)."""
+
+    # What the backward pass recomputes instead of storing, per scanned decoder layer.
+    remat: RematPolicy = "full"
+    # Tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at a time.
+    loss_chunk_size: int = 2048
+    # Which attention runs (model/attention_impl.py):
+    # "auto": "cudnn" where it runs (a Hopper GPU, no context parallelism), else "pallas" on a
+    # CUDA GPU, else "chunked".
+    # "cudnn": cuDNN flash attention for packed rows (kernels/cudnn_attention.py): no
+    # [seq, seq] buffer; at most `max_segments` segments (documents, padding) per row (a batch
+    # with more runs through "pallas" instead: `ExecutionPlan.fallback`). JAX's
+    # binding keeps FP32 softmax statistics of [batch·max_segments, heads, seq] per layer, so
+    # each segment of headroom costs 4·heads·seq bytes per row and layer.
+    # "pallas": our Pallas flash attention (kernels/flash_attention.py), `attention_block`
+    # query/key tiles; any CUDA GPU and context parallelism; interpreted (slow) on the CPU.
+    # "chunked": XLA attention `attention_chunk_size` queries at a time under remat, so a
+    # 32k-token row never holds [seq, seq] scores (any platform, any parallelism).
+    # "xla" / None: one jax.nn.dot_product_attention call with an explicit [seq, seq] mask.
+    attention_impl: Literal["auto", "xla", "cudnn", "pallas", "chunked"] | None = None
+    attention_chunk_size: int = 1024
+    max_segments: int = 32
+    attention_block: int = 128
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_size <= 0:
+            raise ValueError("execution.loss_chunk_size must be positive")
+        if self.attention_chunk_size <= 0:
+            raise ValueError("execution.attention_chunk_size must be positive")
+        if self.max_segments <= 0:
+            raise ValueError("execution.max_segments must be positive")
+        if self.attention_block < 16 or self.attention_block & (self.attention_block - 1):
+            raise ValueError(
+                "execution.attention_block must be a power of two >= 16, got "
+                f"{self.attention_block}"
+            )
+
+    def replace(self, **changes: Any) -> ExecutionConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def drop_execution_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored model config without the execution keys configs held before `execution`."""
+    return {k: v for k, v in fields.items() if k not in EXECUTION_FIELDS}
 
 
 def _qwen25(

@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infir2_jax.fp8.recipes import Gemm
+from infir2_jax.fp8.base import BF16, Fp8Switch, Gemm
 from infir2_jax.model.config import ModelConfig
 
 Axes = tuple[str, ...]
-BF16 = Gemm()
 
 
 def param(value: jax.Array, axes: Axes) -> nnx.Param:
@@ -26,7 +25,9 @@ def param(value: jax.Array, axes: Axes) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def projection_options(cfg: ModelConfig, rngs: nnx.Rngs, gemm: Gemm) -> dict:
+def projection_options(
+    cfg: ModelConfig, rngs: nnx.Rngs, gemm: Gemm, fp8_switch: jax.Array | None
+) -> dict:
     """The Linear keyword arguments every projection of a decoder layer shares."""
     return dict(
         init_std=cfg.init_std,
@@ -34,6 +35,7 @@ def projection_options(cfg: ModelConfig, rngs: nnx.Rngs, gemm: Gemm) -> dict:
         param_dtype=jnp.dtype(cfg.param_dtype),
         rngs=rngs,
         gemm=gemm,
+        fp8_switch=fp8_switch,
     )
 
 
@@ -41,8 +43,10 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias). kernel is [in, out] (HF's `weight` transposed).
 
     The matmul is the injected `gemm` policy (BF16, or an FP8 recipe from `infir2_jax.fp8`);
-    a stateful recipe (delayed scaling) keeps its per-GEMM state here as non-parameter
-    variables. Each application within one traced step uses its own probe row (`_uses`).
+    a stateful recipe (delayed scaling) keeps its per-GEMM state here as the non-parameter
+    variables `gemm.init_state()` names. Each application within one traced step uses its own
+    probe row (`_uses`). `fp8_switch` (a bool; only when some layer stays BF16) turns the
+    recipe off for this layer: an `Fp8Switch` variable, stacked with the layer's parameters.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class Linear(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
         gemm: Gemm = BF16,
+        fp8_switch: jax.Array | None = None,
     ):
         init = jax.nn.initializers.normal(init_std)
         self.kernel = param(init(rngs.params(), (in_features, out_features), param_dtype), axes)
@@ -65,32 +70,28 @@ class Linear(nnx.Module):
         self.gemm = gemm
         self.axes = axes
         state = gemm.init_state()
-        self.fp8_history = state.get("fp8_history")
-        self.fp8_scale = state.get("fp8_scale")
-        self.fp8_probe = state.get("fp8_probe")
+        for name, variable in state.items():  # the attribute names are the checkpoint keys
+            setattr(self, name, variable)
+        self.state_names = tuple(state)
+        self.fp8_switch = None if fp8_switch is None else Fp8Switch(jnp.asarray(fp8_switch))
         self._uses = 0
 
-    def __call__(self, x: jax.Array, fp8_enabled: jax.Array | None = None) -> jax.Array:
-        return project(x, (self,), fp8_enabled)[0]
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return project(x, (self,))[0]
 
     def _gemm_inputs(self) -> tuple[jax.Array, dict[str, jax.Array], int]:
         """(kernel in the compute dtype, FP8 state, this application's probe row)."""
-        state = {
-            name: var[...]
-            for name in ("fp8_history", "fp8_scale", "fp8_probe")
-            if (var := getattr(self, name)) is not None
-        }
+        state = {name: getattr(self, name)[...] for name in self.state_names}
         use = self._uses
         if self.gemm.stateful:
             self._uses += 1
         return self.kernel[...].astype(self.dtype), state, use
 
 
-def project(
-    x: jax.Array, linears: tuple[Linear, ...], fp8_enabled: jax.Array | None = None
-) -> tuple[jax.Array, ...]:
+def project(x: jax.Array, linears: tuple[Linear, ...]) -> tuple[jax.Array, ...]:
     """One input through several Linear layers with one GEMM policy call (q, k, v; gate, up),
-    so an FP8 recipe quantizes x once and keeps one FP8 copy of it for the backward pass."""
+    so an FP8 recipe quantizes x once and keeps one FP8 copy of it for the backward pass.
+    The layers share a layer's FP8 switch (None: FP8 wherever the recipe is, no branch)."""
     gemm, dtype = linears[0].gemm, linears[0].dtype
     if any(lin.gemm != gemm or lin.dtype != dtype for lin in linears):
         raise ValueError("project: the layers must share one GEMM policy and compute dtype")
@@ -98,7 +99,9 @@ def project(
     x2d = x.reshape(-1, width).astype(dtype)  # [tokens, in]
     kernels, states, uses = zip(*(lin._gemm_inputs() for lin in linears), strict=True)
     axes = tuple(lin.axes for lin in linears)
-    ys = gemm.many(x2d, kernels, states, uses=uses, enabled=fp8_enabled, axes=axes)
+    switch = linears[0].fp8_switch
+    enabled = None if switch is None else switch[...]
+    ys = gemm.many(x2d, kernels, states, uses=uses, enabled=enabled, axes=axes)
     out = []
     for lin, y, kernel in zip(linears, ys, kernels, strict=True):
         y = y.reshape(*lead, kernel.shape[1])

@@ -5,27 +5,27 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from infir2_jax.fp8.recipes import Gemm
+from infir2_jax.fp8.base import Gemm
 from infir2_jax.model.config import ModelConfig
 from infir2_jax.model.layers import Linear, project, projection_options
 from infir2_jax.parallel.rules import constrain
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, gemm: Gemm):
-        dims = projection_options(cfg, rngs, gemm)
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, gemm: Gemm, fp8_switch: jax.Array | None
+    ):
+        dims = projection_options(cfg, rngs, gemm, fp8_switch)
         d, f = cfg.hidden_size, cfg.intermediate_size
         # Megatron layout: gate/up column-parallel, down row-parallel.
         self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **dims)
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **dims)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **dims)
 
-    def __call__(self, x: jax.Array, fp8_enabled: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         inner = ("batch", "inner_seq", "act_mlp")
-        gate, up = (
-            constrain(y, inner) for y in project(x, (self.gate_proj, self.up_proj), fp8_enabled)
-        )
-        return constrain(self.down_proj(swiglu(gate, up), fp8_enabled), ("batch", "seq", None))
+        gate, up = (constrain(y, inner) for y in project(x, (self.gate_proj, self.up_proj)))
+        return constrain(self.down_proj(swiglu(gate, up)), ("batch", "seq", None))
 
 
 @jax.checkpoint

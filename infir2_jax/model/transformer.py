@@ -7,16 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infir2_jax.fp8.recipes import Gemm
 from infir2_jax.model.attention import Attention
 from infir2_jax.model.config import ModelConfig
+from infir2_jax.model.execution import ExecutionPlan, resolve_plan
 from infir2_jax.model.kv_cache import KVCache
-from infir2_jax.model.layers import BF16, Embedding, Linear, RMSNorm
+from infir2_jax.model.layers import Embedding, Linear, RMSNorm
 from infir2_jax.model.loss import chunked_cross_entropy, token_logprobs
 from infir2_jax.model.mlp import MLP
 from infir2_jax.model.rope import rope_tables
 from infir2_jax.parallel.context import load_balanced_order
-from infir2_jax.parallel.rules import constrain, current_layout
+from infir2_jax.parallel.rules import constrain
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -29,23 +29,31 @@ _REMAT_POLICIES = {
 RESIDUAL = ("batch", "seq", None)
 
 
-def _context_order(seq_len: int) -> np.ndarray | None:
-    """The load-balanced token order when tracing under context parallelism, else None."""
-    layout = current_layout()
-    if layout is None or layout.size("context") == 1:
+def _context_order(plan: ExecutionPlan, seq_len: int) -> np.ndarray | None:
+    """The load-balanced token order under context parallelism, else None."""
+    if plan.context == 1:
         return None
-    return load_balanced_order(seq_len, layout.size("context"))
+    return load_balanced_order(seq_len, plan.context)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)). Names mirror HF's."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, gemm: Gemm):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        plan: ExecutionPlan,
+        fp8_switch: jax.Array | None = None,
+    ):
+        """`fp8_switch`: whether this layer's projections run the FP8 recipe (None: they do,
+        and no layer is BF16)."""
         norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = Attention(cfg, rngs=rngs, gemm=gemm)
+        self.self_attn = Attention(cfg, rngs=rngs, plan=plan, fp8_switch=fp8_switch)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg, rngs=rngs, gemm=gemm)
+        self.mlp = MLP(cfg, rngs=rngs, gemm=plan.gemm, fp8_switch=fp8_switch)
 
     def __call__(
         self,
@@ -53,9 +61,8 @@ class DecoderLayer(nnx.Module):
         rope: tuple[jax.Array, jax.Array],
         token_index: jax.Array,
         segment_ids: jax.Array,
-        fp8_enabled: jax.Array | None = None,
     ) -> jax.Array:
-        return self.prefill(x, rope, token_index, segment_ids, fp8_enabled)[0]
+        return self.prefill(x, rope, token_index, segment_ids)[0]
 
     def prefill(
         self,
@@ -63,12 +70,11 @@ class DecoderLayer(nnx.Module):
         rope: tuple[jax.Array, jax.Array],
         token_index: jax.Array,
         segment_ids: jax.Array,
-        fp8_enabled: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(output, k, v): the block plus its attention's keys and values for a KV cache."""
         normed = self.input_layernorm(x)
-        attn, k, v = self.self_attn.forward(normed, rope, token_index, segment_ids, fp8_enabled)
-        return self._residual_mlp(x, attn, fp8_enabled), k, v
+        attn, k, v = self.self_attn.forward(normed, rope, token_index, segment_ids)
+        return self._residual_mlp(x, attn), k, v
 
     def decode(
         self,
@@ -77,17 +83,16 @@ class DecoderLayer(nnx.Module):
         cached_k: jax.Array,
         cached_v: jax.Array,
         positions: jax.Array,
-        fp8_enabled: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The block for one new token per slot (x [slots, 1, embed]) against this layer's
         cache; returns (output, k, v) of the new token (see `Attention.decode`)."""
         normed = self.input_layernorm(x)
-        attn, k, v = self.self_attn.decode(normed, rope, cached_k, cached_v, positions, fp8_enabled)
-        return self._residual_mlp(x, attn, fp8_enabled), k, v
+        attn, k, v = self.self_attn.decode(normed, rope, cached_k, cached_v, positions)
+        return self._residual_mlp(x, attn), k, v
 
-    def _residual_mlp(self, x: jax.Array, attn: jax.Array, fp8_enabled) -> jax.Array:
+    def _residual_mlp(self, x: jax.Array, attn: jax.Array) -> jax.Array:
         x = constrain(x + attn, RESIDUAL)
-        return constrain(x + self.mlp(self.post_attention_layernorm(x), fp8_enabled), RESIDUAL)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL)
 
 
 class Qwen2(nnx.Module):
@@ -102,12 +107,15 @@ class Qwen2(nnx.Module):
         cfg: ModelConfig,
         *,
         rngs: nnx.Rngs,
-        gemm: Gemm = BF16,
+        plan: ExecutionPlan | None = None,
     ):
-        """`gemm`: the matmul policy of the seven projections of every decoder layer (an FP8
-        recipe from `infir2_jax.fp8.make_gemm`); embedding and lm_head always stay BF16."""
+        """`plan`: how the model runs (model/execution.py: layout, target, attention, and the
+        matmul policy of the seven projections of every decoder layer — an FP8 recipe from
+        `infir2_jax.fp8.make_gemm`; embedding and lm_head always stay BF16). Default: one
+        device of this process, BF16, the default `ExecutionConfig`."""
         self.config = cfg
-        self.fp8_layer_mask = gemm.layer_mask(cfg.num_layers)
+        self.plan = plan = resolve_plan(cfg) if plan is None else plan
+        mask = plan.gemm.layer_mask(cfg.num_layers)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed_tokens = Embedding(
             cfg.vocab_size,
@@ -120,10 +128,10 @@ class Qwen2(nnx.Module):
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, rngs=rngs, gemm=gemm)
+        def make_layers(rngs: nnx.Rngs, switch: jax.Array | None) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs=rngs, plan=plan, fp8_switch=switch)
 
-        self.layers = make_layers(rngs)
+        self.layers = make_layers(rngs, None if mask is None else jnp.asarray(mask))
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
@@ -161,7 +169,7 @@ class Qwen2(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(seq_len), input_ids.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
-        order = _context_order(seq_len)
+        order = _context_order(self.plan, seq_len)
         token_index = jnp.arange(seq_len, dtype=jnp.int32)
         if order is not None:
             input_ids, positions, segment_ids = (
@@ -171,27 +179,25 @@ class Qwen2(nnx.Module):
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, seq, embed]
 
-        def apply_layer(layer, x, fp8_enabled, index):
-            return layer(x, rope, token_index, segment_ids, fp8_enabled), None
+        def apply_layer(layer, x, index):
+            return layer(x, rope, token_index, segment_ids), None
 
-        x, _ = self._scan_layers(apply_layer, x, remat=cfg.remat != "none")
+        x, _ = self._scan_layers(apply_layer, x, remat=self.plan.execution.remat != "none")
         return self.norm(x)
 
     def _scan_layers(self, step, carry, *, remat: bool = False):
-        """`lax.scan` of `step(layer, carry, fp8_enabled, index) -> (carry, y)` over the
-        stacked decoder layers; `fp8_enabled` is the layer's FP8 switch (None: all FP8),
-        `index` its position in the stack. `remat` applies `model.remat` to each step."""
+        """`lax.scan` of `step(layer, carry, index) -> (carry, y)` over the stacked decoder
+        layers (each with its own slice of every stacked variable, FP8 switches included),
+        `index` its position in the stack. `remat` applies `execution.remat` to each step."""
         graphdef, stacked = nnx.split(self.layers)
 
         def body(carry, xs):
-            layer_state, fp8_enabled, index = xs
-            return step(nnx.merge(graphdef, layer_state), carry, fp8_enabled, index)
+            layer_state, index = xs
+            return step(nnx.merge(graphdef, layer_state), carry, index)
 
         if remat:
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.config.remat])
-        mask = self.fp8_layer_mask
-        mask = None if mask is None else jnp.asarray(mask)
-        return jax.lax.scan(body, carry, (stacked, mask, jnp.arange(self.config.num_layers)))
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.plan.execution.remat])
+        return jax.lax.scan(body, carry, (stacked, jnp.arange(self.config.num_layers)))
 
     def prefill(
         self, input_ids: jax.Array, lengths: jax.Array
@@ -209,8 +215,8 @@ class Qwen2(nnx.Module):
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)
 
-        def apply_layer(layer, x, fp8_enabled, index):
-            x, k, v = layer.prefill(x, rope, token_index, segment_ids, fp8_enabled)
+        def apply_layer(layer, x, index):
+            x, k, v = layer.prefill(x, rope, token_index, segment_ids)
             return x, (k, v)
 
         x, (k, v) = self._scan_layers(apply_layer, x)
@@ -227,11 +233,11 @@ class Qwen2(nnx.Module):
         rope = rope_tables(positions[:, None], cfg.head_dim, cfg.rope_theta, jnp.dtype(cfg.dtype))
         x = constrain(self.embed_tokens(tokens[:, None]), RESIDUAL)  # [slots, 1, embed]
 
-        def apply_layer(layer, x, fp8_enabled, index):
+        def apply_layer(layer, x, index):
             # Each layer reads its cache slice only; the new k/v leave the scan as outputs
             # and enter the cache in one in-place scatter below.
             cached_k, cached_v = cache.k[index], cache.v[index]
-            x, k, v = layer.decode(x, rope, cached_k, cached_v, positions, fp8_enabled)
+            x, k, v = layer.decode(x, rope, cached_k, cached_v, positions)
             return x, (k[:, 0], v[:, 0])
 
         x, (k, v) = self._scan_layers(apply_layer, x)
@@ -255,7 +261,7 @@ class Qwen2(nnx.Module):
         segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         logits = self.logits(self.hidden_states(input_ids, positions, segment_ids))
-        order = _context_order(input_ids.shape[1])
+        order = _context_order(self.plan, input_ids.shape[1])
         if order is not None:  # back to the original token order
             logits = jnp.take(logits, np.argsort(order), axis=1)
         return logits
@@ -270,11 +276,11 @@ class Qwen2(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(summed next-token cross-entropy, token count) via the chunked loss."""
         h = self.hidden_states(input_ids, positions, segment_ids)
-        order = _context_order(input_ids.shape[1])
+        order = _context_order(self.plan, input_ids.shape[1])
         if order is not None:  # the loss is a sum over tokens: permute targets like the rows
             labels, loss_mask = (jnp.take(a, order, axis=1) for a in (labels, loss_mask))
         return chunked_cross_entropy(
-            h, self.unembedding(), labels, loss_mask, chunk_size=self.config.loss_chunk_size
+            h, self.unembedding(), labels, loss_mask, chunk_size=self.plan.execution.loss_chunk_size
         )
 
     def token_logprobs(
@@ -291,11 +297,11 @@ class Qwen2(nnx.Module):
         (and the entropy if `with_entropy`), via the chunked, vocab-parallel computation of the
         loss: what an RL objective needs, without [tokens, vocab] logits."""
         h = self.hidden_states(input_ids, positions, segment_ids)
-        order = _context_order(input_ids.shape[1])
+        order = _context_order(self.plan, input_ids.shape[1])
         if order is not None:
             targets = jnp.take(targets, order, axis=1)
         logprobs, entropy = token_logprobs(
-            h, self.unembedding(), targets, chunk_size=self.config.loss_chunk_size,
+            h, self.unembedding(), targets, chunk_size=self.plan.execution.loss_chunk_size,
             temperature=temperature, with_entropy=with_entropy,
         )  # fmt: skip
         if order is not None:  # back to the original token order

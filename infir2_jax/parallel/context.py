@@ -18,13 +18,14 @@ the full K/V of one layer does not fit, i.e. far beyond 128k tokens; it would re
 `_gather_kv` + `attend` below with a loop of `attend` on each arriving block and an online
 merge, with the same shard_map signature and the same load-balanced order.
 
-Flash attention. `model.attention_impl: auto` uses XLA's chunked attention here, not cuDNN's
-packed flash attention: its packed form wants every segment as one contiguous span with the
-causal diagonal at the span's start, and here each device's queries are two separate chunks
-of the row (the load balance) against K/V gathered in load-balanced order. Making it fit means
-un-permuting the gathered K/V (cheap under GQA) and attending each query chunk to its
-segments' prefixes with a bottom-right-aligned causal mask, which JAX's cuDNN binding (0.10.2)
-does not expose; a Pallas flash kernel taking query/key index offsets is the other way.
+Flash attention. `execution.attention_impl: auto` uses our Pallas kernel (GPU) or XLA's
+chunked attention here, not cuDNN's packed flash attention: its packed form wants every
+segment as one contiguous span with the causal diagonal at the span's start, and here each
+device's queries are two separate chunks of the row (the load balance) against K/V gathered
+in load-balanced order. Making it fit means un-permuting the gathered K/V (cheap under GQA)
+and attending each query chunk to its segments' prefixes with a bottom-right-aligned causal
+mask, which JAX's cuDNN binding (0.10.2) does not expose; a Pallas flash kernel taking
+query/key index offsets is the other way.
 """
 
 from __future__ import annotations

@@ -112,6 +112,11 @@ class Layout:
     rules: Rules
     name: str = "custom"
 
+    def __hash__(self) -> int:
+        # Hashable despite the rules mapping: an execution plan holding a layout is a static
+        # attribute of the model's modules.
+        return hash((self.mesh, self.name, tuple(sorted(self.rules.items(), key=str))))
+
     def spec(self, axes: tuple[str | None, ...]) -> PartitionSpec:
         return logical_to_spec(axes, self.rules)
 
@@ -129,21 +134,20 @@ class Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
+# Only sharding constraints read this (`constrain`): they pin where activations live, never
+# what is computed. Everything that changes the computation — context parallelism, per-device
+# kernels — reads the layout of the model's execution plan (model/execution.py).
 _CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
 
 
 @contextlib.contextmanager
 def activation_layout(layout: Layout | None) -> Iterator[None]:
-    """Makes `constrain` (and context-parallel attention) use `layout` while tracing."""
+    """Makes `constrain` use `layout` while tracing."""
     token = _CURRENT.set(layout)
     try:
         yield
     finally:
         _CURRENT.reset(token)
-
-
-def current_layout() -> Layout | None:
-    return _CURRENT.get()
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

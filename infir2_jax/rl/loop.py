@@ -246,8 +246,7 @@ class _Updater:
                 cfg.train.micro_batches * rl.mini_batches, rl.temperature,
             )  # fmt: skip
 
-        limit = setup.segment_limit(setup.attention())
-        self.steps = Steps(build, setup.parts, setup.fallback_parts, limit, out)
+        self.steps = Steps(build, setup.parts, setup.fallback_parts, setup.plan.segment_limit, out)
 
     def __call__(self, state, batch: dict[str, np.ndarray], step: int):
         rl = self.cfg.rl
@@ -299,7 +298,7 @@ def _reference_params(cfg: RunConfig, setup) -> Params | None:
         params = jax.device_put(pretrained_params(cfg, setup.parts)[0], shardings)
     else:
         params = jax.jit(
-            lambda: init_params(cfg.model, cfg.train.seed, setup.gemm)[0], out_shardings=shardings
+            lambda: init_params(cfg.model, cfg.train.seed, setup.plan)[0], out_shardings=shardings
         )()
     cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.model.dtype), p))
     return jax.block_until_ready(cast(params))

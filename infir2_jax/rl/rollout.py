@@ -54,7 +54,8 @@ class JaxRollout:
         layout = Layout(make_mesh(parallel, devices), DECODE_RULES, "decode")
         try:
             self.engine = Engine(
-                cfg.model, params, gemm=setup.gemm, layout=layout, slots=rl.slots,
+                cfg.model, params, gemm=setup.gemm, layout=layout, execution=cfg.execution,
+                slots=rl.slots,
                 steps_per_call=rl.steps_per_call, max_len=max_len,
             )  # fmt: skip
         except ValueError as e:

@@ -35,7 +35,7 @@ class _Training(Runner):
         self.layout, self.eval_batches = setup.layout, eval_batches
         self.kind = data_kind(cfg.data.kind)
         self.counters = {k: int(meta.get(k, 0)) for k in OVERLONG_COUNTERS}
-        self.attention = setup.attention()
+        self.attention = setup.plan.attention
 
         def build(parts: ModelParts):
             layout, shardings, micro = setup.layout, setup.state_sharding, cfg.train.micro_batches
@@ -44,8 +44,7 @@ class _Training(Runner):
                 jit_eval_step(layout, shardings, parts, micro),
             )
 
-        limit = setup.segment_limit(self.attention)
-        self.steps = Steps(build, setup.parts, setup.fallback_parts, limit, out)
+        self.steps = Steps(build, setup.parts, setup.fallback_parts, setup.plan.segment_limit, out)
         record = cfg.data.record_samples and jax.process_index() == 0
         self.samples = (
             open_jsonl_for_resume(self.run_dir / "samples.jsonl", start) if record else None
@@ -95,7 +94,6 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup = prepare(cfg)
-    setup.attention()  # an attention choice that cannot run fails before any data is read
     pipeline = DataPipeline(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -114,7 +112,7 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     print(
         f"model: {n_params:,} parameters | "
         f"batch {cfg.train.batch_size}×{cfg.train.seq_len} ({cfg.data.kind}, {cfg.data.source}) | "
-        f"fp8 {cfg.fp8.recipe} | attention {runner.attention or 'xla'} | "
+        f"fp8 {cfg.fp8.recipe} | attention {setup.plan.attention or 'xla'} | "
         f"steps {start}->{cfg.train.steps}",
         file=out,
         flush=True,

@@ -63,7 +63,7 @@ class Steps:
             return self.main
         if self._fallback is None:
             print(
-                f"note: a row holds {runs} segments, more than model.max_segments="
+                f"note: a row holds {runs} segments, more than execution.max_segments="
                 f"{self._limit} that cuDNN attention takes; such batches use the Pallas flash "
                 "kernel (compiling it now)",
                 file=self._out,

@@ -1,7 +1,7 @@
 """Set-up shared by every training objective (train/loop.py, rl/loop.py) and the planner
-(plan.py): the mesh, the FP8 policy and optimizer, the sharded train state — random, from
-`train.init_from` weights, from another run's checkpoint (`train.resume_from`) or resumed from
-this run's own latest one.
+(plan.py): the mesh, the execution plan (FP8 policy, attention), the optimizer, the sharded
+train state — random, from `train.init_from` weights, from another run's checkpoint
+(`train.resume_from`) or resumed from this run's own latest verified one.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from flax import traverse_util
 from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, RunConfig, dump_config
 from infir2_jax.fp8 import Gemm, make_gemm
-from infir2_jax.model import ModelConfig
-from infir2_jax.model.attention_impl import run_attention
+from infir2_jax.model.execution import ExecutionPlan, resolve_plan
 from infir2_jax.model.parts import ModelParts, Params, split_model
 from infir2_jax.parallel import make_layout
 from infir2_jax.parallel.rules import Layout
 from infir2_jax.pretrained import load_params, read_config
+from infir2_jax.target import Target
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from infir2_jax.train.sharding import check_layout, state_shardings, with_shardings
@@ -37,66 +37,68 @@ class Setup:
     """What a run needs before its first step."""
 
     layout: Layout
-    gemm: Gemm
+    gemm: Gemm  # the FP8 recipe as configured (`plan.gemm`: bound to the layout and target)
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     parts: ModelParts
     state_sharding: TrainState  # of NamedShardings
     abstract: TrainState  # ShapeDtypeStructs carrying those shardings
-    model: ModelConfig
-    seq_len: int
-
-    def attention(self) -> str | None:
-        """The attention implementation the devices run (`model.attention_impl` resolved)."""
-        try:
-            return run_attention(
-                self.model, seq_len=self.seq_len, context=self.layout.size("context")
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
-    def segment_limit(self, attention: str | None) -> int | None:
-        """Segments per row the attention kernel takes (None: any number)."""
-        return self.model.max_segments if attention == "cudnn" else None
+    plan: ExecutionPlan
 
     def fallback_parts(self) -> ModelParts:
-        """The model parts for a batch beyond `segment_limit`: the Pallas flash kernel."""
-        return split_model(self.model.replace(attention_impl="pallas"), self.gemm)
+        """The model parts of the fallback plan (`ExecutionPlan.fallback`: the attention for
+        batches the primary one cannot take), for steps built like the primary ones."""
+        return self.parts.fallback()
+
+
+def resolve_run_plan(cfg: RunConfig, layout: Layout, target: Target | None = None):
+    """(configured GEMM policy, execution plan) of a run on `layout`; what cannot run there
+    (an FP8 layer list, an attention implementation) raises ConfigError."""
+    try:
+        gemm = make_gemm(cfg.fp8)
+        plan = resolve_plan(
+            cfg.model, cfg.execution, gemm=gemm, layout=layout, target=target,
+            seq_len=cfg.train.seq_len,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return gemm, plan
 
 
 def prepare(
     cfg: RunConfig,
     *,
     devices: Sequence[jax.Device] | None = None,
+    target: Target | None = None,
     updates: int | None = None,
     rows: int | None = None,
 ) -> Setup:
-    """Mesh, GEMM policy, optimizer and schedule, model parts and state shardings; config
-    errors (a mesh that does not fit, an FP8 layer list) raise ConfigError.
+    """Mesh, execution plan (GEMM policy, attention), optimizer and schedule, model parts and
+    state shardings; config errors (a mesh that does not fit, an FP8 layer list, an attention
+    the devices cannot run) raise ConfigError.
 
-    devices: the mesh's devices (default: all; the planner passes compile-only GPUs).
-    updates: the optimizer updates the schedule spans (default `train.steps`; RL makes
-    `ppo_epochs × mini_batches` per step). rows: the rows of one update (default
-    `train.batch_size`; RL updates on mini-batches)."""
+    devices / target: the mesh's devices and what they are (default: all local devices; the
+    planner passes compile-only GPUs and their model). updates: the optimizer updates the
+    schedule spans (default `train.steps`; RL makes `ppo_epochs × mini_batches` per step).
+    rows: the rows of one update (default `train.batch_size`; RL updates on mini-batches)."""
     updates = cfg.train.steps if updates is None else updates
     rows = cfg.train.batch_size if rows is None else rows
     layout = make_layout(cfg.parallel, None if devices is None else list(devices))
     check_layout(layout, cfg.model, cfg.train.seq_len, rows, cfg.train.micro_batches)
+    gemm, plan = resolve_run_plan(cfg, layout, target)
     try:
-        gemm = make_gemm(cfg.fp8)
-        gemm.layer_mask(cfg.model.num_layers)
         schedule = learning_rate_schedule(cfg.optim, updates)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     optimizer = make_optimizer(cfg.optim, updates)
-    parts = split_model(cfg.model, gemm)
+    parts = split_model(cfg.model, plan)
     abstract = jax.eval_shape(
-        functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
+        functools.partial(new_state, cfg.model, cfg.train.seed, plan, optimizer)
     )
     sharding = state_shardings(layout, parts, optimizer, abstract)
     return Setup(
         layout, gemm, optimizer, schedule, parts, sharding, with_shardings(abstract, sharding),
-        cfg.model, cfg.train.seq_len,
+        plan,
     )  # fmt: skip
 
 
@@ -131,7 +133,7 @@ def start_state(
             flush=True,
         )
         return state, start, meta, False
-    state = initial_state(cfg, setup.gemm, setup.parts, setup.optimizer, setup.state_sharding)
+    state = initial_state(cfg, setup.plan, setup.parts, setup.optimizer, setup.state_sharding)
     return state, 0, {}, False
 
 
@@ -157,12 +159,12 @@ def check_run_model(checkpoints: Path, cfg: RunConfig) -> None:
         return
 
 
-def initial_state(cfg: RunConfig, gemm, parts: ModelParts, optimizer, shardings):
+def initial_state(cfg: RunConfig, plan: ExecutionPlan, parts: ModelParts, optimizer, shardings):
     """The step-0 state, created directly sharded: random parameters are generated on the
     devices that own them (inside jit, sharding-invariant random bits); `train.init_from`
     weights go from host memory straight to their shards."""
     if cfg.train.init_from is None:
-        init = functools.partial(new_state, cfg.model, cfg.train.seed, gemm, optimizer)
+        init = functools.partial(new_state, cfg.model, cfg.train.seed, plan, optimizer)
         return jax.jit(init, out_shardings=shardings)()
     params, fp8 = pretrained_params(cfg, parts)
     params = jax.device_put(params, shardings.params)

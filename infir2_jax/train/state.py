@@ -12,7 +12,7 @@ import optax
 from flax import struct, traverse_util
 
 from infir2_jax.fp8 import Gemm
-from infir2_jax.model import ModelConfig, Qwen2
+from infir2_jax.model import ExecutionPlan, ModelConfig, Qwen2
 from infir2_jax.model.parts import ModelParts, Params, init_params
 from infir2_jax.parallel.rules import Layout, activation_layout
 
@@ -29,10 +29,10 @@ class TrainState:
 
 
 def new_state(
-    cfg: ModelConfig, seed: int, gemm: Gemm, optimizer: optax.GradientTransformation
+    cfg: ModelConfig, seed: int, plan: ExecutionPlan, optimizer: optax.GradientTransformation
 ) -> TrainState:
     """Step 0 from random parameters (under `jax.jit` with out_shardings: created sharded)."""
-    return init_state(*init_params(cfg, seed, gemm), optimizer)
+    return init_state(*init_params(cfg, seed, plan), optimizer)
 
 
 def init_state(
