@@ -133,6 +133,9 @@ class DataConfig:
     workers: int = 0  # grain worker processes (0: read in the training process)
     record_samples: bool = False  # write each step's sample ids to samples.jsonl
     synthetic_documents: int = 20000
+    # Longest record read (bytes of one JSONL line / ArrayRecord record / Parquet value): a
+    # larger one is an error naming its file and line, not a tokenizer run out of memory.
+    max_document_bytes: int = 64 * 2**20
     # Independent packed row streams making up the global batch (documents dealt round-robin);
     # each host reads streams/hosts of them. Unset: one per host. Set it to a multiple of every
     # host count you will use and the batches do not depend on the number of hosts.
@@ -147,6 +150,8 @@ class DataConfig:
             raise ValueError("split: the train fraction must be positive")
         if self.streams is not None and self.streams <= 0:
             raise ValueError(f"streams: must be positive, got {self.streams}")
+        if self.max_document_bytes <= 0:
+            raise ValueError(f"max_document_bytes: must be positive, got {self.max_document_bytes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,10 +273,13 @@ class RLConfig:
     max_new_tokens: int = 8192
     temperature: float = 1.0
     top_p: float = 1.0
-    reward: str = "math"  # a registered reward (infir2_jax/grading.py): math, exact_integer, ...
+    reward: str = "math"  # a registered reward (infir2_jax/grading/): math, exact_integer, ...
     require_thinking: bool = False  # math: no `</think>` scores 0
-    reward_workers: int = 4  # grading processes (0: in this process, no timeout)
+    # Grading processes, each killed and replaced when a sample outlives `reward_timeout`
+    # (0: grade in this process, with the time limit for Python-level work only).
+    reward_workers: int = 4
     reward_timeout: float = 10.0  # seconds per sample
+    reward_memory_mb: int = 4096  # address space per grading process
     divide_by_std: bool = True  # GRPO advantages (false: Dr. GRPO)
     loss: PolicyLossConfig = PolicyLossConfig()
     # Optimizer updates per rollout batch: `ppo_epochs` passes over it, each in `mini_batches`

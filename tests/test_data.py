@@ -286,3 +286,36 @@ def test_gsm8k_cli_missing_input_is_a_clear_error_leaving_nothing(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: gsm8k: {tmp_path / 'nope.jsonl'}: data file not found"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_oversized_document_is_refused_by_file_and_line_with_bounded_reads(tmp_path):
+    from infir2_jax.data.records import DataError, JsonlSource
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"text": "ok"}) + "\n")
+        f.write(json.dumps({"text": "x" * 5000}) + "\n")
+    assert len(JsonlSource([path], "text", max_bytes=6000)) == 2
+    with pytest.raises(DataError, match=r"big.jsonl:2: a record of more than 1,000 bytes"):
+        JsonlSource([path], "text", max_bytes=1000)
+    from infir2_jax.data.pipeline import open_source
+
+    cfg = DataConfig(source="jsonl", path=str(path), max_document_bytes=1000)
+    with pytest.raises(DataError, match=r"data.max_document_bytes"):
+        open_source(cfg)
+
+
+def test_invalid_unicode_is_refused_by_file_and_line_at_validation(tmp_path):
+    from infir2_jax.data.records import DataError, JsonlSource
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "a lone \\ud800 surrogate"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text' holds invalid Unicode"):
+        JsonlSource([path], "text")
+    path.write_bytes(b'{"text": "fine"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON: not UTF-8"):
+        JsonlSource([path], "text")
+    chats = tmp_path / "chat.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "\\udc80"}]}\n')
+    with pytest.raises(DataError, match=r"chat.jsonl:1: field 'messages' holds invalid Unicode"):
+        JsonlSource([chats], "messages")

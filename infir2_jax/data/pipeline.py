@@ -54,11 +54,15 @@ def open_source(cfg: DataConfig):
             raise DataError("data.tokens_field: data.source=gsm8k holds text, not token ids")
         return gsm8k_source(kind, field, cfg.path)
     if cfg.source == "jsonl":
-        return JsonlSource(expand_paths(cfg.path, (".jsonl", ".json")), field)
+        return JsonlSource(
+            expand_paths(cfg.path, (".jsonl", ".json")), field, cfg.max_document_bytes
+        )
     if cfg.source == "parquet":
-        return ParquetSource(expand_paths(cfg.path, (".parquet",)), field)
+        return ParquetSource(expand_paths(cfg.path, (".parquet",)), field, cfg.max_document_bytes)
     if cfg.source == "arrayrecord":
-        return ArrayRecordJsonSource(expand_paths(cfg.path, (".array_record",)), field)
+        return ArrayRecordJsonSource(
+            expand_paths(cfg.path, (".array_record",)), field, cfg.max_document_bytes
+        )
     return PreparedSource(cfg.path, kind)
 
 

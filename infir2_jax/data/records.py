@@ -21,6 +21,7 @@ if typing.TYPE_CHECKING:
     from infir2_jax.data.kinds import DataKind
 
 PREPARED_INFO = "prepared.json"  # written by `python -m infir2_jax.prepare`
+MAX_RECORD_BYTES = 64 * 2**20  # `data.max_document_bytes`'s default
 
 
 class DataError(ValueError):
@@ -55,15 +56,18 @@ class JsonlSource:
     every non-empty line and checks that it parses and holds `field`, so a malformed line is
     reported (file:line) before training starts, not hours in."""
 
-    def __init__(self, files: Sequence[Path], field: str):
+    def __init__(self, files: Sequence[Path], field: str, max_bytes: int = MAX_RECORD_BYTES):
         self.files, self.field = [str(f) for f in files], field
         file_index, offsets, sizes, lines = [], [], [], []
         for i, path in enumerate(self.files):
             offset = 0
             with open(path, "rb") as f:
-                for number, line in enumerate(f, start=1):
+                # readline with a bound: memory stays bounded whatever the file holds.
+                for number, line in enumerate(iter(lambda: f.readline(max_bytes + 1), b""), 1):
+                    where = f"{path}:{number}"
+                    _check_size(len(line.rstrip(b"\r\n")), max_bytes, where)
                     if line.strip():
-                        _parse_json_record(line, f"{path}:{number}", field)
+                        _parse_json_record(line, where, field)
                         file_index.append(i)
                         offsets.append(offset)
                         sizes.append(len(line))
@@ -96,10 +100,10 @@ class JsonlSource:
 class ParquetSource:
     """Rows of Parquet files; only the needed column is read (kept as Arrow buffers)."""
 
-    def __init__(self, files: Sequence[Path], field: str):
+    def __init__(self, files: Sequence[Path], field: str, max_bytes: int = MAX_RECORD_BYTES):
         import pyarrow.parquet as pq
 
-        self.files, self.field = [str(f) for f in files], field
+        self.files, self.field, self.max_bytes = [str(f) for f in files], field, max_bytes
         columns, starts = [], [0]
         for path in self.files:
             try:
@@ -121,16 +125,20 @@ class ParquetSource:
     def __getitem__(self, index: int) -> Record:
         i = int(np.searchsorted(self._starts, index, side="right") - 1)
         row = int(index - self._starts[i])
-        return Record(f"{self.files[i]}:row {row}", {self.field: self._columns[i][row].as_py()})
+        where = f"{self.files[i]}:row {row}"
+        value = self._columns[i][row].as_py()
+        if isinstance(value, str):  # Arrow holds it whole already; the tokenizer must not
+            _check_size(len(value.encode("utf-8")), self.max_bytes, where)
+        return Record(where, {self.field: value})
 
 
 class ArrayRecordJsonSource:
     """ArrayRecord files whose records are UTF-8 JSON objects (one JSONL line per record)."""
 
-    def __init__(self, files: Sequence[Path], field: str):
+    def __init__(self, files: Sequence[Path], field: str, max_bytes: int = MAX_RECORD_BYTES):
         import grain
 
-        self.files, self.field = [str(f) for f in files], field
+        self.files, self.field, self.max_bytes = [str(f) for f in files], field, max_bytes
         try:
             self._source = grain.sources.ArrayRecordDataSource(self.files)
         except Exception as e:  # array_record raises RuntimeError/ValueError for bad files
@@ -143,7 +151,9 @@ class ArrayRecordJsonSource:
 
     def __getitem__(self, index: int) -> Record:
         where = f"{','.join(self.files)}#{index}"
-        return Record(where, _parse_json_record(self._source[index], where, self.field))
+        record = self._source[index]
+        _check_size(len(record), self.max_bytes, where)
+        return Record(where, _parse_json_record(record, where, self.field))
 
 
 class PreparedSource:
@@ -203,7 +213,36 @@ def _parse_json_record(line: bytes | str, where: str, field: str) -> dict:
         raise DataError(f"{where}: invalid JSON: not UTF-8 ({e})") from None
     if not isinstance(record, dict) or field not in record:
         raise DataError(f"{where}: missing field {field!r}")
+    _check_text(record[field], where, field)
     return record
+
+
+def _check_size(size: int, limit: int, where: str) -> None:
+    if size > limit:
+        raise DataError(
+            f"{where}: a record of more than {limit:,} bytes (data.max_document_bytes); split "
+            "the document or raise the limit"
+        )
+
+
+def _check_text(value, where: str, field: str) -> None:
+    """Every string under `field` encodes as UTF-8: JSON's escapes can carry a lone surrogate
+    (`"\\ud800"`) that would otherwise crash the tokenizer mid-run."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = repr(value[e.start : e.end])
+            raise DataError(
+                f"{where}: field {field!r} holds invalid Unicode ({bad} at character "
+                f"{e.start}, a lone surrogate)"
+            ) from None
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_text(item, where, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where, field)
 
 
 def _json_reason(e: json.JSONDecodeError) -> str:

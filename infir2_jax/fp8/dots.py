@@ -340,8 +340,9 @@ def row_major(a: jax.Array) -> jax.Array:
     """`a` pinned to the row-major layout. The kernel reads some operands transposed (8-bit
     wgmma wants both K-major); unpinned, XLA's layout assignment pushes that transpose back
     through elementwise producers into the layer scan's stacked residuals, and then keeps a
-    transposed copy of a whole stack (7.7 GiB for the MLP's at 1.5B, 8k × 2). Pinned, each
-    transpose happens once per layer, inside the quantizing fusion that writes the FP8 copy."""
+    transposed copy of a whole stack (BENCHMARKS.md, "H100 compile census", fix 2).
+    Pinned, each transpose happens once per layer, inside the quantizing fusion that writes the
+    FP8 copy."""
     return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
 
 

@@ -39,8 +39,8 @@ def finite_amax(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     the float itself, and the non-finite ones are those >= the bits of +inf, so masking is an
     integer multiply. Two layouts this avoids: `max(where(isfinite, |x|, 0))` inside a layer
     scan, whose zeros operand is loop-invariant and gets hoisted out of the loop by JAX's scan
-    partial evaluation as a materialized FP32 array the size of x (560 MiB per [16384, 8960]
-    MLP activation); and an FP32 copy of a transposed BF16 input (twice the bytes)."""
+    partial evaluation as a materialized FP32 array the size of x (BENCHMARKS.md, "H100
+    compile census", fix 1); and an FP32 copy of a transposed BF16 input (twice the bytes)."""
     dtype = jnp.dtype(x.dtype)
     if dtype not in _INT_OF:
         x, dtype = x.astype(jnp.float32), jnp.dtype(jnp.float32)

@@ -290,9 +290,8 @@ def _te_dense_fwd(gemm, x, w, meta, probe):
 def _pinned(a):
     """A residual pinned to the row-major layout (`dots.row_major`). TE keeps the transposed
     FP8 copy of x for wgrad; unpinned, XLA's layout assignment moved a transpose of it out of
-    the layer scan onto the whole stack of residuals (a 4.1 GB copy of the MLP's at 1.5B,
-    8k × 2 per device: +2 GiB of peak against `current` at data-parallel 8). Pinned, any
-    transpose stays per layer, as for blockwise."""
+    the layer scan onto the whole stack of residuals (BENCHMARKS.md, "TransformerEngine
+    recipes", gives the cost). Pinned, any transpose stays per layer, as for blockwise."""
     return row_major(a) if isinstance(a, jax.Array) and a.ndim >= 2 else a
 
 

@@ -90,23 +90,19 @@ class _Grader:
             self.grade = make_reward(rl.reward, **options)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"rl.reward={rl.reward}: {e}") from None
-        self.pool = (
-            RewardPool(self.grade, workers=rl.reward_workers, timeout=rl.reward_timeout)
-            if rl.reward_workers
-            else None
-        )
+        self.pool = RewardPool(
+            self.grade, workers=rl.reward_workers, timeout=rl.reward_timeout,
+            memory_mb=rl.reward_memory_mb,
+        )  # fmt: skip
         self.timeouts = 0
 
     def __call__(self, texts: list[str], labels: list[str]) -> np.ndarray:
-        if self.pool is None:
-            return np.array([self.grade(t, y) for t, y in zip(texts, labels, strict=True)])
         grades = self.pool(texts, labels)
         self.timeouts += grades.timeouts + grades.errors
         return np.array(grades.scores)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+        self.pool.close()
 
 
 def _sampling(
