@@ -45,6 +45,53 @@ def _median_step(run_step, steps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _jax_step(directory: Path, cfg, optim, tokens: np.ndarray):
+    """(one infir2-jax train step on `tokens`, its compile seconds)."""
+    batch, seq = tokens.shape[0], tokens.shape[1] - 1
+    plan = resolve_plan(cfg, ExecutionConfig(remat="none"), gemm=Gemm())
+    params = traverse_util.unflatten_dict(dict(load_params(directory, cfg)))
+    optimizer = make_optimizer(optim, 1000)
+    step_fn = jax.jit(
+        make_train_step(split_model(cfg, plan), optimizer, learning_rate_schedule(optim, 1000)),
+        donate_argnums=0,
+    )
+    inputs = jax.device_put(
+        {
+            "input_ids": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq), (batch, seq)),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "loss_mask": np.ones((batch, seq), np.int32),
+        }
+    )
+    holder = {"state": init_state(params, {}, optimizer)}
+
+    def jax_step() -> None:
+        holder["state"], metrics = step_fn(holder["state"], inputs)
+        jax.block_until_ready(metrics["loss"])
+
+    start = time.perf_counter()
+    jax_step()
+    return jax_step, time.perf_counter() - start
+
+
+def _torch_step(hf, tokens: np.ndarray):
+    """One PyTorch / transformers train step on `tokens`, the same optimizer settings."""
+    torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.tensor(tokens[:, :-1])
+    labels = torch.tensor(tokens[:, 1:])
+
+    def torch_step() -> None:
+        logits = hf(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        torch_opt.step()
+        torch_opt.zero_grad(set_to_none=True)
+
+    return torch_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
@@ -73,46 +120,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, hf_cfg.vocab_size, size=(args.batch, args.seq + 1))
 
-    # --- infir2-jax
     cfg = read_config(directory).replace(dtype="float32", param_dtype="float32")
-    plan = resolve_plan(cfg, ExecutionConfig(remat="none"), gemm=Gemm())
-    params = traverse_util.unflatten_dict(dict(load_params(directory, cfg)))
-    optimizer = make_optimizer(optim, 1000)
-    step_fn = jax.jit(
-        make_train_step(split_model(cfg, plan), optimizer, learning_rate_schedule(optim, 1000)),
-        donate_argnums=0,
-    )
-    state = init_state(params, {}, optimizer)
-    batch = {
-        "input_ids": tokens[:, :-1],
-        "labels": tokens[:, 1:],
-        "positions": np.broadcast_to(np.arange(args.seq), (args.batch, args.seq)),
-        "segment_ids": np.ones((args.batch, args.seq), np.int32),
-        "loss_mask": np.ones((args.batch, args.seq), np.int32),
-    }
-    batch = jax.device_put(batch)
-    holder = {"state": state}
-
-    def jax_step() -> None:
-        holder["state"], metrics = step_fn(holder["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    start = time.perf_counter()
-    jax_step()
-    compile_s = time.perf_counter() - start
-
-    # --- PyTorch / transformers
-    torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.tensor(tokens[:, :-1])
-    labels = torch.tensor(tokens[:, 1:])
-
-    def torch_step() -> None:
-        logits = hf(ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        torch_opt.step()
-        torch_opt.zero_grad(set_to_none=True)
+    jax_step, compile_s = _jax_step(directory, cfg, optim, tokens)
+    torch_step = _torch_step(hf, tokens)
 
     # Interleave the two so machine noise hits both alike.
     jax_times, torch_times = [], []

@@ -17,21 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from infir2_jax.errors import ConfigError
 from infir2_jax.model.config import EXECUTION_FIELDS, ExecutionConfig, ModelConfig, preset
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key.
-
-    `key` is the dotted key at fault, where one is: the loader uses it to name the file that
-    set that key (a config and its bases are merged before they are parsed).
-    """
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)

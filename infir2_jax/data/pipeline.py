@@ -23,13 +23,13 @@ import numpy as np
 from infir2_jax.config import DataConfig
 from infir2_jax.data.examples import FEATURES
 from infir2_jax.data.kinds import data_kind
+from infir2_jax.data.prepared import PreparedSource
 from infir2_jax.data.records import (
     ArrayRecordJsonSource,
     DataError,
     InMemorySource,
     JsonlSource,
     ParquetSource,
-    PreparedSource,
     expand_paths,
 )
 from infir2_jax.data.synthetic import arithmetic_documents

@@ -1,4 +1,5 @@
-"""Random-access record sources: JSONL, Parquet, ArrayRecord, prepared token shards, synthetic.
+"""Random-access record sources: JSONL, Parquet, ArrayRecord, synthetic (prepared token
+shards: data/prepared.py).
 
 Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whose items are
 `Record(where, value)`: `where` names the file and line/row so that a bad record deep inside a
@@ -16,9 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-if typing.TYPE_CHECKING:
-    from infir2_jax.data.kinds import DataKind
 
 PREPARED_INFO = "prepared.json"  # written by `python -m infir2_jax.prepare`
 MAX_RECORD_BYTES = 64 * 2**20  # `data.max_document_bytes`'s default
@@ -154,39 +152,6 @@ class ArrayRecordJsonSource:
         record = self._source[index]
         _check_size(len(record), self.max_bytes, where)
         return Record(where, _parse_json_record(record, where, self.field))
-
-
-class PreparedSource:
-    """Token shards written by `prepare`: records are int32 arrays ([tokens] for CPT,
-    [2, length] tokens + loss mask for SFT)."""
-
-    def __init__(self, directory: str | None, kind: DataKind):
-        import grain
-
-        if directory is None:
-            raise DataError("data.path: required for data.source=prepared")
-        info_path = Path(directory) / PREPARED_INFO
-        if not info_path.is_file():
-            raise DataError(f"data.path: {directory}: no {PREPARED_INFO} (run the prepare command)")
-        self.directory = str(directory)
-        self.info = json.loads(info_path.read_text())
-        if self.info["kind"] != kind.name:
-            raise DataError(
-                f"data.path: {directory} was prepared for kind={self.info['kind']}, "
-                f"not data.kind={kind.name}"
-            )
-        self.kind = kind
-        self.files = [str(Path(directory) / name) for name in self.info["shards"]]
-        self._source = grain.sources.ArrayRecordDataSource(self.files)
-        if len(self._source) == 0:
-            raise DataError(f"{directory}: no documents")
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> Record:
-        tokens = np.frombuffer(self._source[index], dtype=np.int32)
-        return Record(f"{self.directory}#{index}", self.kind.prepared(tokens))
 
 
 class InMemorySource:

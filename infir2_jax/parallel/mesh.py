@@ -7,12 +7,25 @@ the NVLink of one node, while data and fsdp cross nodes.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from infir2_jax.config import ConfigError, ParallelConfig
+from infir2_jax.errors import ConfigError
 from infir2_jax.parallel.rules import RULES, Layout, auto_rules, mesh_axes_of
+
+
+class ParallelConfig(Protocol):
+    """What the mesh reads of `config.ParallelConfig` (`parallel.*`)."""
+
+    data: int
+    fsdp: int
+    tensor: int
+    context: int
+    rules: str
+
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 

@@ -7,7 +7,7 @@ from typing import Any
 from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from infir2_jax.config import ConfigError
+from infir2_jax.errors import ConfigError
 from infir2_jax.parallel.rules import Layout
 
 
