@@ -18,9 +18,11 @@ import uvicorn
 from conftest import make_qwen_model
 from transformers import AutoTokenizer
 
-from infir2_jax.serve.__main__ import build, parse_args
+from infir2_jax.serve.__main__ import build, parse_args, served_name
 
 NAME = "tiny-qwen"
+KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def server(model_dir):
     args = parse_args(
         ["--model", str(model_dir), "--served-model-name", NAME, "--chat-template", "qwen2.5",
          "--batch-size", "16", "--max-len", "64", "--batch-window", "0.5",
+         "--api-key", KEY, "--max-samples-per-request", "64", "--max-body-bytes", "65536",
          "--set", "model.dtype=float32"]
     )  # fmt: skip
     app, batcher = build(args)
@@ -51,7 +54,7 @@ def server(model_dir):
                 break
         except requests.ConnectionError:
             time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     yield client, url, batcher
     httpd.should_exit = True
     thread.join(timeout=10)
@@ -173,19 +176,86 @@ def test_concurrent_requests_are_one_engine_batch(server):
         ({"model": NAME, "prompt": ""}, 400, "prompt"),
         ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": NAME, "prompt": list(range(70))}, 400, "prompt"),  # > --max-len 64
+        ({"model": NAME, "prompt": [1, 2], "max_tokens": 63}, 400, "max_tokens"),  # 65 > 64
+        ({"model": NAME, "prompt": "x", "seed": -1}, 400, "seed"),
+        ({"model": NAME, "prompt": "x", "seed": 2**64}, 400, "seed"),
+        ({"model": NAME, "prompt": "x", "seed": "7"}, 400, "seed"),
+        ({"model": NAME, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": "x", "top_p": [1]}, 400, "top_p"),
+        ({"model": NAME, "prompt": "x", "stream": "yes"}, 400, "stream"),
+        ({"model": NAME, "prompt": 5}, 400, "prompt"),
+        (b'{"model": "tiny-qwen", "prompt": "a\\ud800b"}', 400, "prompt"),  # lone surrogate
+        ({"model": NAME, "prompt": ["hi"] * 2000, "n": 128}, 400, "n"),  # > 64 samples
+        ({"model": NAME, "prompt": ["hi"] * 33, "n": 2}, 400, "n"),
     ],
 )
 def test_errors_are_openai_json(server, body, status, param):
     _, url, _ = server
     if isinstance(body, bytes):
-        r = requests.post(f"{url}/v1/completions", data=body)
+        r = requests.post(f"{url}/v1/completions", data=body, headers=AUTH)
     else:
-        r = requests.post(f"{url}/v1/completions", json=body)
+        r = requests.post(f"{url}/v1/completions", json=body, headers=AUTH)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
-    if body == {"model": NAME, "prompt": list(range(70))}:
+    if param in ("prompt", "max_tokens") and "context length" in error["message"]:
         assert error["code"] == "context_length_exceeded"
+    if param == "n" and "samples" in error["message"]:
+        assert "64" in error["message"] and "--max-samples-per-request" in error["message"]
+
+
+def test_lone_surrogate_in_a_chat_is_a_400(server):
+    _, url, _ = server
+    body = b'{"messages": [{"role": "user", "content": "\\udfff"}]}'
+    r = requests.post(f"{url}/v1/chat/completions", data=body, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_api_key(server):
+    _, url, _ = server
+    body = {"model": NAME, "prompt": "x", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = requests.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{url}/v1/models").status_code == 401
+    assert requests.get(f"{url}/health").status_code == 200  # open without a key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_served_model_name_is_never_the_path(model_dir):
+    args = parse_args(["--model", str(model_dir)])
+    assert served_name(args) == model_dir.name and "/" not in served_name(args)
+
+
+def test_max_tokens_defaults_to_the_room_left(server):
+    client, _, _ = server
+    r = client.completions.create(model=NAME, prompt=[1, 2, 3], temperature=0)
+    assert r.usage.total_tokens <= 64
+    assert r.choices[0].finish_reason == "stop" or r.usage.total_tokens == 64
+
+
+def test_body_limit_and_health_during_a_slow_body(server):
+    _, url, _ = server
+    big = b'{"prompt": "' + b"x" * (20 << 20) + b'"}'
+    r = requests.post(f"{url}/v1/completions", data=big, headers=AUTH, timeout=60)
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
+
+    def slow():  # a body that trickles in for ~2 s (under the limit)
+        for _ in range(20):
+            time.sleep(0.1)
+            yield b" " * 1000
+
+    def send():
+        return requests.post(f"{url}/v1/completions", data=slow(), headers=AUTH, timeout=30)
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(send)
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        assert time.perf_counter() - t0 < 1.0
+        assert pending.result().status_code == 400  # whitespace is not a JSON object
 
 
 def test_errors_through_the_client(server):

@@ -22,7 +22,7 @@ from infir2_jax.config import ConfigError
 from infir2_jax.data import DataError
 from infir2_jax.data.tokenizer import chat_template_path
 from infir2_jax.generate.loading import find_tokenizer, load_engine
-from infir2_jax.serve.app import create_app
+from infir2_jax.serve.app import DEFAULT_MAX_BODY, DEFAULT_MAX_SAMPLES, Limits, create_app
 from infir2_jax.serve.batcher import Batcher
 
 DEFAULT_CHAT_TEMPLATE = "qwen2.5"
@@ -33,7 +33,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="the `model` clients send (default: the path)")
+    p.add_argument(
+        "--served-model-name",
+        help="the model id of /v1/models and responses (default: the model directory's name)",
+    )
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (401 otherwise)")
+    p.add_argument(
+        "--max-samples-per-request", type=int, default=DEFAULT_MAX_SAMPLES,
+        help="prompts × n one request may ask for (400 beyond)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+        help="largest request body (413 beyond)",
+    )  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
     p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
     p.add_argument("--batch-size", type=int, default=64, help="decode slots (concurrent samples)")
@@ -45,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     add_set(p, MODEL_SET_HELP)
     return p.parse_args(argv)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """The model id clients see: `--served-model-name`, else the model directory's name
+    (never its filesystem path)."""
+    return args.served_model_name or Path(args.model).resolve().name
 
 
 def build(args: argparse.Namespace):
@@ -59,8 +77,12 @@ def build(args: argparse.Namespace):
         steps_per_call=args.steps_per_call, max_len=args.max_len,
     )  # fmt: skip
     batcher = Batcher(engine, window=args.batch_window)
-    name = args.served_model_name or str(Path(args.model))
-    return create_app(batcher, model_name=name, tokenizer=tokenizer), batcher
+    name = served_name(args)
+    limits = Limits(args.max_samples_per_request, args.max_body_bytes)
+    app = create_app(
+        batcher, model_name=name, tokenizer=tokenizer, limits=limits, api_key=args.api_key
+    )
+    return app, batcher
 
 
 def main(argv: list[str] | None = None) -> int:

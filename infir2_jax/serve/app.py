@@ -15,6 +15,8 @@ penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message",
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import json
 import time
 import uuid
@@ -30,6 +32,9 @@ from infir2_jax.serve.batcher import Batcher
 
 MAX_STOPS = 4
 MAX_N = 128
+MAX_SEED = 2**63 - 1
+DEFAULT_MAX_SAMPLES = 1024  # prompts × n per request
+DEFAULT_MAX_BODY = 1 << 20  # bytes
 UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "response_format")
 
 
@@ -48,11 +53,33 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param, code)
 
 
-def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
-    """The HTTP app; `tokenizer` renders chats, encodes text prompts and decodes outputs."""
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask: `max_samples` prompts × n, a body of `max_body` bytes."""
+
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    max_body: int = DEFAULT_MAX_BODY
+
+
+def create_app(
+    batcher: Batcher, *, model_name: str, tokenizer, limits: Limits | None = None,
+    api_key: str | None = None,
+) -> FastAPI:  # fmt: skip
+    """The HTTP app; `tokenizer` renders chats, encodes text prompts and decodes outputs;
+    `api_key`: every `/v1` request needs `Authorization: Bearer <key>` (`/health` is open)."""
     engine = batcher.engine
+    limits = limits or Limits()
     app = FastAPI(title="infir2-jax", docs_url=None, redoc_url=None)
     created = int(time.time())
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return APIError(401, "Incorrect or missing API key (Authorization: Bearer "
+                                "<key>)", None, "invalid_api_key").response()  # fmt: skip
+        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -73,13 +100,15 @@ def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request, model_name)
-        prompts = _completion_prompts(body.get("prompt"), tokenizer)
-        _check_lengths(prompts, engine, "prompt")
+        body = await _body(request, model_name, limits.max_body)
         if body.get("echo"):
             raise _bad("echo is not supported", "echo")
         logprobs = _int(body, "logprobs", None, 0, 1)
-        sampling, seed = _sampling(body, "max_tokens", default_max=16)
+        n = _int(body, "n", 1, 1, MAX_N)
+        _check_count(_prompt_count(body.get("prompt")) * n, limits.max_samples)
+        prompts = await asyncio.to_thread(_completion_prompts, body.get("prompt"), tokenizer)
+        _check_lengths(prompts, engine, "prompt")
+        sampling, seed = _sampling(body, "max_tokens", prompts, engine.max_len)
         per_prompt = await _generate(batcher, engine, prompts, sampling, seed)
         choices = []
         for i, per in enumerate(per_prompt):
@@ -95,22 +124,19 @@ def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _body(request, model_name)
+        body = await _body(request, model_name, limits.max_body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages must be a non-empty list of {role, content}", "messages")
-        try:
-            ids = chat_prompt_ids(messages, tokenizer, "messages")
-        except DataError as e:
-            raise _bad(str(e), "messages") from None
-        prompts = [ids]
-        _check_lengths(prompts, engine, "messages")
-        if body.get("top_logprobs"):
+        if _int(body, "top_logprobs", 0, 0, None):
             raise _bad("top_logprobs > 0 is not supported (logprobs: true gives the sampled "
                        "tokens' log-probabilities)", "top_logprobs")  # fmt: skip
         logprobs = _bool(body, "logprobs")
+        _check_count(_int(body, "n", 1, 1, MAX_N), limits.max_samples)
+        prompts = [await asyncio.to_thread(_chat_ids, messages, tokenizer)]
+        _check_lengths(prompts, engine, "messages")
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        sampling, seed = _sampling(body, key, default_max=None)
+        sampling, seed = _sampling(body, key, prompts, engine.max_len)
         (per,) = await _generate(batcher, engine, prompts, sampling, seed)
         choices = [
             {
@@ -126,18 +152,60 @@ def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
     return app
 
 
-async def _body(request: Request, model_name: str) -> dict[str, Any]:
+async def _read(request: Request, max_body: int) -> bytes:
+    """The body, refused (413) as soon as it passes `max_body` bytes."""
+
+    def too_large() -> APIError:
+        return APIError(413, f"the request body exceeds the server's limit of {max_body} bytes "
+                        "(--max-body-bytes)", None, "request_too_large")  # fmt: skip
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body:
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _bad(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    for name, value in body.items():
+        if not _encodable(value):
+            raise _bad(f"{name} contains text that is not valid Unicode (a lone surrogate)", name)
+    return body
+
+
+def _encodable(value) -> bool:
+    """No lone surrogates (`"\\ud800"` parses as JSON but no tokenizer can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    return True
+
+
+async def _body(request: Request, model_name: str, max_body: int) -> dict[str, Any]:
+    body = await asyncio.to_thread(_parse, await _read(request, max_body))
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model `{model}` does not exist (this server has "
                             f"`{model_name}`)", "model", "model_not_found")  # fmt: skip
-    if body.get("stream"):
+    if _bool(body, "stream"):
         raise _bad("stream is not supported", "stream")
     for name in UNSUPPORTED:
         if body.get(name):
@@ -192,26 +260,60 @@ def _stops(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _sampling(body: dict, max_key: str, default_max: int | None) -> tuple[SamplingParams, Any]:
-    """(sampling parameters, the request's seed or None)."""
+def _sampling(body: dict, max_key: str, prompts, max_len: int) -> tuple[SamplingParams, Any]:
+    """(sampling parameters, the request's seed or None). `max_tokens` defaults to the room
+    the longest prompt leaves in the context; prompt + max_tokens beyond it is refused."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     if 0 < temperature < 1e-3:
         temperature = 0.0  # a near-zero temperature is greedy
     top_k = _int(body, "top_k", 0, -1, None)
-    max_tokens = _int(body, max_key, default_max, 1, None)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad(f"seed must be an integer, got {seed!r}", "seed")
+    longest = max(len(p) for p in prompts)
+    max_tokens = _int(body, max_key, max_len - longest, 1, None)
+    if longest + max_tokens > max_len:
+        raise _bad(
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or {max_key}.",
+            max_key,
+            "context_length_exceeded",
+        )
+    seed = _int(body, "seed", None, 0, MAX_SEED)
+    for name in ("user", "stream_options"):
+        if body.get(name) is not None and not isinstance(body[name], str | dict):
+            raise _bad(f"{name} has the wrong type", name)
     sampling = SamplingParams(
         temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         top_k=max(top_k, 0),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        max_new_tokens=max_tokens or 2**31 - 1,  # unset: until a stop or the cache is full
+        max_new_tokens=max_tokens,
         n=_int(body, "n", 1, 1, MAX_N),
         stop=_stops(body.get("stop")),
     )
     return sampling, seed
+
+
+def _check_count(samples: int, max_samples: int) -> None:
+    if samples > max_samples:
+        raise _bad(
+            f"the request asks for {samples} samples (prompts × n); this server allows "
+            f"{max_samples} per request (--max-samples-per-request)",
+            "n",
+        )
+
+
+def _prompt_count(prompt) -> int:
+    """Prompts in a completions `prompt` (checked before anything is tokenized)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return len(prompt)
+    return 1
+
+
+def _chat_ids(messages, tokenizer) -> list[int]:
+    try:
+        return chat_prompt_ids(messages, tokenizer, "messages")
+    except DataError as e:
+        raise _bad(str(e), "messages") from None
 
 
 def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
