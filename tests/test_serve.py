@@ -38,11 +38,11 @@ def server(model_dir):
         port = s.getsockname()[1]
     args = parse_args(
         ["--model", str(model_dir), "--served-model-name", NAME, "--chat-template", "qwen2.5",
-         "--batch-size", "16", "--max-len", "64", "--batch-window", "0.5",
+         "--batch-size", "16", "--max-len", "64",
          "--api-key", KEY, "--max-samples-per-request", "64", "--max-body-bytes", "65536",
          "--set", "model.dtype=float32"]
     )  # fmt: skip
-    app, batcher = build(args)
+    app, scheduler = build(args)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     httpd = uvicorn.Server(config)
     thread = threading.Thread(target=httpd.run, daemon=True)
@@ -55,10 +55,10 @@ def server(model_dir):
         except requests.ConnectionError:
             time.sleep(0.05)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-    yield client, url, batcher
+    yield client, url, scheduler
     httpd.should_exit = True
     thread.join(timeout=10)
-    batcher.close()
+    scheduler.close()
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +148,19 @@ def test_n_seed_stop_and_max_tokens(server):
         assert all(t.logprob <= 0 for t in choice.logprobs.content)
 
 
-def test_concurrent_requests_are_one_engine_batch(server):
-    client, _, batcher = server
-    before = len(batcher.batches)
+def test_concurrent_requests_share_the_engine_slots(server):
+    client, _, scheduler = server
+    before = len(scheduler.batches)
 
     def ask(i):
         return client.completions.create(
-            model=NAME, prompt=f"Request {i}:", max_tokens=4, temperature=1.0, seed=i
-        )
+            model=NAME, prompt=f"Request {i}:", max_tokens=40, temperature=1.0, seed=i,
+            top_p=0.9 if i % 2 else 1.0,
+        )  # fmt: skip
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(8)))
-    assert batcher.batches[before:] == [8]  # the engine saw one batch of all eight
+    assert max(scheduler.batches[before:]) >= 2  # requests decoded together, each its settings
     alone = ask(3)  # a seeded request's samples do not depend on its batch
     assert alone.choices[0].text == answers[3].choices[0].text
 

@@ -28,13 +28,14 @@ from fastapi.responses import JSONResponse, Response
 from infir2_jax.data import DataError
 from infir2_jax.generate import Completion, SamplingParams
 from infir2_jax.generate.prompts import chat_prompt_ids
-from infir2_jax.serve.batcher import Batcher
+from infir2_jax.serve.scheduler import Scheduler
 
 MAX_STOPS = 4
 MAX_N = 128
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_SAMPLES = 1024  # prompts × n per request
 DEFAULT_MAX_BODY = 1 << 20  # bytes
+DISCONNECT_POLL = 0.1  # seconds between checks that a waiting client is still there
 UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "response_format")
 
 
@@ -62,12 +63,12 @@ class Limits:
 
 
 def create_app(
-    batcher: Batcher, *, model_name: str, tokenizer, limits: Limits | None = None,
+    scheduler: Scheduler, *, model_name: str, tokenizer, limits: Limits | None = None,
     api_key: str | None = None,
 ) -> FastAPI:  # fmt: skip
     """The HTTP app; `tokenizer` renders chats, encodes text prompts and decodes outputs;
     `api_key`: every `/v1` request needs `Authorization: Bearer <key>` (`/health` is open)."""
-    engine = batcher.engine
+    engine = scheduler.engine
     limits = limits or Limits()
     app = FastAPI(title="infir2-jax", docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -84,6 +85,10 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         return error.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
@@ -109,7 +114,7 @@ def create_app(
         prompts = await asyncio.to_thread(_completion_prompts, body.get("prompt"), tokenizer)
         _check_lengths(prompts, engine, "prompt")
         sampling, seed = _sampling(body, "max_tokens", prompts, engine.max_len)
-        per_prompt = await _generate(batcher, engine, prompts, sampling, seed)
+        per_prompt = await _generate(scheduler, request, prompts, sampling, seed)
         choices = []
         for i, per in enumerate(per_prompt):
             for c in per:
@@ -137,7 +142,7 @@ def create_app(
         _check_lengths(prompts, engine, "messages")
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         sampling, seed = _sampling(body, key, prompts, engine.max_len)
-        (per,) = await _generate(batcher, engine, prompts, sampling, seed)
+        (per,) = await _generate(scheduler, request, prompts, sampling, seed)
         choices = [
             {
                 "index": c.sample,
@@ -353,8 +358,25 @@ def _check_lengths(prompts: list[list[int]], engine, param: str) -> None:
             )
 
 
-async def _generate(batcher, engine, prompts, sampling, seed) -> list[list[Completion]]:
-    return await asyncio.wrap_future(batcher.submit(prompts, sampling, seed))
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its work was cancelled)."""
+
+
+async def _generate(scheduler, request, prompts, sampling, seed) -> list[list[Completion]]:
+    """The request's completions; polls for a disconnect meanwhile and cancels the
+    request's work (its waiting samples and slots) when the client has gone."""
+    ticket = scheduler.submit(prompts, sampling, seed)
+    future = asyncio.wrap_future(ticket.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    except BaseException:  # a disconnect, or the server task cancelled
+        scheduler.cancel(ticket)
+        raise
 
 
 def _response(obj, prefix, model_name, choices, prompts, per_prompt) -> dict[str, Any]:
