@@ -33,14 +33,28 @@ def model_dir(tmp_path_factory, qwen_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
+    yield from _serve(
+        model_dir, "--batch-size", "16", "--max-len", "64", "--api-key", KEY,
+        "--max-samples-per-request", "64", "--max-body-bytes", "65536",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def long_server(model_dir):
+    """Room for long answers (512 tokens), small decode chunks."""
+    yield from _serve(
+        model_dir, "--batch-size", "8", "--max-len", "512", "--steps-per-call", "8",
+        "--api-key", KEY,
+    )  # fmt: skip
+
+
+def _serve(model_dir, *options):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = parse_args(
         ["--model", str(model_dir), "--served-model-name", NAME, "--chat-template", "qwen2.5",
-         "--batch-size", "16", "--max-len", "64",
-         "--api-key", KEY, "--max-samples-per-request", "64", "--max-body-bytes", "65536",
-         "--set", "model.dtype=float32"]
+         "--set", "model.dtype=float32", *options]
     )  # fmt: skip
     app, scheduler = build(args)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -269,3 +283,71 @@ def test_errors_through_the_client(server):
         )
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=NAME, messages=[{"role": "robot", "content": "x"}])
+
+
+def _wait(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_long_request_does_not_delay_a_short_one(long_server):
+    client, _, scheduler = long_server
+    short = dict(model=NAME, prompt="Hi", max_tokens=2, temperature=0)
+    client.completions.create(**short)  # compiled
+    t0 = time.perf_counter()
+    client.completions.create(**short)
+    alone = time.perf_counter() - t0
+    long = dict(model=NAME, prompt="Tell a story", max_tokens=480, temperature=0, n=4)
+    with ThreadPoolExecutor(1) as pool:
+        start = time.perf_counter()
+        pending = pool.submit(client.completions.create, **long)
+        assert _wait(lambda: scheduler.busy_slots() == 4, 30)
+        t0 = time.perf_counter()
+        answer = client.completions.create(**short)
+        crowded = time.perf_counter() - t0
+        assert not pending.done()  # the short one finished while the long one runs
+        assert answer.usage.completion_tokens == 2
+        assert pending.result(timeout=300).usage.completion_tokens > 4 * 100
+        whole = time.perf_counter() - start
+    # 480 decode steps in chunks of 8: the short one waits for a chunk or two, not for 60
+    assert crowded < whole / 6, (alone, crowded, whole)
+    assert _wait(scheduler.idle, 5)
+
+
+def test_a_disconnected_client_is_cancelled(long_server):
+    client, url, scheduler = long_server
+    client.completions.create(model=NAME, prompt="Warm up", max_tokens=9, n=4)  # compiled
+    before = scheduler.cancelled
+    body = {"model": NAME, "prompt": "Tell a long story", "max_tokens": 480, "n": 4}
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up and leaves
+        requests.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=1.0)
+    assert _wait(scheduler.idle, 5)  # its slots were freed long before 480 tokens
+    assert scheduler.cancelled - before == 4
+    assert max(scheduler.batches[-3:]) == 1  # it had reached the slots (it was decoding)
+
+
+def test_per_row_sampling_depends_only_on_the_row():
+    import jax
+
+    from infir2_jax.generate.sampling import PerRow, RowFilters, SamplingParams, sample_rows
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    plain = SamplingParams(temperature=0.8).token_filter()
+    greedy = SamplingParams(temperature=0).token_filter()
+    topk1 = SamplingParams(temperature=1.0, top_k=1).token_filter()
+    nucleus = SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1).token_filter()
+    a, _ = sample_rows(logits, keys, RowFilters.of([plain, greedy, topk1, nucleus]), PerRow(True))
+    b, _ = sample_rows(logits, keys, RowFilters.of([plain] * 4), PerRow(False))
+    assert int(a[0]) == int(b[0])  # a row's draw does not depend on its neighbours
+    argmax = np.argmax(np.asarray(logits), -1)
+    assert int(a[1]) == argmax[1] and int(a[2]) == argmax[2]
+    probs = np.exp(np.asarray(logits[3]) - np.asarray(logits[3]).max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus_ids = order[: np.searchsorted(np.cumsum(probs[order]), 0.5) + 1]
+    assert int(a[3]) in nucleus_ids

@@ -73,14 +73,15 @@ def create_app(
     app = FastAPI(title="infir2-jax", docs_url=None, redoc_url=None)
     created = int(time.time())
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return APIError(401, "Incorrect or missing API key (Authorization: Bearer "
-                                "<key>)", None, "invalid_api_key").response()  # fmt: skip
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        # A check in each route, not an HTTP middleware: Starlette's BaseHTTPMiddleware
+        # wraps `receive`, and a route behind it no longer sees its client disconnect.
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key (Authorization: Bearer <key>)",
+                           None, "invalid_api_key")  # fmt: skip
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -99,12 +100,14 @@ def create_app(
         return Response(status_code=200)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        authorize(request)
         model = {"id": model_name, "object": "model", "created": created, "owned_by": "infir2-jax"}
         return {"object": "list", "data": [model]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        authorize(request)
         body = await _body(request, model_name, limits.max_body)
         if body.get("echo"):
             raise _bad("echo is not supported", "echo")
@@ -129,6 +132,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        authorize(request)
         body = await _body(request, model_name, limits.max_body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

@@ -76,6 +76,7 @@ class Scheduler:
         self.owner: list[_Sample | None] = [None] * engine.slots
         self.filters: list = [SamplingParams(temperature=0).token_filter()] * engine.slots
         self.batches: list[int] = []  # requests sharing each decode call (for the tests)
+        self.cancelled = 0  # samples dropped by a cancellation (from the queue or a slot)
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self.thread.start()
@@ -142,10 +143,13 @@ class Scheduler:
                 self.waiting.append(_Sample(ticket, i, s))
 
     def _drop_cancelled(self) -> None:
-        self.waiting = deque(s for s in self.waiting if not s.ticket.cancelled)
+        kept = deque(s for s in self.waiting if not s.ticket.cancelled)
+        self.cancelled += len(self.waiting) - len(kept)
+        self.waiting = kept
         for j, sample in enumerate(self.owner):
             if sample is not None and sample.ticket.cancelled:
                 self.owner[j] = None  # `keep` masks the slot off in the next decode call
+                self.cancelled += 1
 
     def _fail_all(self, error: Exception) -> None:
         tickets = {s.ticket for s in self.waiting} | {s.ticket for s in self.owner if s}
@@ -201,10 +205,11 @@ class Scheduler:
     def _decode(self) -> None:
         eng = self.engine
         keep = np.array([o is not None for o in self.owner])
+        # The chunk ends as soon as any slot finishes (`refill`): its answer goes out now.
         self.batches.append(len({id(o.ticket) for o in self.owner if o is not None}))
         live = [f for f, o in zip(self.filters, self.owner, strict=True) if o is not None]
         self.cache, self.slots, tokens, logprobs = eng._decode(
-            eng.params, self.cache, self.slots, self.stop_ids, keep, bool(self.waiting),
+            eng.params, self.cache, self.slots, self.stop_ids, keep, True,
             RowFilters.of(self.filters), how=self._how(live), steps=eng.steps_per_call,
         )  # fmt: skip
         tokens, logprobs, active = _fetch((tokens, logprobs, self.slots.active))
