@@ -186,7 +186,7 @@ def test_concurrent_requests_share_the_engine_slots(server):
         ({"model": "other", "prompt": "x"}, 404, "model"),
         ({"model": NAME, "prompt": "x", "n": 0}, 400, "n"),
         ({"model": NAME, "prompt": "x", "temperature": 3}, 400, "temperature"),
-        ({"model": NAME, "prompt": "x", "stream": True}, 400, "stream"),
+        ({"model": NAME, "prompt": "x", "stream": True, "logprobs": 1}, 400, "logprobs"),
         ({"model": NAME, "prompt": "x", "logprobs": 5}, 400, "logprobs"),
         ({"model": NAME, "prompt": ""}, 400, "prompt"),
         ({"model": NAME, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
@@ -351,3 +351,54 @@ def test_per_row_sampling_depends_only_on_the_row():
     order = np.argsort(-probs)
     nucleus_ids = order[: np.searchsorted(np.cumsum(probs[order]), 0.5) + 1]
     assert int(a[3]) in nucleus_ids
+
+
+def test_streaming_equals_the_whole_answer(server):
+    client, _, _ = server
+    kwargs = dict(model=NAME, prompt=["Once upon a time", "The answer"], max_tokens=20, n=2)
+    whole = client.completions.create(temperature=1.0, seed=3, **kwargs)
+    stream = client.completions.create(
+        temperature=1.0, seed=3, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
+    texts, reasons, usage = {}, {}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_streaming_with_a_stop_string(server):
+    client, _, _ = server
+    kwargs = dict(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=24)
+    whole = client.chat.completions.create(temperature=0, **kwargs)
+    text = whole.choices[0].message.content
+    stop = text[6:9] if len(text) > 9 and text[6:9].strip() else None
+    if stop:
+        whole = client.chat.completions.create(temperature=0, stop=[stop], **kwargs)
+    stops = [stop] if stop else None
+    chunks = list(client.chat.completions.create(temperature=0, stream=True, stop=stops, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.object == "chat.completion.chunk" and c.model == NAME for c in chunks)
+
+
+def test_a_client_leaving_a_stream_is_cancelled(long_server):
+    client, _, scheduler = long_server
+    before = scheduler.cancelled
+    stream = client.completions.create(
+        model=NAME, prompt="A long story", max_tokens=480, n=2, stream=True
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    assert _wait(scheduler.idle, 5)
+    assert scheduler.cancelled - before == 2

@@ -6,8 +6,9 @@ off), `min_p` (extension), `max_tokens` (`max_completion_tokens` for chat), `sto
 or up to 4), `seed`, and `logprobs` (chat: true/false with `top_logprobs` 0; completions: 0 or
 1) — the log-probability of each sampled token under softmax(logits / temperature); this
 engine does not return alternatives, so a request for more top log-probabilities is refused
-rather than answered partly. Not supported (400): `stream`, `echo`, `best_of` > n,
-penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message", "type",
+rather than answered partly; `stream` (server-sent events, serve/streaming.py, with
+`stream_options.include_usage`; not with logprobs). Not supported (400): `echo`, `best_of`
+> n, penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message", "type",
 "param", "code"}}`): 400 for bad JSON or an invalid field, 404 for an unknown model, 400
 `context_length_exceeded` for a prompt the KV cache cannot hold.
 """
@@ -29,6 +30,7 @@ from infir2_jax.data import DataError
 from infir2_jax.generate import Completion, SamplingParams
 from infir2_jax.generate.prompts import chat_prompt_ids
 from infir2_jax.serve.scheduler import Scheduler
+from infir2_jax.serve.streaming import stream_response
 
 MAX_STOPS = 4
 MAX_N = 128
@@ -117,6 +119,11 @@ def create_app(
         prompts = await asyncio.to_thread(_completion_prompts, body.get("prompt"), tokenizer)
         _check_lengths(prompts, engine, "prompt")
         sampling, seed = _sampling(body, "max_tokens", prompts, engine.max_len)
+        if _streaming(body, logprobs):
+            return stream_response(
+                scheduler, request, prompts, sampling, seed, chat=False, model_name=model_name,
+                tokenizer=tokenizer, include_usage=_include_usage(body),
+            )  # fmt: skip
         per_prompt = await _generate(scheduler, request, prompts, sampling, seed)
         choices = []
         for i, per in enumerate(per_prompt):
@@ -146,6 +153,11 @@ def create_app(
         _check_lengths(prompts, engine, "messages")
         key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         sampling, seed = _sampling(body, key, prompts, engine.max_len)
+        if _streaming(body, logprobs):
+            return stream_response(
+                scheduler, request, prompts, sampling, seed, chat=True, model_name=model_name,
+                tokenizer=tokenizer, include_usage=_include_usage(body),
+            )  # fmt: skip
         (per,) = await _generate(scheduler, request, prompts, sampling, seed)
         choices = [
             {
@@ -214,8 +226,6 @@ async def _body(request: Request, model_name: str, max_body: int) -> dict[str, A
     if model is not None and model != model_name:
         raise APIError(404, f"The model `{model}` does not exist (this server has "
                             f"`{model_name}`)", "model", "model_not_found")  # fmt: skip
-    if _bool(body, "stream"):
-        raise _bad("stream is not supported", "stream")
     for name in UNSUPPORTED:
         if body.get(name):
             raise _bad(f"{name} is not supported", name)
@@ -225,6 +235,22 @@ async def _body(request: Request, model_name: str, max_body: int) -> dict[str, A
     if body.get("best_of") not in (None, body.get("n", 1)):
         raise _bad("best_of is not supported", "best_of")
     return body
+
+
+def _streaming(body: dict, logprobs) -> bool:
+    stream = _bool(body, "stream")
+    if stream and logprobs:
+        raise _bad("logprobs are not streamed (ask without stream)", "logprobs")
+    return stream
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    return _bool(options, "include_usage")
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -287,9 +313,8 @@ def _sampling(body: dict, max_key: str, prompts, max_len: int) -> tuple[Sampling
             "context_length_exceeded",
         )
     seed = _int(body, "seed", None, 0, MAX_SEED)
-    for name in ("user", "stream_options"):
-        if body.get(name) is not None and not isinstance(body[name], str | dict):
-            raise _bad(f"{name} has the wrong type", name)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user must be a string", "user")
     sampling = SamplingParams(
         temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
