@@ -119,9 +119,11 @@ def sample(logits: jax.Array, keys: jax.Array, how: TokenFilter) -> tuple[jax.Ar
 @dataclasses.dataclass(frozen=True)
 class PerRow:
     """The static half of per-row sampling (`sample_rows`): whether any row truncates
-    (top-k, top-p or min-p; a full sort of the vocabulary per row)."""
+    (top-k, top-p or min-p; a full sort of the vocabulary per row), and whether any row
+    samples at all (all greedy: no random draws)."""
 
     truncate: bool
+    draws: bool = True
 
 
 @struct.dataclass
@@ -169,10 +171,12 @@ def sample_rows(
     greedy = f.temperature == 0
     scaled = logits / jnp.where(greedy, 1.0, f.temperature)[:, None]
     logprobs = jax.nn.log_softmax(scaled, axis=-1)
-    if how.truncate:
-        scaled = jnp.where(scaled >= _thresholds(scaled, f)[:, None], scaled, -jnp.inf)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    tokens = jnp.argmax(logits, axis=-1)
+    if how.draws:
+        if how.truncate:
+            scaled = jnp.where(scaled >= _thresholds(scaled, f)[:, None], scaled, -jnp.inf)
+        tokens = jnp.where(greedy, tokens, jax.vmap(jax.random.categorical)(keys, scaled))
+    tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
 

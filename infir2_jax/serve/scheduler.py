@@ -165,8 +165,9 @@ class Scheduler:
         prompts_of = {(id(s.ticket), s.prompt): s.ticket.prompts[s.prompt] for s in batch}
         rows = list(prompts_of)  # each prompt prefilled once for its samples
         width = min(_bucket(max(len(p) for p in prompts_of.values())), eng.max_len)
-        num_rows = max(_bucket(len(rows), 1), eng._rows_floor)
+        # Rows and targets padded alike (few prefill shapes to compile: n = 1 is the rule).
         num_targets = min(_bucket(len(batch), 1), eng.slots)
+        num_rows = max(_bucket(len(rows), 1), eng._rows_floor, num_targets)
         prompts = np.zeros((num_rows, width), np.int32)
         lengths = np.ones((num_rows,), np.int32)
         for r, key in enumerate(rows):
@@ -199,8 +200,9 @@ class Scheduler:
 
     @staticmethod
     def _how(filters) -> PerRow:
-        truncate = any(f.top_k or f.top_p < 1 or f.min_p > 0 for f in filters if f.temperature)
-        return PerRow(truncate)
+        sampled = [f for f in filters if f.temperature]
+        truncate = any(f.top_k or f.top_p < 1 or f.min_p > 0 for f in sampled)
+        return PerRow(truncate, draws=bool(sampled))
 
     def _decode(self) -> None:
         eng = self.engine
