@@ -107,70 +107,92 @@ def create_app(
         model = {"id": model_name, "object": "model", "created": created, "owned_by": "infir2-jax"}
         return {"object": "list", "data": [model]}
 
+    served = _Served(scheduler, engine, tokenizer, model_name, limits)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        body = await _body(request, model_name, limits.max_body)
-        if body.get("echo"):
-            raise _bad("echo is not supported", "echo")
-        logprobs = _int(body, "logprobs", None, 0, 1)
-        n = _int(body, "n", 1, 1, MAX_N)
-        _check_count(_prompt_count(body.get("prompt")) * n, limits.max_samples)
-        prompts = await asyncio.to_thread(_completion_prompts, body.get("prompt"), tokenizer)
-        _check_lengths(prompts, engine, "prompt")
-        sampling, seed = _sampling(body, "max_tokens", prompts, engine.max_len)
-        if _streaming(body, logprobs):
-            return stream_response(
-                scheduler, request, prompts, sampling, seed, chat=False, model_name=model_name,
-                tokenizer=tokenizer, include_usage=_include_usage(body),
-            )  # fmt: skip
-        per_prompt = await _generate(scheduler, request, prompts, sampling, seed)
-        choices = []
-        for i, per in enumerate(per_prompt):
-            for c in per:
-                choice = {
-                    "index": i * sampling.n + c.sample,
-                    "text": c.text or "",
-                    "logprobs": _completion_logprobs(c, tokenizer) if logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                choices.append(choice)
-        return _response("text_completion", "cmpl", model_name, choices, prompts, per_prompt)
+        return await _completions(served, request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request)
-        body = await _body(request, model_name, limits.max_body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("messages must be a non-empty list of {role, content}", "messages")
-        if _int(body, "top_logprobs", 0, 0, None):
-            raise _bad("top_logprobs > 0 is not supported (logprobs: true gives the sampled "
-                       "tokens' log-probabilities)", "top_logprobs")  # fmt: skip
-        logprobs = _bool(body, "logprobs")
-        _check_count(_int(body, "n", 1, 1, MAX_N), limits.max_samples)
-        prompts = [await asyncio.to_thread(_chat_ids, messages, tokenizer)]
-        _check_lengths(prompts, engine, "messages")
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        sampling, seed = _sampling(body, key, prompts, engine.max_len)
-        if _streaming(body, logprobs):
-            return stream_response(
-                scheduler, request, prompts, sampling, seed, chat=True, model_name=model_name,
-                tokenizer=tokenizer, include_usage=_include_usage(body),
-            )  # fmt: skip
-        (per,) = await _generate(scheduler, request, prompts, sampling, seed)
-        choices = [
-            {
-                "index": c.sample,
-                "message": {"role": "assistant", "content": c.text or ""},
-                "logprobs": {"content": _chat_logprobs(c, tokenizer)} if logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in per
-        ]
-        return _response("chat.completion", "chatcmpl", model_name, choices, prompts, [per])
+        return await _chat(served, request)
 
     return app
+
+
+@dataclasses.dataclass(frozen=True)
+class _Served:
+    scheduler: Scheduler
+    engine: Any
+    tokenizer: Any
+    model_name: str
+    limits: Limits
+
+    def stream(self, request, prompts, sampling, seed, body, *, chat: bool):
+        return stream_response(
+            self.scheduler, request, prompts, sampling, seed, chat=chat,
+            model_name=self.model_name, tokenizer=self.tokenizer,
+            include_usage=_include_usage(body),
+        )  # fmt: skip
+
+
+async def _completions(served: _Served, request: Request):
+    engine, tokenizer = served.engine, served.tokenizer
+    body = await _body(request, served.model_name, served.limits.max_body)
+    if body.get("echo"):
+        raise _bad("echo is not supported", "echo")
+    logprobs = _int(body, "logprobs", None, 0, 1)
+    n = _int(body, "n", 1, 1, MAX_N)
+    _check_count(_prompt_count(body.get("prompt")) * n, served.limits.max_samples)
+    prompts = await asyncio.to_thread(_completion_prompts, body.get("prompt"), tokenizer)
+    _check_lengths(prompts, engine, "prompt")
+    sampling, seed = _sampling(body, "max_tokens", prompts, engine.max_len)
+    if _streaming(body, logprobs):
+        return served.stream(request, prompts, sampling, seed, body, chat=False)
+    per_prompt = await _generate(served.scheduler, request, prompts, sampling, seed)
+    choices = []
+    for i, per in enumerate(per_prompt):
+        for c in per:
+            choice = {
+                "index": i * sampling.n + c.sample,
+                "text": c.text or "",
+                "logprobs": _completion_logprobs(c, tokenizer) if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            choices.append(choice)
+    return _response("text_completion", "cmpl", served.model_name, choices, prompts, per_prompt)
+
+
+async def _chat(served: _Served, request: Request):
+    engine, tokenizer = served.engine, served.tokenizer
+    body = await _body(request, served.model_name, served.limits.max_body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list of {role, content}", "messages")
+    if _int(body, "top_logprobs", 0, 0, None):
+        raise _bad("top_logprobs > 0 is not supported (logprobs: true gives the sampled "
+                   "tokens' log-probabilities)", "top_logprobs")  # fmt: skip
+    logprobs = _bool(body, "logprobs")
+    _check_count(_int(body, "n", 1, 1, MAX_N), served.limits.max_samples)
+    prompts = [await asyncio.to_thread(_chat_ids, messages, tokenizer)]
+    _check_lengths(prompts, engine, "messages")
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    sampling, seed = _sampling(body, key, prompts, engine.max_len)
+    if _streaming(body, logprobs):
+        return served.stream(request, prompts, sampling, seed, body, chat=True)
+    (per,) = await _generate(served.scheduler, request, prompts, sampling, seed)
+    choices = [
+        {
+            "index": c.sample,
+            "message": {"role": "assistant", "content": c.text or ""},
+            "logprobs": {"content": _chat_logprobs(c, tokenizer)} if logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+        for c in per
+    ]
+    return _response("chat.completion", "chatcmpl", served.model_name, choices, prompts, [per])
 
 
 async def _read(request: Request, max_body: int) -> bytes:
