@@ -6,8 +6,11 @@ each request's samples are scheduled into the engine's decode slots as they free
 (continuous batching across requests; new requests join between chunks of
 `--steps-per-call` decode steps; a client that disconnects has its work cancelled). The
 chat template is `--chat-template` (a built-in name or a Jinja file), else the model
-directory's, else Qwen2.5's. `--set model.dtype=float32`, `--set fp8.recipe=blockwise`, `--set
-parallel.tensor=2` as for `python -m infir2_jax.generate`.
+directory's, else Qwen2.5's. `stream: true` is answered with server-sent events. Limits:
+prompt + max_tokens within `--max-len` (400 context_length_exceeded; unset max_tokens: the
+room left), `--max-samples-per-request`, `--max-body-bytes`; `--api-key` guards /v1.
+`--set model.dtype=float32`, `--set fp8.recipe=blockwise`, `--set parallel.tensor=2` as for
+`python -m infir2_jax.generate`.
 """
 
 from __future__ import annotations
