@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from infir2_jax.config import ParallelConfig
 from infir2_jax.fp8.base import BF16, Gemm
-from infir2_jax.generate.sampling import SamplingParams, TokenFilter, sample
+from infir2_jax.generate.sampling import PerRow, SamplingParams, TokenFilter, draw
 from infir2_jax.model import ExecutionConfig, ModelConfig, Qwen2, resolve_plan
 from infir2_jax.model.kv_cache import KVCache
 from infir2_jax.model.parts import Params, split_model
@@ -245,15 +245,20 @@ class Engine:
 
     def _insert_fn(
         self, params, cache: KVCache, slots: Slots, prompts, lengths, sources, targets,
-        budgets, index, sample_index, seed, stop_ids, *, how: TokenFilter,
+        budgets, index, sample_index, seed, stop_ids, filters=None, *,
+        how: TokenFilter | PerRow,
     ):  # fmt: skip
         """Prefills `prompts` [rows, length] and starts sample i in slot `targets[i]` from
-        row `sources[i]`: its first token is drawn from the prompt's last logits."""
+        row `sources[i]`: its first token is drawn from the prompt's last logits (`filters`
+        [targets]: per-sample settings, with `how` a `PerRow`)."""
         logits, k, v = self._model(params).prefill(prompts, lengths)
         cache = cache.insert(k, v, sources, targets)
         keys = _sample_keys(seed, index, sample_index)
-        first, logprob = sample(
-            jnp.take(logits, sources, axis=0), _token_keys(keys, jnp.zeros_like(sources)), how
+        first, logprob = draw(
+            jnp.take(logits, sources, axis=0),
+            _token_keys(keys, jnp.zeros_like(sources)),
+            how,
+            filters,
         )
         done = _is_stop(first, stop_ids) | (budgets <= 1)
 
@@ -271,8 +276,8 @@ class Engine:
         return cache, slots, first, logprob, done
 
     def _decode_fn(
-        self, params, cache: KVCache, slots: Slots, stop_ids, keep, refill, *,
-        how: TokenFilter, steps: int,
+        self, params, cache: KVCache, slots: Slots, stop_ids, keep, refill, filters=None, *,
+        how: TokenFilter | PerRow, steps: int,
     ):  # fmt: skip
         """Up to `steps` tokens for every active slot. Stops early once no slot is active,
         or (if `refill`: samples are waiting) once some slot has finished. Returns the cache,
@@ -290,7 +295,7 @@ class Engine:
         def step(carry):
             i, cache, slots, tokens, logprobs, finished = carry
             logits, cache = model.decode(cache, slots.tokens, slots.positions)
-            new, logprob = sample(logits, _token_keys(slots.keys, slots.generated), how)
+            new, logprob = draw(logits, _token_keys(slots.keys, slots.generated), how, filters)
             active = slots.active
             tokens = tokens.at[:, i].set(jnp.where(active, new, -1))
             logprobs = logprobs.at[:, i].set(jnp.where(active, logprob, 0.0))
@@ -488,24 +493,29 @@ class _Run:
         return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _stop_string(self, ids: list[int], checked: int) -> tuple[str | None, int | None]:
-        """(text cut before the first stop string, the number of ids that produced it) when
-        a stop string appears in the text of `ids` (its first `checked` ids had none).
+        return find_stop(self._decode_text, self.sampling.stop, ids, checked)
 
-        Only the new ids and as many before them as the longest stop string has UTF-8 bytes
-        are decoded per call (a byte-level BPE token is at least one byte), so a long output
-        is not re-decoded whole every call; the whole text is decoded once, on a hit."""
-        stops = self.sampling.stop
-        if not stops:
-            return None, None
-        start = max(0, checked - max(len(s.encode("utf-8")) for s in stops))
-        if not any(s in self._decode_text(ids[start:]) for s in stops):
-            return None, None
-        text = self._decode_text(ids)
-        hits = [text.find(s) for s in stops if s in text]
-        if not hits:  # the tail decoded differently from the whole: no stop in the text
-            return text, None
-        cut = len(ids)
-        for cut in range(checked + 1, len(ids) + 1):  # the first token that completes one
-            if any(s in self._decode_text(ids[:cut]) for s in stops):
-                break
-        return text[: min(hits)], cut
+
+def find_stop(
+    decode: Callable[[list[int]], str], stops: Sequence[str], ids: list[int], checked: int
+) -> tuple[str | None, int | None]:
+    """(text cut before the first stop string, the number of ids that produced it) when
+    a stop string appears in the text of `ids` (its first `checked` ids had none).
+
+    Only the new ids and as many before them as the longest stop string has UTF-8 bytes
+    are decoded per call (a byte-level BPE token is at least one byte), so a long output
+    is not re-decoded whole every call; the whole text is decoded once, on a hit."""
+    if not stops:
+        return None, None
+    start = max(0, checked - max(len(s.encode("utf-8")) for s in stops))
+    if not any(s in decode(ids[start:]) for s in stops):
+        return None, None
+    text = decode(ids)
+    hits = [text.find(s) for s in stops if s in text]
+    if not hits:  # the tail decoded differently from the whole: no stop in the text
+        return text, None
+    cut = len(ids)
+    for cut in range(checked + 1, len(ids) + 1):  # the first token that completes one
+        if any(s in decode(ids[:cut]) for s in stops):
+            break
+    return text[: min(hits)], cut

@@ -16,6 +16,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,3 +114,74 @@ def sample(logits: jax.Array, keys: jax.Array, how: TokenFilter) -> tuple[jax.Ar
             tokens = jax.vmap(jax.random.categorical)(keys, scaled)
         tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PerRow:
+    """The static half of per-row sampling (`sample_rows`): whether any row truncates
+    (top-k, top-p or min-p; a full sort of the vocabulary per row), and whether any row
+    samples at all (all greedy: no random draws)."""
+
+    truncate: bool
+    draws: bool = True
+
+
+@struct.dataclass
+class RowFilters:
+    """Sampling settings per row (a server's slots each serve their own request)."""
+
+    temperature: jax.Array  # [rows] float32 (0: greedy)
+    top_k: jax.Array  # [rows] int32 (0: off)
+    top_p: jax.Array  # [rows] float32
+    min_p: jax.Array  # [rows] float32
+
+    @classmethod
+    def of(cls, filters: list[TokenFilter]) -> RowFilters:
+        def column(name, dtype):
+            return np.array([getattr(f, name) for f in filters], dtype)
+
+        return cls(
+            column("temperature", np.float32), column("top_k", np.int32),
+            column("top_p", np.float32), column("min_p", np.float32),
+        )  # fmt: skip
+
+
+def _thresholds(scaled: jax.Array, f: RowFilters) -> jax.Array:
+    """Per row, the smallest scaled logit that top-k, then top-p, then min-p keep."""
+    vocab = scaled.shape[-1]
+    desc = -jnp.sort(-scaled, axis=-1)  # [rows, vocab]
+    k = jnp.where((f.top_k > 0) & (f.top_k < vocab), f.top_k, vocab)
+    in_k = jnp.arange(vocab)[None, :] < k[:, None]
+    desc = jnp.where(in_k, desc, -jnp.inf)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & ((f.top_p[:, None] >= 1.0) | (before < f.top_p[:, None]))
+    keep &= probs >= f.min_p[:, None] * probs[:, :1]
+    count = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    return jnp.take_along_axis(desc, (count - 1)[:, None], axis=-1)[:, 0]
+
+
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, f: RowFilters, how: PerRow
+) -> tuple[jax.Array, jax.Array]:
+    """`sample` with settings per row: the same order of filters, applied as a mask in
+    vocabulary order, so a row's draw depends only on its key, logits and settings (not on
+    its neighbours'). Returns (tokens [rows] int32, log-probabilities [rows])."""
+    logits = logits.astype(jnp.float32)
+    greedy = f.temperature == 0
+    scaled = logits / jnp.where(greedy, 1.0, f.temperature)[:, None]
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
+    tokens = jnp.argmax(logits, axis=-1)
+    if how.draws:
+        if how.truncate:
+            scaled = jnp.where(scaled >= _thresholds(scaled, f)[:, None], scaled, -jnp.inf)
+        tokens = jnp.where(greedy, tokens, jax.vmap(jax.random.categorical)(keys, scaled))
+    tokens = tokens.astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def draw(logits, keys, how: TokenFilter | PerRow, filters: RowFilters | None):
+    """`sample` with one filter for every row, or `sample_rows` with `filters` per row."""
+    if isinstance(how, PerRow):
+        return sample_rows(logits, keys, filters, how)
+    return sample(logits, keys, how)

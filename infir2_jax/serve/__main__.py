@@ -2,10 +2,15 @@
 
 Serves a model (HF directory, Orbax checkpoint or run directory) through OpenAI's API —
 `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health` — on the generation engine:
-concurrent requests are batched into the engine's decode slots. The chat template is
-`--chat-template` (a built-in name or a Jinja file), else the model directory's, else
-Qwen2.5's. `--set model.dtype=float32`, `--set fp8.recipe=blockwise`, `--set
-parallel.tensor=2` as for `python -m infir2_jax.generate`.
+each request's samples are scheduled into the engine's decode slots as they free up
+(continuous batching across requests; new requests join between chunks of
+`--steps-per-call` decode steps; a client that disconnects has its work cancelled). The
+chat template is `--chat-template` (a built-in name or a Jinja file), else the model
+directory's, else Qwen2.5's. `stream: true` is answered with server-sent events. Limits:
+prompt + max_tokens within `--max-len` (400 context_length_exceeded; unset max_tokens: the
+room left), `--max-samples-per-request`, `--max-body-bytes`; `--api-key` guards /v1.
+`--set model.dtype=float32`, `--set fp8.recipe=blockwise`, `--set parallel.tensor=2` as for
+`python -m infir2_jax.generate`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from infir2_jax.config import ConfigError
 from infir2_jax.data import DataError
 from infir2_jax.data.tokenizer import chat_template_path
 from infir2_jax.generate.loading import find_tokenizer, load_engine
-from infir2_jax.serve.app import create_app
-from infir2_jax.serve.batcher import Batcher
+from infir2_jax.serve.app import DEFAULT_MAX_BODY, DEFAULT_MAX_SAMPLES, Limits, create_app
+from infir2_jax.serve.scheduler import Scheduler
 
 DEFAULT_CHAT_TEMPLATE = "qwen2.5"
 
@@ -33,22 +38,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="the `model` clients send (default: the path)")
+    p.add_argument(
+        "--served-model-name",
+        help="the model id of /v1/models and responses (default: the model directory's name)",
+    )
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (401 otherwise)")
+    p.add_argument(
+        "--max-samples-per-request", type=int, default=DEFAULT_MAX_SAMPLES,
+        help="prompts × n one request may ask for (400 beyond)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
+        help="largest request body (413 beyond)",
+    )  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
     p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
     p.add_argument("--batch-size", type=int, default=64, help="decode slots (concurrent samples)")
     p.add_argument("--max-len", type=int, help="KV cache tokens per slot (default: the model's)")
-    p.add_argument("--steps-per-call", type=int, default=32, help="decode steps per dispatch")
     p.add_argument(
-        "--batch-window", type=float, default=0.01,
-        help="seconds a batch waits for more requests after the first",
+        "--steps-per-call", type=int, default=16,
+        help="decode steps per dispatch (new requests join between dispatches)",
     )  # fmt: skip
     add_set(p, MODEL_SET_HELP)
     return p.parse_args(argv)
 
 
+def served_name(args: argparse.Namespace) -> str:
+    """The model id clients see: `--served-model-name`, else the model directory's name
+    (never its filesystem path)."""
+    return args.served_model_name or Path(args.model).resolve().name
+
+
 def build(args: argparse.Namespace):
-    """(the app, its batcher) for these arguments: the model loaded, nothing served yet."""
+    """(the app, its scheduler) for these arguments: the model loaded, nothing served yet."""
     tokenizer = find_tokenizer(args.model, args.tokenizer, args.chat_template)
     if tokenizer is None:
         raise DataError(f"--model {args.model}: no tokenizer beside it (pass --tokenizer DIR)")
@@ -58,9 +80,13 @@ def build(args: argparse.Namespace):
         args.model, args.set, tokenizer=tokenizer, slots=args.batch_size,
         steps_per_call=args.steps_per_call, max_len=args.max_len,
     )  # fmt: skip
-    batcher = Batcher(engine, window=args.batch_window)
-    name = args.served_model_name or str(Path(args.model))
-    return create_app(batcher, model_name=name, tokenizer=tokenizer), batcher
+    scheduler = Scheduler(engine)
+    name = served_name(args)
+    limits = Limits(args.max_samples_per_request, args.max_body_bytes)
+    app = create_app(
+        scheduler, model_name=name, tokenizer=tokenizer, limits=limits, api_key=args.api_key
+    )
+    return app, scheduler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if status:
         return status
-    app, batcher = built
+    app, scheduler = built
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
-        batcher.close()
+        scheduler.close()
     return 0
 
 

@@ -6,8 +6,9 @@ off), `min_p` (extension), `max_tokens` (`max_completion_tokens` for chat), `sto
 or up to 4), `seed`, and `logprobs` (chat: true/false with `top_logprobs` 0; completions: 0 or
 1) — the log-probability of each sampled token under softmax(logits / temperature); this
 engine does not return alternatives, so a request for more top log-probabilities is refused
-rather than answered partly. Not supported (400): `stream`, `echo`, `best_of` > n,
-penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message", "type",
+rather than answered partly; `stream` (server-sent events, serve/streaming.py, with
+`stream_options.include_usage`; not with logprobs). Not supported (400): `echo`, `best_of`
+> n, penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message", "type",
 "param", "code"}}`): 400 for bad JSON or an invalid field, 404 for an unknown model, 400
 `context_length_exceeded` for a prompt the KV cache cannot hold.
 """
@@ -15,6 +16,8 @@ penalties, `logit_bias`, tools. Errors are OpenAI's JSON (`{"error": {"message",
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import json
 import time
 import uuid
@@ -26,10 +29,15 @@ from fastapi.responses import JSONResponse, Response
 from infir2_jax.data import DataError
 from infir2_jax.generate import Completion, SamplingParams
 from infir2_jax.generate.prompts import chat_prompt_ids
-from infir2_jax.serve.batcher import Batcher
+from infir2_jax.serve.scheduler import Scheduler
+from infir2_jax.serve.streaming import stream_response
 
 MAX_STOPS = 4
 MAX_N = 128
+MAX_SEED = 2**63 - 1
+DEFAULT_MAX_SAMPLES = 1024  # prompts × n per request
+DEFAULT_MAX_BODY = 1 << 20  # bytes
+DISCONNECT_POLL = 0.1  # seconds between checks that a waiting client is still there
 UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "response_format")
 
 
@@ -48,15 +56,42 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param, code)
 
 
-def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
-    """The HTTP app; `tokenizer` renders chats, encodes text prompts and decodes outputs."""
-    engine = batcher.engine
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask: `max_samples` prompts × n, a body of `max_body` bytes."""
+
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    max_body: int = DEFAULT_MAX_BODY
+
+
+def create_app(
+    scheduler: Scheduler, *, model_name: str, tokenizer, limits: Limits | None = None,
+    api_key: str | None = None,
+) -> FastAPI:  # fmt: skip
+    """The HTTP app; `tokenizer` renders chats, encodes text prompts and decodes outputs;
+    `api_key`: every `/v1` request needs `Authorization: Bearer <key>` (`/health` is open)."""
+    engine = scheduler.engine
+    limits = limits or Limits()
     app = FastAPI(title="infir2-jax", docs_url=None, redoc_url=None)
     created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        # A check in each route, not an HTTP middleware: Starlette's BaseHTTPMiddleware
+        # wraps `receive`, and a route behind it no longer sees its client disconnect.
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key (Authorization: Bearer <key>)",
+                           None, "invalid_api_key")  # fmt: skip
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         return error.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
@@ -67,78 +102,152 @@ def create_app(batcher: Batcher, *, model_name: str, tokenizer) -> FastAPI:
         return Response(status_code=200)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        authorize(request)
         model = {"id": model_name, "object": "model", "created": created, "owned_by": "infir2-jax"}
         return {"object": "list", "data": [model]}
 
+    served = _Served(scheduler, engine, tokenizer, model_name, limits)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request, model_name)
-        prompts = _completion_prompts(body.get("prompt"), tokenizer)
-        _check_lengths(prompts, engine, "prompt")
-        if body.get("echo"):
-            raise _bad("echo is not supported", "echo")
-        logprobs = _int(body, "logprobs", None, 0, 1)
-        sampling, seed = _sampling(body, "max_tokens", default_max=16)
-        per_prompt = await _generate(batcher, engine, prompts, sampling, seed)
-        choices = []
-        for i, per in enumerate(per_prompt):
-            for c in per:
-                choice = {
-                    "index": i * sampling.n + c.sample,
-                    "text": c.text or "",
-                    "logprobs": _completion_logprobs(c, tokenizer) if logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                choices.append(choice)
-        return _response("text_completion", "cmpl", model_name, choices, prompts, per_prompt)
+        authorize(request)
+        return await _completions(served, request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _body(request, model_name)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("messages must be a non-empty list of {role, content}", "messages")
-        try:
-            ids = chat_prompt_ids(messages, tokenizer, "messages")
-        except DataError as e:
-            raise _bad(str(e), "messages") from None
-        prompts = [ids]
-        _check_lengths(prompts, engine, "messages")
-        if body.get("top_logprobs"):
-            raise _bad("top_logprobs > 0 is not supported (logprobs: true gives the sampled "
-                       "tokens' log-probabilities)", "top_logprobs")  # fmt: skip
-        logprobs = _bool(body, "logprobs")
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        sampling, seed = _sampling(body, key, default_max=None)
-        (per,) = await _generate(batcher, engine, prompts, sampling, seed)
-        choices = [
-            {
-                "index": c.sample,
-                "message": {"role": "assistant", "content": c.text or ""},
-                "logprobs": {"content": _chat_logprobs(c, tokenizer)} if logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in per
-        ]
-        return _response("chat.completion", "chatcmpl", model_name, choices, prompts, [per])
+        authorize(request)
+        return await _chat(served, request)
 
     return app
 
 
-async def _body(request: Request, model_name: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Served:
+    scheduler: Scheduler
+    engine: Any
+    tokenizer: Any
+    model_name: str
+    limits: Limits
+
+    def stream(self, request, prompts, sampling, seed, body, *, chat: bool):
+        return stream_response(
+            self.scheduler, request, prompts, sampling, seed, chat=chat,
+            model_name=self.model_name, tokenizer=self.tokenizer,
+            include_usage=_include_usage(body),
+        )  # fmt: skip
+
+
+async def _completions(served: _Served, request: Request):
+    engine, tokenizer = served.engine, served.tokenizer
+    body = await _body(request, served.model_name, served.limits.max_body)
+    if body.get("echo"):
+        raise _bad("echo is not supported", "echo")
+    logprobs = _int(body, "logprobs", None, 0, 1)
+    n = _int(body, "n", 1, 1, MAX_N)
+    _check_count(_prompt_count(body.get("prompt")) * n, served.limits.max_samples)
+    prompts = await asyncio.to_thread(_completion_prompts, body.get("prompt"), tokenizer)
+    _check_lengths(prompts, engine, "prompt")
+    sampling, seed = _sampling(body, "max_tokens", prompts, engine.max_len)
+    if _streaming(body, logprobs):
+        return served.stream(request, prompts, sampling, seed, body, chat=False)
+    per_prompt = await _generate(served.scheduler, request, prompts, sampling, seed)
+    choices = []
+    for i, per in enumerate(per_prompt):
+        for c in per:
+            choice = {
+                "index": i * sampling.n + c.sample,
+                "text": c.text or "",
+                "logprobs": _completion_logprobs(c, tokenizer) if logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+            choices.append(choice)
+    return _response("text_completion", "cmpl", served.model_name, choices, prompts, per_prompt)
+
+
+async def _chat(served: _Served, request: Request):
+    engine, tokenizer = served.engine, served.tokenizer
+    body = await _body(request, served.model_name, served.limits.max_body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty list of {role, content}", "messages")
+    if _int(body, "top_logprobs", 0, 0, None):
+        raise _bad("top_logprobs > 0 is not supported (logprobs: true gives the sampled "
+                   "tokens' log-probabilities)", "top_logprobs")  # fmt: skip
+    logprobs = _bool(body, "logprobs")
+    _check_count(_int(body, "n", 1, 1, MAX_N), served.limits.max_samples)
+    prompts = [await asyncio.to_thread(_chat_ids, messages, tokenizer)]
+    _check_lengths(prompts, engine, "messages")
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    sampling, seed = _sampling(body, key, prompts, engine.max_len)
+    if _streaming(body, logprobs):
+        return served.stream(request, prompts, sampling, seed, body, chat=True)
+    (per,) = await _generate(served.scheduler, request, prompts, sampling, seed)
+    choices = [
+        {
+            "index": c.sample,
+            "message": {"role": "assistant", "content": c.text or ""},
+            "logprobs": {"content": _chat_logprobs(c, tokenizer)} if logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+        for c in per
+    ]
+    return _response("chat.completion", "chatcmpl", served.model_name, choices, prompts, [per])
+
+
+async def _read(request: Request, max_body: int) -> bytes:
+    """The body, refused (413) as soon as it passes `max_body` bytes."""
+
+    def too_large() -> APIError:
+        return APIError(413, f"the request body exceeds the server's limit of {max_body} bytes "
+                        "(--max-body-bytes)", None, "request_too_large")  # fmt: skip
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body:
+        raise too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _bad(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    for name, value in body.items():
+        if not _encodable(value):
+            raise _bad(f"{name} contains text that is not valid Unicode (a lone surrogate)", name)
+    return body
+
+
+def _encodable(value) -> bool:
+    """No lone surrogates (`"\\ud800"` parses as JSON but no tokenizer can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    return True
+
+
+async def _body(request: Request, model_name: str, max_body: int) -> dict[str, Any]:
+    body = await asyncio.to_thread(_parse, await _read(request, max_body))
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"The model `{model}` does not exist (this server has "
                             f"`{model_name}`)", "model", "model_not_found")  # fmt: skip
-    if body.get("stream"):
-        raise _bad("stream is not supported", "stream")
     for name in UNSUPPORTED:
         if body.get(name):
             raise _bad(f"{name} is not supported", name)
@@ -148,6 +257,22 @@ async def _body(request: Request, model_name: str) -> dict[str, Any]:
     if body.get("best_of") not in (None, body.get("n", 1)):
         raise _bad("best_of is not supported", "best_of")
     return body
+
+
+def _streaming(body: dict, logprobs) -> bool:
+    stream = _bool(body, "stream")
+    if stream and logprobs:
+        raise _bad("logprobs are not streamed (ask without stream)", "logprobs")
+    return stream
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    return _bool(options, "include_usage")
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -192,26 +317,59 @@ def _stops(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _sampling(body: dict, max_key: str, default_max: int | None) -> tuple[SamplingParams, Any]:
-    """(sampling parameters, the request's seed or None)."""
+def _sampling(body: dict, max_key: str, prompts, max_len: int) -> tuple[SamplingParams, Any]:
+    """(sampling parameters, the request's seed or None). `max_tokens` defaults to the room
+    the longest prompt leaves in the context; prompt + max_tokens beyond it is refused."""
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     if 0 < temperature < 1e-3:
         temperature = 0.0  # a near-zero temperature is greedy
     top_k = _int(body, "top_k", 0, -1, None)
-    max_tokens = _int(body, max_key, default_max, 1, None)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad(f"seed must be an integer, got {seed!r}", "seed")
+    longest = max(len(p) for p in prompts)
+    max_tokens = _int(body, max_key, max_len - longest, 1, None)
+    if longest + max_tokens > max_len:
+        raise _bad(
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or {max_key}.",
+            max_key,
+            "context_length_exceeded",
+        )
+    seed = _int(body, "seed", None, 0, MAX_SEED)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user must be a string", "user")
     sampling = SamplingParams(
         temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0,
         top_k=max(top_k, 0),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        max_new_tokens=max_tokens or 2**31 - 1,  # unset: until a stop or the cache is full
+        max_new_tokens=max_tokens,
         n=_int(body, "n", 1, 1, MAX_N),
         stop=_stops(body.get("stop")),
     )
     return sampling, seed
+
+
+def _check_count(samples: int, max_samples: int) -> None:
+    if samples > max_samples:
+        raise _bad(
+            f"the request asks for {samples} samples (prompts × n); this server allows "
+            f"{max_samples} per request (--max-samples-per-request)",
+            "n",
+        )
+
+
+def _prompt_count(prompt) -> int:
+    """Prompts in a completions `prompt` (checked before anything is tokenized)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return len(prompt)
+    return 1
+
+
+def _chat_ids(messages, tokenizer) -> list[int]:
+    try:
+        return chat_prompt_ids(messages, tokenizer, "messages")
+    except DataError as e:
+        raise _bad(str(e), "messages") from None
 
 
 def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
@@ -251,8 +409,25 @@ def _check_lengths(prompts: list[list[int]], engine, param: str) -> None:
             )
 
 
-async def _generate(batcher, engine, prompts, sampling, seed) -> list[list[Completion]]:
-    return await asyncio.wrap_future(batcher.submit(prompts, sampling, seed))
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its work was cancelled)."""
+
+
+async def _generate(scheduler, request, prompts, sampling, seed) -> list[list[Completion]]:
+    """The request's completions; polls for a disconnect meanwhile and cancels the
+    request's work (its waiting samples and slots) when the client has gone."""
+    ticket = scheduler.submit(prompts, sampling, seed)
+    future = asyncio.wrap_future(ticket.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    except BaseException:  # a disconnect, or the server task cancelled
+        scheduler.cancel(ticket)
+        raise
 
 
 def _response(obj, prefix, model_name, choices, prompts, per_prompt) -> dict[str, Any]:
