@@ -106,10 +106,11 @@ def test_a_stop_right_after_a_checkpointed_step_saves_once(tmp_path, monkeypatch
     save, sent = Runner.save, []
 
     def save_then_terminate(self, state, step):
-        save(self, state, step)
+        saved = save(self, state, step)
         if not sent:
             sent.append(step)
             os.kill(os.getpid(), signal.SIGTERM)  # only recorded by the runner's handler
+        return saved
 
     monkeypatch.setattr(Runner, "save", save_then_terminate)
     run_dir = tmp_path / "run"

@@ -236,10 +236,11 @@ def test_sigterm_right_after_a_checkpointed_step_saves_once_and_exits_143(tmp_pa
     save, sent = Runner.save, []
 
     def save_then_terminate(self, state, step):
-        save(self, state, step)
+        saved = save(self, state, step)
         if step == 2 and not sent:  # deterministic: the signal lands between two steps
             sent.append(step)
             os.kill(os.getpid(), signal.SIGTERM)  # only recorded by the runner's handler
+        return saved
 
     monkeypatch.setattr(Runner, "save", save_then_terminate)
     run = tmp_path / "run"
@@ -265,11 +266,12 @@ def test_sigterm_right_after_a_checkpointed_step_saves_once_and_exits_143(tmp_pa
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
-    """An exploding run: non-finite steps leave the weights alone; N in a row stop the run
-    (exit 3, naming the setting) without saving, the last checkpoint holding finite weights."""
+    """An exploding run: non-finite steps leave the weights alone and are never checkpointed;
+    N in a row stop the run (exit 3, naming the setting), the last checkpoint holding the
+    finite weights of the last finite step."""
     run = tmp_path / "run"
     overrides = [*SHORT, f"train.run_dir={run}", "optim.lr=1e9", "optim.warmup_steps=0",
-                 "train.max_nonfinite_streak=3", "checkpoint.every=2"]  # fmt: skip
+                 "train.max_nonfinite_streak=3", "checkpoint.every=1"]  # fmt: skip
     cmd = [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt"]
     for o in overrides:
         cmd += ["--set", o]
@@ -279,8 +281,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert "SKIPPED" in r.stdout
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["skipped"] == 0.0 and records[-1]["nonfinite_streak"] == 3
-    # The latest checkpoint holds the (huge but finite) weights of the last finite step: the
-    # skipped steps did not write NaN into them.
+    # Only finite steps were saved; the latest checkpoint holds the (huge but finite) weights
+    # of the last finite step: the skipped steps did not write NaN into them.
+    finite = [rec["step"] for rec in records if rec["nonfinite_streak"] == 0]
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == finite[-1]
+    assert "not checkpointed" in r.stdout
     from infir2_jax.checkpoint import read_model_config, restore_params
 
     params = restore_params(run, read_model_config(run))
