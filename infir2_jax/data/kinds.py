@@ -11,6 +11,7 @@ reports and checkpoints.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 
 import grain
@@ -33,34 +34,34 @@ from infir2_jax.data.tokenizer import LazyTokenizer
 OVERLONG_COUNTERS = ("truncated_samples", "dropped_samples")
 
 
-class DataKind:
+class DataKind(abc.ABC):
     """What a run does with data of one kind; `data_kind(name)` returns the instance."""
 
     name: str
     chat: bool  # records are conversations (not documents)
     counters: tuple[str, ...] = ()  # of OVERLONG_COUNTERS: what `count` reports
 
+    @abc.abstractmethod
     def field(self, cfg: DataConfig) -> str:
         """The record field that holds a sample."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def needs_tokenizer(self, cfg: DataConfig) -> bool:
         """Whether raw records are text to tokenize (not token ids already)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def examples(
         self, cfg: DataConfig, tokenizer: LazyTokenizer, seq_len: int
     ) -> Callable[[int, Record], Example | None]:
         """(source index, record) -> a training example, or None for nothing to learn."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pack(self, ds: grain.IterDataset, cfg: DataConfig, seq_len: int, seed: int):
         """Examples -> rows of `seq_len` tokens (segment ids and positions per sample)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode(self, cfg: DataConfig, tokenizer: LazyTokenizer) -> Callable[[Record], np.ndarray]:
         """A raw record -> the int32 array `python -m infir2_jax.prepare` stores for it."""
-        raise NotImplementedError
 
     def prepared(self, array: np.ndarray) -> np.ndarray:
         """A stored (flat) prepared record -> the record value the examples read."""

@@ -18,6 +18,7 @@ fallback for rows with more segments than cuDNN's packed attention takes.
 
 from __future__ import annotations
 
+import abc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,7 @@ class Steps:
         return self._fallback
 
 
-class Runner:
+class Runner(abc.ABC):
     """Runs an objective from `start` to `train.steps` (see the module docstring for the
     hooks). `start`, `meta` and `resumed` come from `train.setup.start_state`; `data` (a grain
     iterator, or None) is checkpointed with every step and closed at the end;
@@ -109,15 +110,15 @@ class Runner:
 
     # ---- what an objective supplies
 
+    @abc.abstractmethod
     def step(self, state: TrainState, step: int) -> tuple[TrainState, Any]:
         """Step `step` (0-based): (new state, what `log_values` turns into metrics)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def log_values(self, state: TrainState, raw: Any, done: int) -> tuple[dict[str, Any], float]:
         """(metrics of the logged step `done`, with `nonfinite_streak`; tokens per second)."""
-        raise NotImplementedError
 
-    def after_step(self, state: TrainState, done: int) -> None:
+    def after_step(self, state: TrainState, done: int) -> None:  # noqa: B027 (optional hook)
         """Runs after step `done` is logged, before it is checkpointed."""
 
     def checkpoint_meta(self) -> dict[str, Any]:
