@@ -21,6 +21,17 @@ SMALL_PLAN = ["model.intermediate_size=352", "train.seq_len=128", "train.batch_s
               "train.steps=10", "execution.remat=full"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _te_switch_restored():
+    """A CPU run of a TE recipe sets TE's process-wide switch NVTE_JAX_CUSTOM_CALLS=false
+    (`fp8.te.use_custom_calls`); restoring it after each test keeps it from reaching later
+    tests and the subprocesses they start (an H100 plan would trace TE's pure-JAX path)."""
+    yield
+    te = sys.modules.get("infir2_jax.fp8.te")
+    if te is not None:
+        te.use_custom_calls(True)
+
+
 def plan_h100(*overrides: str, devices: int = 1) -> dict:
     """`python -m infir2_jax.plan --target h100 --json` of SMALL_PLAN plus `overrides`, in a
     process of its own (the planner sets XLA flags before JAX starts)."""
