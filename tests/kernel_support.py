@@ -2,10 +2,11 @@
 
 jax 0.10.2's GPU interpreter (`jax._src.pallas.mosaic_gpu.interpret`) executes a kernel's
 threads, barriers, TMA copies and wgmma on the CPU. It lacks two things our FP8 kernel uses;
-both are patched here, in the tests only (the kernel's hardware path is untouched):
+both are patched here, in the tests only (the kernel's hardware path is untouched), and only
+where the interpreter lacks them (jax 0.12's has both; `interpreter_has_both`):
 
 1. Transposed wgmma operands. An 8-bit wgmma on Hopper needs both operands K-major, so the
-   kernel passes B (stored [N, K] in SMEM) as `plgpu.transpose_ref(b, (1, 0))`. The
+   kernel passes B (stored [N, K] in SMEM) as `b.transpose((1, 0))`. The
    interpreter's wgmma callback turns every operand transform into an index range and
    fails on `TransposeTransform` ("'TransposeTransform' object has no attribute
    'indices'"). `_wgmma` below reads the operand through its index transforms and then
@@ -181,8 +182,19 @@ def _copy_smem_to_gmem(
     return token
 
 
+def interpreter_has_both() -> bool:
+    """Whether this jax's interpreter already reads transposed operands (an `Access` with an
+    axis permutation) and clips TMA stores (jax 0.12 does; 0.10.2 does neither)."""
+    store = getattr(gpu_callbacks, "AsyncCopySmemToGmemTask", None)
+    return hasattr(_interpret_utils, "to_access") and bool(
+        getattr(store, "clips_out_of_bounds_destination", False)
+    )
+
+
 def install_patches() -> None:
-    """Installs both callback patches (idempotent)."""
+    """Installs both callback patches where the interpreter lacks them (idempotent)."""
+    if interpreter_has_both():
+        return
     gpu_callbacks.wgmma = _wgmma
     gpu_callbacks.copy_smem_to_gmem = _copy_smem_to_gmem
 

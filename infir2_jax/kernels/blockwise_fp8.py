@@ -281,7 +281,7 @@ def _kernel(
                     plgpu.wgmma(
                         acc_ref,
                         a_smem.at[wg_m_slice],
-                        plgpu.transpose_ref(b_smem.at[wg_n_slice], (1, 0)),  # K-major B
+                        b_smem.at[wg_n_slice].transpose((1, 0)),  # K-major B
                     )
                     return acc_ref[...]  # waits for the wgmma
 
