@@ -26,10 +26,12 @@ Each row is wrapped on its own (one failing shape does not stop the others) and 
 step (its traceback recorded, the next step still runs). Timing: warm-up, then the median of a
 few runs, each ended by block_until_ready; memory from `device.memory_stats()`.
 
-`--wheels DIR` first installs, with `pip install --no-index --no-deps`, each wheel of DIR
-whose distribution is not installed yet (the folder `bench/gpu_wheels.sh` builds for a GPU
-image without registry access). `--fault STEP[=raise|exit]` makes STEP fail after its rows
-(a test of the recording; `exit` kills its process as a crash would).
+`--wheels DIR` first installs, with `pip install --no-index --no-deps --target
+OUT/site-packages` (put first on the steps' path; the image's environment is not touched),
+each wheel of DIR whose distribution is not installed yet (the folder `bench/gpu_wheels.sh`
+builds for a GPU image without registry access; default build/gpu_wheels).
+`--fault STEP[=raise|exit]` makes STEP fail after its rows (a test of the recording; `exit`
+kills its process as a crash would).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("kernel", "attention", "train", "generate")
 # Shares of the time budget; a step that finishes early leaves its time to the later ones.
-SHARES = {"kernel": 0.25, "attention": 0.15, "train": 0.45, "generate": 0.15}
+SHARES = {"kernel": 0.22, "attention": 0.13, "train": 0.5, "generate": 0.15}
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
-            "orbax-checkpoint", "transformers", "torch", "numpy", "grain")  # fmt: skip
+            "orbax-checkpoint", "transformers", "torch", "numpy", "grain",
+            "array_record")  # fmt: skip
 # Dense BF16 tensor-core peak by device name (datasheet, no sparsity): the MFU denominator.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12))
 GiB = 2**30
@@ -119,8 +122,10 @@ def units(args) -> list[str]:
     return out
 
 
-def install_wheels(folder: Path) -> list[str]:
-    """Installs each wheel of `folder` whose distribution is missing; returns their files."""
+def install_wheels(folder: Path, target: Path) -> list[str]:
+    """Installs each wheel of `folder` whose distribution is missing into `target` (a folder
+    the check's processes put first on their path: the image's own environment is left as it
+    is, whoever manages it); returns the wheels' file names."""
     missing = []
     for wheel in sorted(folder.glob("*.whl")):
         name = wheel.name.split("-")[0]
@@ -130,8 +135,8 @@ def install_wheels(folder: Path) -> list[str]:
             missing.append(wheel)
     if missing:
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-             *map(str, missing)],
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+             "--upgrade", "--target", str(target), *map(str, missing)],
             check=True,
         )  # fmt: skip
     return [w.name for w in missing]
@@ -153,11 +158,14 @@ def run_parent(args) -> int:
         stale.unlink()
     began = time.time()
     installed, wheel_error = [], None
+    site = out / "site-packages"
     if args.wheels and Path(args.wheels).is_dir():
         try:
-            installed = install_wheels(Path(args.wheels))
+            installed = install_wheels(Path(args.wheels), site)
         except Exception:  # noqa: BLE001 — recorded; the steps say what is then missing
             wheel_error = traceback.format_exc()
+    if site.is_dir():
+        sys.path.insert(0, str(site))  # so that versions() sees them
     todo = units(args)
     header = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -172,6 +180,8 @@ def run_parent(args) -> int:
     _atomic_write(out / "parts" / "_run.json", json.dumps(header))
     results.render()
     env = dict(os.environ)
+    if site.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     if args.smoke:  # the CPU, and XLA's cheapest compile: nothing of it is a GPU figure
         env.setdefault("JAX_PLATFORMS", "cpu")
         env.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

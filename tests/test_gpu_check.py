@@ -6,8 +6,10 @@ steps still run; a step out of budget is killed and recorded."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -78,12 +80,37 @@ def test_a_step_out_of_budget_is_killed_and_recorded(tmp_path):
     assert "## kernel: timeout" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_wheels_already_installed_are_not_reinstalled(tmp_path):
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel of distribution `name` whose module holds VALUE = 7."""
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 7\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for file, text in files.items():
+            z.writestr(file, text)
+    return path
+
+
+def test_missing_wheels_are_installed_beside_the_image(tmp_path):
+    """Only the wheels of distributions not installed are installed, into a folder of their
+    own that the steps' processes import from."""
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_check import install_wheels
 
-    # Names as wheels spell them (normalised: underscores, lower case) for installed packages.
-    for name in ("numpy-2.0.0-cp312-cp312-manylinux_2_17_x86_64.whl",
-                 "pyyaml-6.0-py3-none-any.whl"):  # fmt: skip
-        (tmp_path / name).write_bytes(b"")
-    assert install_wheels(tmp_path) == []
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "gpu_check_probe", "0.1")
+    (wheels / "numpy-2.0.0-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"installed")
+    site = tmp_path / "site"
+    assert install_wheels(wheels, site) == ["gpu_check_probe-0.1-py3-none-any.whl"]
+    out = subprocess.run(
+        [sys.executable, "-c", "import gpu_check_probe; print(gpu_check_probe.VALUE)"],
+        env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "7"
