@@ -518,7 +518,22 @@ def train_config(args, recipe: str):
 
 
 def step_train(unit: Unit, args, recipe: str | None = None) -> None:
+    from infir2_jax.config import load_config
+
     recipes = [recipe] if recipe else args.recipes.split(",")
+    cfg, name = train_config(args, recipes[0])
+    full = load_config(name).model.num_layers
+    if cfg.model.num_layers != full:
+        unit.note(
+            f"{name} cut to {cfg.model.num_layers} of its {full} layers: step time, TFLOPS and "
+            "memory are not the full model's"
+        )
+    unit.note(
+        "plan peak: XLA's buffer assignment of the same compiled step (arguments + "
+        "temporaries), what `python -m infir2_jax.plan` reports; the measured peak adds "
+        "allocator slack and cuDNN/cuBLAS workspaces. MFU: model TFLOPS / the device's dense "
+        "BF16 peak, for every recipe"
+    )
     for r in recipes:
         unit.row(f"fp8.recipe={r}", measure_train, args, r, min_left=5)
 
@@ -711,7 +726,7 @@ def markdown(doc: dict) -> list[str]:
                 )
             if part["status"] not in ("ok", "partial"):
                 problems.append((f"{unit}: {part['status']}", part.get("error")))
-        lines += [f"- {n}" for n in dict.fromkeys(notes)]
+        lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)]
         for title, error in problems:
             lines.append(f"- **{title}**")
             if error:

@@ -57,6 +57,7 @@ def test_every_step_measures_and_reports(smoke):
     assert kernel["numerics_ok"] and kernel["max_rel_error"] < 1e-2
     train = doc["steps"]["train"]["units"]["train"]["rows"][0]
     assert train["item"] == "fp8.recipe=none" and train["loss_finite"]
+    assert "tiny_cpt cut to 1 of its 4 layers" in md  # a cut model says so
     assert doc["steps"]["generate"]["units"]["generate"]["rows"][1]["greedy_same_as_bf16"]
 
 
