@@ -18,9 +18,10 @@ body, not per step.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from pathlib import Path
+
+from infir2_jax.compat import cuda_plugin
 
 TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
 TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
@@ -58,10 +59,11 @@ def target_capability(name: str) -> tuple[int, int]:
 
 def gpu_devices(name: str, count: int) -> list:
     """`count` compile-only devices of target `name`, 8 per host (as on an HGX node)."""
-    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    if cuda_plugin() is None:
         raise GpuTargetError(
             f"--target {name} compiles with XLA:GPU and needs the CUDA plugin of the pinned "
-            "jax: pip install -r requirements-gpu-compile.txt"
+            "jax: pip install -r requirements-gpu-compile.txt (Python 3.11) or "
+            "requirements-jax012-test.txt (Python 3.12-3.13)"
         )
     from jax.experimental import topologies
 

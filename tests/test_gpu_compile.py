@@ -4,7 +4,6 @@ makes of each FP8 recipe (needs the CUDA plugin, requirements-gpu-compile.txt; C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,9 +12,10 @@ import sys
 import pytest
 from conftest import ROOT, plan_h100
 
+from infir2_jax.compat import cuda_plugin
 from infir2_jax.gpu_target import census, square_buffers, target_capability, target_config
 
-HAS_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+HAS_PLUGIN = cuda_plugin() is not None
 needs_plugin = pytest.mark.skipif(
     not HAS_PLUGIN, reason="CUDA plugin absent: pip install -r requirements-gpu-compile.txt"
 )

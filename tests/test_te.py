@@ -27,6 +27,7 @@ import pytest
 from conftest import ROOT, plan_h100, train_interrupted
 from flax import nnx
 
+from infir2_jax.compat import cuda_plugin
 from infir2_jax.config import FP8Config, load_config
 from infir2_jax.fp8 import Fp8Probe, Fp8State, make_gemm
 from infir2_jax.fp8.te import te_installed
@@ -39,7 +40,7 @@ HAS_TE = te_installed()
 needs_te = pytest.mark.skipif(
     not HAS_TE, reason="TransformerEngine-JAX not installed (bash launch/install_te_jax.sh)"
 )
-HAS_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+HAS_PLUGIN = cuda_plugin() is not None
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 
 
