@@ -707,6 +707,17 @@ def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -
     return _parse_run(RunConfig, *_read_config(name, overrides))
 
 
+def load_file(cls: type, name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Any:
+    """A YAML file of another shape (a dataclass `cls`, e.g. a recipe), found, merged over its
+    bases and parsed as strictly as a run config."""
+    return _parse_run(cls, *_read_config(name, overrides))
+
+
+def config_sections(name: str | os.PathLike) -> set[str]:
+    """The top-level sections of config NAME, its bases merged (`eval`, `rl`, `train`, ...)."""
+    return set(_read_config(name, ())[0])
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
