@@ -66,13 +66,14 @@ class Recipe:
 
     def __post_init__(self):
         if not self.stages:
-            raise ValueError("stages: at least one")
+            raise ConfigError("stages: at least one", key="stages")
         names = [s.name for s in self.stages]
         for i, name in enumerate(names):
+            key = f"stages[{i}].name"
             if not name or "/" in name or ":" in name:
-                raise ValueError(f"stages[{i}].name: {name!r} is not a plain name")
+                raise ConfigError(f"{key}: {name!r} is not a plain name", key=key)
             if name in names[:i]:
-                raise ValueError(f"stages[{i}].name: {name!r} names two stages")
+                raise ConfigError(f"{key}: {name!r} names two stages", key=key)
 
     def stage(self, name: str, what: str) -> int:
         """The index of stage `name` (`what` says where the name came from, for errors)."""

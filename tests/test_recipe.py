@@ -115,6 +115,13 @@ def test_a_bad_recipe_is_one_error_line_and_exit_2(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"stages": [{"name": "a", "config": "tiny_cpt", "stat": 1}]}))
     with pytest.raises(ConfigError, match=r"unknown config key 'stages\[0\]\.stat'"):
         load_recipe(bad)
+    stages = [{"name": "a", "config": "tiny_cpt"}, {"name": "a", "config": "tiny_sft"}]
+    bad.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: stages\[1\]\.name: 'a' names two stages"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump({"stages": []}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: stages: at least one"):
+        load_recipe(bad)
 
 
 def test_a_failing_stage_ends_the_recipe_with_its_status(tmp_path, capfd):
