@@ -9,6 +9,7 @@ key (e.g. `optim.lr`); the CLI turns it into a non-zero exit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -89,6 +90,24 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training continues
 
 
+DataSourceKind = Literal["synthetic", "gsm8k", "jsonl", "parquet", "arrayrecord", "prepared"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One corpus of a weighted mixture (`data.sources`). Its records are read like
+    `data.path` with `data.source` (or its own `source`); every other data setting is shared."""
+
+    weight: float  # relative share of the packed rows (normalised over the sources)
+    path: str | None = None
+    source: DataSourceKind | None = None  # default: data.source
+    name: str | None = None  # in logs and metrics (default: the path's file name, or the source)
+
+    def __post_init__(self):
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise ValueError(f"weight: must be positive and finite, got {self.weight}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where training tokens come from and how they become packed rows (data/pipeline.py).
@@ -105,10 +124,12 @@ class DataConfig:
     """
 
     kind: Literal["cpt", "sft"] = "cpt"
-    source: Literal["synthetic", "gsm8k", "jsonl", "parquet", "arrayrecord", "prepared"] = (
-        "synthetic"
-    )
+    source: DataSourceKind = "synthetic"
     path: str | None = None
+    # Instead of `path`: several corpora mixed by weight, e.g. [{path: a, weight: 0.3},
+    # {path: b, weight: 0.7}]; each is packed into rows on its own and rows are drawn from the
+    # sources in proportion to their weights (Megatron's `--data-path 0.3 a 0.7 b`).
+    sources: tuple[DataSource, ...] | None = None
     text_field: str = "text"  # cpt: the document text
     tokens_field: str | None = None  # cpt: pre-tokenized ids (used as given) instead of text
     messages_field: str = "messages"  # sft: [{"role": ..., "content": ...}, ...]
@@ -141,6 +162,31 @@ class DataConfig:
             raise ValueError(f"streams: must be positive, got {self.streams}")
         if self.max_document_bytes <= 0:
             raise ValueError(f"max_document_bytes: must be positive, got {self.max_document_bytes}")
+        if self.sources is not None:
+            if not self.sources:
+                raise ConfigError("data.sources: at least one source", key="data.sources")
+            if self.path is not None:
+                raise ConfigError(
+                    "data.sources and data.path are mutually exclusive: list every corpus in "
+                    "data.sources (or one in data.path)",
+                    key="data.sources",
+                )
+            names = self.source_names()
+            for i, name in enumerate(names):
+                if name in names[:i]:
+                    raise ConfigError(
+                        f"data.sources[{i}].name: {name!r} names two sources; give each its "
+                        "own name",
+                        key=f"data.sources[{i}].name",
+                    )
+
+    def source_names(self) -> list[str]:
+        """The sources' names (one source, `data.sources` unset: its file name or kind)."""
+        parts = self.sources or (DataSource(1.0, self.path, self.source),)
+        return [
+            part.name or (Path(part.path).name if part.path else part.source or self.source)
+            for part in parts
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,6 +705,17 @@ def _parse_run(cls: type, raw: dict[str, Any], origins: dict[str, str]) -> Any:
 
 def load_config(name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> RunConfig:
     return _parse_run(RunConfig, *_read_config(name, overrides))
+
+
+def load_file(cls: type, name: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Any:
+    """A YAML file of another shape (a dataclass `cls`, e.g. a recipe), found, merged over its
+    bases and parsed as strictly as a run config."""
+    return _parse_run(cls, *_read_config(name, overrides))
+
+
+def config_sections(name: str | os.PathLike) -> set[str]:
+    """The top-level sections of config NAME, its bases merged (`eval`, `rl`, `train`, ...)."""
+    return set(_read_config(name, ())[0])
 
 
 def dump_config(cfg: RunConfig) -> str:

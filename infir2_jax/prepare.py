@@ -78,6 +78,11 @@ def prepare(
     from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm import tqdm
 
+    if cfg.sources is not None:
+        raise DataError(
+            "data.sources: prepare one corpus at a time (data.path), then list the prepared "
+            "directories in data.sources with source: prepared"
+        )
     if cfg.source in ("synthetic", "prepared"):
         raise DataError(f"data.source={cfg.source}: nothing to prepare (already tokens)")
     source = open_source(cfg)  # validates the files (JSONL lines) before any work

@@ -32,7 +32,7 @@ def test_all_configs_parse_and_round_trip():
         "tiny_rl", "rl_7b_stage1", "rl_7b_stage2", "rl_1p5b_stage1", "rl_1p5b_stage2",
     } <= set(names)  # fmt: skip
     for name in names:
-        if name.startswith("eval_"):  # evaluation configs: test_eval_configs
+        if name.startswith(("eval_", "recipe_")):  # test_eval_configs, tests/test_recipe.py
             continue
         cfg = load_config(name)
         assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from infir2_jax.config import DataConfig
+from infir2_jax.config import ConfigError, DataConfig, DataSource, load_config, parse_section
 from infir2_jax.data import (
     DataError,
     DataPipeline,
@@ -20,6 +20,7 @@ from infir2_jax.data import (
     split_bounds,
 )
 from infir2_jax.data.gsm8k import problems
+from infir2_jax.data.pipeline import Component
 from infir2_jax.data.records import InMemorySource
 from infir2_jax.data.synthetic import EOS_ID, arithmetic_documents, decode
 from infir2_jax.prepare import prepare
@@ -28,10 +29,7 @@ from infir2_jax.prepare import prepare
 def _pipeline(cfg: DataConfig, seq_len=16, batch=2, seed=0, documents=None, **kwargs):
     pipeline = DataPipeline(cfg, seq_len=seq_len, global_batch=batch, seed=seed, **kwargs)
     if documents is not None:  # swap in a hand-made corpus
-        pipeline.source = InMemorySource(documents)
-        pipeline.bounds = dict(
-            zip(("train", "val", "test"), split_bounds(len(documents), cfg.split), strict=True)
-        )
+        pipeline.components = [Component("memory", 1.0, InMemorySource(documents), 0)]
     return pipeline
 
 
@@ -319,3 +317,117 @@ def test_invalid_unicode_is_refused_by_file_and_line_at_validation(tmp_path):
     chats.write_text('{"messages": [{"role": "user", "content": "\\udc80"}]}\n')
     with pytest.raises(DataError, match=r"chat.jsonl:1: field 'messages' holds invalid Unicode"):
         JsonlSource([chats], "messages")
+
+
+def _token_corpus(path, first, count, length=7):
+    """A JSONL corpus of token-id documents; the ids of document i are first + i (one id per
+    document, so a row's tokens name its documents)."""
+    path.write_text("".join(json.dumps({"ids": [first + i] * length}) + "\n" for i in range(count)))
+    return str(path)
+
+
+def _mixture(tmp_path, weights=(0.25, 0.75), **kwargs):
+    sources = [
+        {"path": _token_corpus(tmp_path / "a.jsonl", 1000, 50), "weight": weights[0]},
+        {"path": _token_corpus(tmp_path / "b.jsonl", 5000, 80), "weight": weights[1]},
+    ]
+    raw = {"source": "jsonl", "tokens_field": "ids", "sources": sources, **kwargs}
+    return parse_section(DataConfig, raw, "data")
+
+
+def test_a_cpt_state_taken_where_a_row_ends_a_document_resumes_exactly(tmp_path):
+    """Checkpoints keep the iterator state as JSON, where grain's concat-then-split marker for
+    "no partly used document", a tuple, comes back as a list (data/kinds.py `_JsonState`)."""
+    path = _token_corpus(tmp_path / "c.jsonl", 1000, 50)  # documents of 6 inputs, rows of 12
+    cfg = DataConfig(source="jsonl", tokens_field="ids", path=path)
+    iterator = _pipeline(cfg, seq_len=12).train_iterator()
+    _batches(iterator, 3)
+    state = json.loads(json.dumps(iterator.get_state()))
+    assert '"remainder_slices": {"input_ids": [-1, -1]' in json.dumps(state)
+    resumed = _pipeline(cfg, seq_len=12).train_iterator()
+    resumed.set_state(state)
+    for x, y in zip(_batches(iterator, 3), _batches(resumed, 3), strict=True):
+        np.testing.assert_array_equal(x["doc_ids"], y["doc_ids"])
+
+
+def test_mixture_draws_rows_by_weight_and_resumes_to_the_exact_sample(tmp_path):
+    cfg = _mixture(tmp_path)
+    pipeline = _pipeline(cfg, seq_len=16, batch=4)
+    assert [(c.name, c.offset) for c in pipeline.components] == [("a.jsonl", 0), ("b.jsonl", 50)]
+    iterator = pipeline.train_iterator()
+    head = _batches(iterator, 10)
+    state = json.loads(json.dumps(iterator.get_state()))  # as a checkpoint keeps it
+    tail = _batches(iterator, 90)
+    counts = {"a.jsonl": 0, "b.jsonl": 0}
+    for batch in head + tail:
+        for name, n in pipeline.source_rows(batch).items():
+            counts[name] += n
+        # A row holds one source's documents; its sample ids say which (a: 0-49, b: 50-129),
+        # and its tokens are that document's.
+        for row, ids in zip(batch["input_ids"], sample_ids(batch), strict=True):
+            assert all(i < 50 for i in ids) or all(i >= 50 for i in ids)
+            expected = [1000 + i if i < 50 else 5000 + i - 50 for i in ids]
+            assert sorted(set(row.tolist())) == sorted(set(expected))
+    assert sum(counts.values()) == 400
+    assert abs(counts["a.jsonl"] / 400 - 0.25) < 0.01, counts
+    # Both sources went round more than once (an epoch of a: ~19 rows of 16 tokens).
+    assert counts["a.jsonl"] > 2 * 50 * 6 / 16
+    # Resumed from the state after 10 batches: exactly the batches that followed.
+    resumed = _pipeline(cfg, seq_len=16, batch=4).train_iterator()
+    resumed.set_state(state)
+    for x, y in zip(tail[:20], _batches(resumed, 20), strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    # Other weights, other shares; the same weights, the same batches.
+    skewed = _pipeline(_mixture(tmp_path, (0.9, 0.1)), seq_len=16, batch=4).train_iterator()
+    shares = [pipeline.source_rows(b)["a.jsonl"] for b in _batches(skewed, 25)]
+    assert abs(sum(shares) / 100 - 0.9) < 0.02
+    again = _pipeline(cfg, seq_len=16, batch=4).train_iterator()
+    for x, y in zip(head, _batches(again, 10), strict=True):
+        np.testing.assert_array_equal(x["doc_ids"], y["doc_ids"])
+
+
+def test_mixture_validation_batches_and_errors_name_the_source(tmp_path):
+    cfg = _mixture(tmp_path, split=[0.8, 0.2, 0.0])
+    val = _pipeline(cfg, seq_len=16, batch=2).eval_batches(50)
+    ids = {i for b in val for row in sample_ids(b) for i in row}
+    assert ids & set(range(40, 50)) and ids & set(range(114, 130))  # both sources' val splits
+    assert ids <= set(range(40, 50)) | set(range(114, 130))
+    (tmp_path / "b.jsonl").write_text('{"ids": [1, 2]}\n{"ids": [3,\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:2:\d+: invalid JSON"):
+        _pipeline(cfg)
+    missing = {"sources": [{"path": str(tmp_path / "a.jsonl"), "weight": 1}, {"weight": 1}]}
+    with pytest.raises(DataError, match=r"^data\.sources\[1\]\.path: required"):
+        _pipeline(
+            parse_section(DataConfig, {"source": "jsonl", "tokens_field": "ids", **missing}, "data")
+        )
+    with pytest.raises(DataError, match="data.sources: prepare one corpus at a time"):
+        prepare(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        ([], r"data\.sources: at least one source"),
+        ([{"path": "a", "weight": 0}], r"data\.sources\[0\]: weight: must be positive and finite"),
+        ([{"path": "a", "weight": -1}], r"data\.sources\[0\]: weight: must be positive"),
+        (
+            [{"path": "a", "weight": 1}, {"path": "b", "weight": float("nan")}],
+            r"sources\[1\]: weight",
+        ),
+        ([{"path": "a", "weight": "inf"}], r"data\.sources\[0\]: weight: must be positive and"),
+        ([{"path": "a"}], r"missing required config key 'data\.sources\[0\]\.weight'"),
+        ([{"path": "x/a", "weight": 1}, {"path": "y/a", "weight": 1}], r"sources\[1\]\.name: 'a'"),
+    ],
+)
+def test_mixture_settings_are_checked_by_name(sources, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_section(DataConfig, {"source": "jsonl", "sources": sources}, "data")
+
+
+def test_mixture_and_a_single_path_are_exclusive_in_a_config_file(tmp_path):
+    setting = "data.sources=[{path: a.jsonl, weight: 1}]"
+    with pytest.raises(ConfigError, match="data.sources and data.path are mutually exclusive"):
+        load_config("tiny_sft", [setting, "data.path=b.jsonl"])
+    cfg = load_config("tiny_cpt", [setting, "data.source=jsonl"])
+    assert cfg.data.sources[0] == DataSource(weight=1.0, path="a.jsonl")

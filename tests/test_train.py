@@ -405,3 +405,15 @@ def test_tiny_sft_trains_on_assistant_tokens_with_validation(tmp_path):
     # The loss covers assistant tokens only: well under the 2 x 256 positions of a batch.
     assert all(0 < m["loss_tokens"] < 0.8 * 2 * 256 for m in steps)
     assert steps[-1]["truncated_samples"] > 0  # 256-token rows truncate some GSM8K pairs
+
+
+def test_a_mixture_logs_its_realized_shares_and_checkpoints_its_counts(tmp_path):
+    mixture = "data.sources=[{source: synthetic, weight: 1, name: a}, {source: synthetic, weight: 3, name: b}]"  # noqa: E501
+    cfg = _config(tmp_path / "run", mixture, "train.steps=4")
+    out = io.StringIO()
+    history = train(cfg, out=out)
+    assert "data mixture (share of rows): a 0.250 (2,000 documents), b 0.750" in out.getvalue()
+    # 16 rows in all: grain's interleaving draws exactly 4 from a.
+    assert history[-1]["mix/a"] == 0.25 and history[-1]["mix/b"] == 0.75
+    meta = json.loads(next((tmp_path / "run/checkpoints/4").rglob("meta/metadata")).read_text())
+    assert (meta["rows/a"], meta["rows/b"]) == (4, 12)  # a rerun continues from these

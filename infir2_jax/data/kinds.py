@@ -90,7 +90,7 @@ class _Cpt(DataKind):
 
     def pack(self, ds, cfg, seq_len, seed):
         lengths = _lengths(seq_len)
-        return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
+        return _JsonState(grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths))
 
     def encode(self, cfg, tokenizer):
         return CptExamples(tokenizer, cfg.text_field, cfg.tokens_field).tokens
@@ -130,6 +130,31 @@ class _Sft(DataKind):
             "truncated_samples": int(np.sum(batch["overlong"] == TRUNCATED)),
             "dropped_samples": int(np.sum(batch["overlong"] == DROPPED)),
         }
+
+
+class _JsonState(grain.IterDataset):
+    """Concat-then-split packing whose state survives JSON (as checkpoints store it). grain
+    marks "no partly used document" with the tuple (-1, -1) and compares it with `!=`, so the
+    list JSON gives back reads as a partly used document: a run checkpointed where a document
+    ended with a row would resume a document early."""
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _JsonStateIterator(self._parent.__iter__())
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+        self._parent.set_state({**state, "remainder_slices": slices})
 
 
 class Tally:

@@ -5,6 +5,10 @@
       --pack to seq_len--> rows --batch(global batch / hosts)--> [worker processes]
 
 What differs between CPT and SFT lives in the `DataKind` of `data.kind` (data/kinds.py).
+A mixture (`data.sources`) runs the chain up to the packed rows once per source and draws rows
+from them with grain's `IterDataset.mix` in proportion to the weights (a fixed interleaving,
+part of the iterator's state); sample ids count through the sources in order, so an id names
+its source (`Component.offset`).
 Packing: CPT concatenates documents and cuts rows (a long document continues in the next row;
 nothing is padded or dropped); SFT packs whole samples first-fit into `data.pack_bins` rows at
 a time and pads the rest (a sample is never split). Inside a row, `segment_ids` number the
@@ -16,6 +20,7 @@ checkpoint, so a resumed run reads exactly the next batch (with the same `data.w
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import grain
 import numpy as np
@@ -38,8 +43,11 @@ from infir2_jax.data.tokenizer import LazyTokenizer
 Batch = dict[str, np.ndarray]
 
 
-def open_source(cfg: DataConfig):
-    """The configured record source (raises DataError for missing or malformed input)."""
+def open_source(cfg: DataConfig, key: str = "data.path"):
+    """The configured record source (raises DataError for missing or malformed input); `key`
+    names the path's setting in errors."""
+    if cfg.sources is not None:
+        raise DataError("data.sources: open each source on its own (`open_sources`)")
     kind = data_kind(cfg.kind)
     field = kind.field(cfg)
     if cfg.source == "synthetic":
@@ -55,19 +63,73 @@ def open_source(cfg: DataConfig):
         return gsm8k_source(kind, field, cfg.path)
     if cfg.source == "jsonl":
         return JsonlSource(
-            expand_paths(cfg.path, (".jsonl", ".json")), field, cfg.max_document_bytes
+            expand_paths(cfg.path, (".jsonl", ".json"), key), field, cfg.max_document_bytes
         )
     if cfg.source == "parquet":
-        return ParquetSource(expand_paths(cfg.path, (".parquet",)), field, cfg.max_document_bytes)
+        files = expand_paths(cfg.path, (".parquet",), key)
+        return ParquetSource(files, field, cfg.max_document_bytes)
     if cfg.source == "arrayrecord":
         return ArrayRecordJsonSource(
-            expand_paths(cfg.path, (".array_record",)), field, cfg.max_document_bytes
+            expand_paths(cfg.path, (".array_record",), key), field, cfg.max_document_bytes
         )
-    return PreparedSource(cfg.path, kind)
+    return PreparedSource(cfg.path, kind, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One source of the training data: the whole of it (`data.path`) or one of a mixture."""
+
+    name: str
+    weight: float
+    source: Any  # a record source (data/records.py)
+    offset: int  # added to its record indices: sample ids are unique over the sources
+
+    def bounds(self, split: tuple[float, ...]) -> dict[str, tuple[int, int]]:
+        return dict(
+            zip(("train", "val", "test"), split_bounds(len(self.source), split), strict=True)
+        )
+
+
+def open_sources(cfg: DataConfig) -> list[Component]:
+    """The sources of `data.path` (one) or `data.sources`, in order, with their names, weights
+    and sample id offsets."""
+    if cfg.sources is None:
+        parts = [(cfg, 1.0, "data.path")]
+    else:
+        parts = [
+            (
+                dataclasses.replace(
+                    cfg, sources=None, path=part.path, source=part.source or cfg.source
+                ),
+                part.weight,
+                f"data.sources[{i}].path",
+            )
+            for i, part in enumerate(cfg.sources)
+        ]
+    components, offset = [], 0
+    for name, (part, weight, key) in zip(cfg.source_names(), parts, strict=True):
+        source = open_source(part, key)
+        components.append(Component(name, weight, source, offset))
+        offset += len(source)
+    return components
+
+
+def source_rows(components: list[Component], batch: Batch) -> dict[str, int]:
+    """Rows of `batch` per source (a row holds samples of one source only), by name."""
+    starts = np.asarray([c.offset for c in components])
+    first = np.asarray([row[row > 0][0] - 1 if (row > 0).any() else -1 for row in batch["doc_ids"]])
+    which = np.searchsorted(starts, first[first >= 0], side="right") - 1
+    counts = np.bincount(which, minlength=len(components))
+    return {c.name: int(n) for c, n in zip(components, counts, strict=True)}
 
 
 def needs_tokenizer(cfg: DataConfig) -> bool:
-    """Whether records are text to tokenize (not token ids already)."""
+    """Whether records (of any of the sources) are text to tokenize (not token ids already)."""
+    if cfg.sources is not None:
+        return any(
+            needs_tokenizer(dataclasses.replace(cfg, sources=None, source=p.source or cfg.source))
+            for p in cfg.sources
+        )
     if cfg.source in ("prepared", "synthetic"):
         return False
     return data_kind(cfg.kind).needs_tokenizer(cfg)
@@ -80,14 +142,15 @@ def split_bounds(n: int, fractions: tuple[float, ...]) -> list[tuple[int, int]]:
 
 
 class _WithIndex:
-    """(source index, record): the index is the sample id carried into every batch. Grain
-    passes indices past the end on later epochs (reading them modulo the length)."""
+    """(sample id, record): the source index (plus the source's offset in a mixture) is the
+    sample id carried into every batch. Grain passes indices past the end on later epochs
+    (reading them modulo the length)."""
 
-    def __init__(self, length: int):
-        self.length = length
+    def __init__(self, length: int, offset: int = 0):
+        self.length, self.offset = length, offset
 
     def __call__(self, index: int, record):
-        return index % self.length, record
+        return self.offset + index % self.length, record
 
 
 class _Apply:
@@ -134,21 +197,15 @@ class DataPipeline:
         self.host_streams = range(
             self.process_index * per_host, (self.process_index + 1) * per_host
         )
-        self.source = open_source(self.cfg)
-        self.bounds = dict(
-            zip(
-                ("train", "val", "test"),
-                split_bounds(len(self.source), self.cfg.split),
-                strict=True,
-            )
-        )
-        lo, hi = self.bounds["train"]
-        if hi - lo < self.streams:
-            raise DataError(
-                f"data: the train split has {hi - lo} documents (of {len(self.source)}, "
-                f"data.split={list(self.cfg.split)}), fewer than the {self.streams} streams "
-                "(data.streams, default: one per host)"
-            )
+        self.components = open_sources(self.cfg)
+        for c in self.components:
+            lo, hi = c.bounds(self.cfg.split)["train"]
+            if hi - lo < self.streams:
+                raise DataError(
+                    f"data: the train split of {c.name} has {hi - lo} documents (of "
+                    f"{len(c.source)}, data.split={list(self.cfg.split)}), fewer than the "
+                    f"{self.streams} streams (data.streams, default: one per host)"
+                )
         tokenizer = LazyTokenizer(self.cfg.tokenizer, self.cfg.chat_template)
         if needs_tokenizer(self.cfg):
             tokenizer.get()  # a missing or broken tokenizer fails now, not in a worker
@@ -167,15 +224,30 @@ class DataPipeline:
         return grain.experimental.ZipIterDataset(parts).map(_concatenate_rows)
 
     def _rows(self, split: str, stream: int, *, train: bool) -> grain.IterDataset:
-        lo, hi = self.bounds[split]
-        ds = grain.MapDataset.source(self.source).map_with_index(_WithIndex(len(self.source)))[
-            lo:hi
+        """One stream's packed rows: of its one source, or its sources mixed by weight."""
+        parts = [
+            self._source_rows(c, i, split, stream, train=train)
+            for i, c in enumerate(self.components)
         ]
-        ds = ds[stream :: self.streams]
+        if len(parts) == 1:
+            return parts[0]
+        return grain.IterDataset.mix(parts, [c.weight for c in self.components])
+
+    def _source_rows(
+        self, c: Component, i: int, split: str, stream: int, *, train: bool
+    ) -> grain.IterDataset:
+        lo, hi = c.bounds(self.cfg.split)[split]
+        ds = grain.MapDataset.source(c.source).map_with_index(_WithIndex(len(c.source), c.offset))
+        ds = ds[lo:hi][stream :: self.streams]
+        seed = self.seed + i  # each source its own order (the first: the seed, as unmixed)
         if train:
-            ds = ds.shuffle(seed=self.seed).repeat()
+            ds = ds.shuffle(seed=seed).repeat()
         ds = ds.map(_Apply(self.examples)).to_iter_dataset()
-        return self.kind.pack(ds, self.cfg, self.seq_len, self.seed).map(_model_inputs)
+        return self.kind.pack(ds, self.cfg, self.seq_len, seed).map(_model_inputs)
+
+    def source_rows(self, batch: Batch) -> dict[str, int]:
+        """Rows of a batch per source name (the realized mixture)."""
+        return source_rows(self.components, batch)
 
     def train_iterator(self) -> grain.DatasetIterator:
         """Endless iterator of this host's batches; `get_state`/`set_state` checkpoint it."""
@@ -191,10 +263,10 @@ class DataPipeline:
 
     def eval_batches(self, count: int) -> list[Batch]:
         """The first `count` batches of the validation split (the same ones every time)."""
-        lo, hi = self.bounds["val"]
-        if hi - lo < self.streams:
+        val = min(hi - lo for c in self.components for lo, hi in [c.bounds(self.cfg.split)["val"]])
+        if val < self.streams:
             raise DataError(
-                f"data.split={list(self.cfg.split)} leaves {hi - lo} validation documents; "
+                f"data.split={list(self.cfg.split)} leaves {val} validation documents; "
                 "train.eval_every needs a validation split"
             )
         ds = self._batches("val", train=False)

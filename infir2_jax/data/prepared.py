@@ -15,19 +15,19 @@ class PreparedSource:
     """Token shards written by `prepare`: records are int32 arrays ([tokens] for CPT,
     [2, length] tokens + loss mask for SFT)."""
 
-    def __init__(self, directory: str | None, kind: DataKind):
+    def __init__(self, directory: str | None, kind: DataKind, key: str = "data.path"):
         import grain
 
         if directory is None:
-            raise DataError("data.path: required for data.source=prepared")
+            raise DataError(f"{key}: required for data.source=prepared")
         info_path = Path(directory) / PREPARED_INFO
         if not info_path.is_file():
-            raise DataError(f"data.path: {directory}: no {PREPARED_INFO} (run the prepare command)")
+            raise DataError(f"{key}: {directory}: no {PREPARED_INFO} (run the prepare command)")
         self.directory = str(directory)
         self.info = json.loads(info_path.read_text())
         if self.info["kind"] != kind.name:
             raise DataError(
-                f"data.path: {directory} was prepared for kind={self.info['kind']}, "
+                f"{key}: {directory} was prepared for kind={self.info['kind']}, "
                 f"not data.kind={kind.name}"
             )
         self.kind = kind

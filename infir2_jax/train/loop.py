@@ -13,6 +13,7 @@ import jax
 
 from infir2_jax.config import RunConfig
 from infir2_jax.data import OVERLONG_COUNTERS, DataPipeline, check_vocab, data_kind, sample_ids
+from infir2_jax.data.pipeline import Component, source_rows
 from infir2_jax.model.parts import ModelParts
 from infir2_jax.parallel import describe
 from infir2_jax.train.checkpointing import TrainCheckpointer
@@ -24,9 +25,14 @@ from infir2_jax.train.sharding import global_batch, jit_eval_step, jit_train_ste
 
 class _Training(Runner):
     """CPT/SFT: each step the next batch of the data pipeline through the next-token step;
-    every `train.eval_every` steps the validation loss."""
+    every `train.eval_every` steps the validation loss. With a mixture (`data.sources`) it
+    counts this host's rows per source (`rows/NAME`, kept in checkpoints) and logs their
+    shares (`mix/NAME`): the realized proportions."""
 
-    def __init__(self, cfg, setup: Setup, checkpointer, data, eval_batches, begun, out):
+    def __init__(
+        self, cfg, setup: Setup, checkpointer, data, eval_batches, begun, out,
+        components: list[Component],
+    ):  # fmt: skip
         start, meta, resumed = begun
         super().__init__(
             cfg, checkpointer, out, start=start, meta=meta, resumed=resumed, data=data,
@@ -35,6 +41,8 @@ class _Training(Runner):
         self.layout, self.eval_batches = setup.layout, eval_batches
         self.kind = data_kind(cfg.data.kind)
         self.counters = {k: int(meta.get(k, 0)) for k in OVERLONG_COUNTERS}
+        self.components = components if len(components) > 1 else []
+        self.rows = {c.name: int(meta.get(f"rows/{c.name}", 0)) for c in self.components}
         self.attention = setup.plan.attention
 
         def build(parts: ModelParts):
@@ -59,6 +67,9 @@ class _Training(Runner):
             self.samples.write(json.dumps({"step": step + 1, "samples": sample_ids(local)}) + "\n")
         for name, count in self.kind.count(local).items():
             self.counters[name] += count
+        if self.components:
+            for name, count in source_rows(self.components, local).items():
+                self.rows[name] += count
         return self.steps.for_batch(local)[0](state, global_batch(self.layout, local))
 
     def log_values(self, state, raw, done):
@@ -66,7 +77,9 @@ class _Training(Runner):
         now = time.perf_counter()
         rate = self.tokens_per_step * (done - self._last[1]) / (now - self._last[0])
         self._last = (now, done)
-        return {**metrics, **{k: self.counters[k] for k in self.kind.counters}}, rate
+        total = max(sum(self.rows.values()), 1)
+        mix = {f"mix/{name}": n / total for name, n in self.rows.items()}
+        return {**metrics, **{k: self.counters[k] for k in self.kind.counters}, **mix}, rate
 
     def after_step(self, state, done):
         if not self.eval_due(done):
@@ -81,7 +94,8 @@ class _Training(Runner):
         self.history.append({"step": done, "eval_loss": loss_sum / max(tokens, 1.0)})
 
     def checkpoint_meta(self):
-        return {**self.counters, **super().checkpoint_meta()}
+        rows = {f"rows/{name}": n for name, n in self.rows.items()}
+        return {**self.counters, **rows, **super().checkpoint_meta()}
 
     def close(self):
         super().close()
@@ -106,12 +120,23 @@ def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
     checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
     state, start, meta, resumed = start_state(cfg, setup, checkpointer, data, out)
-    runner = _Training(cfg, setup, checkpointer, data, eval_batches, (start, meta, resumed), out)
+    runner = _Training(
+        cfg, setup, checkpointer, data, eval_batches, (start, meta, resumed), out,
+        pipeline.components,
+    )  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"mesh: {describe(setup.layout)}", file=out, flush=True)
+    if len(pipeline.components) > 1:
+        total = sum(c.weight for c in pipeline.components)
+        mixture = ", ".join(
+            f"{c.name} {c.weight / total:.3f} ({len(c.source):,} documents)"
+            for c in pipeline.components
+        )
+        print(f"data mixture (share of rows): {mixture}", file=out, flush=True)
     print(
         f"model: {n_params:,} parameters | "
-        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} ({cfg.data.kind}, {cfg.data.source}) | "
+        f"batch {cfg.train.batch_size}×{cfg.train.seq_len} ({cfg.data.kind}, "
+        f"{cfg.data.source if cfg.data.sources is None else 'mixture'}) | "
         f"fp8 {cfg.fp8.recipe} | attention {setup.plan.attention or 'xla'} | "
         f"steps {start}->{cfg.train.steps}",
         file=out,
