@@ -17,3 +17,12 @@ def cuda_plugin() -> str | None:
         if importlib.util.find_spec(name) is not None:
             return name
     return None
+
+
+def scan_num_consts(params: dict) -> int:
+    """How many leading operands of a `scan` equation (its `params`) are loop constants: a
+    `num_consts` count up to jax 0.11; since jax 0.12 an `ft_in` tree of (consts, carry, xs)."""
+    if "num_consts" in params:
+        return params["num_consts"]
+    consts, _, _ = params["ft_in"].unpack()
+    return len(consts)

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from infir2_jax.compat import scan_num_consts
 from infir2_jax.fp8 import E4M3, E5M2, dequantize_blocks, quantize_blocks, scale_from_amax
 from infir2_jax.fp8.dots import Fp8Spec, current_scaling_dot
 from infir2_jax.fp8.quantize import (
@@ -136,7 +137,7 @@ def test_amax_in_a_layer_scan_leaves_no_full_size_constant_outside_the_loop():
     x = jnp.ones((40, 48), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((3, 48, 48), jnp.bfloat16), x)
     forward_scan = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
-    consts = forward_scan.invars[: forward_scan.params["num_consts"]]
+    consts = forward_scan.invars[: scan_num_consts(forward_scan.params)]
     assert all(v.aval.size < x.size for v in consts), [str(v.aval) for v in consts]
 
 
