@@ -126,14 +126,15 @@ def _run_benchmark(cfg: EvalConfig, spec: dict, spec_path: Path, log: Path) -> N
 
 def run(cfg: EvalConfig, model: str | None) -> dict:
     from infir2_jax.config import ConfigError
-    from infir2_jax.eval.model import serving_model
-    from infir2_jax.eval.report import read_evalscope_report, regrade, write_reports
-    from infir2_jax.eval.servers import running_server
 
     if cfg.engine != "url" and not model:
         raise ConfigError(f"--model is needed to start the {cfg.engine} server")
     cfg = dataclasses.replace(cfg, evalscope_python=evalscope_python(cfg))
     check_evalscope(cfg.evalscope_python)  # before minutes of export and server start-up
+    from infir2_jax.eval.model import serving_model
+    from infir2_jax.eval.report import read_evalscope_report, regrade, write_reports
+    from infir2_jax.eval.servers import running_server
+
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = serving_model(model, cfg, run_dir) if cfg.engine != "url" else None
