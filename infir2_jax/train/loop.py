@@ -18,7 +18,7 @@ from infir2_jax.parallel import describe
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import open_jsonl_for_resume
 from infir2_jax.train.runner import Runner, Steps
-from infir2_jax.train.setup import Setup, prepare, start_state
+from infir2_jax.train.setup import Setup, prepare, run_directory, start_state
 from infir2_jax.train.sharding import global_batch, jit_eval_step, jit_train_step
 
 
@@ -91,22 +91,23 @@ class _Training(Runner):
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) training to `train.steps`; returns the metrics logged by this call."""
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup = prepare(cfg)
-    pipeline = DataPipeline(
-        cfg.data,
-        seq_len=cfg.train.seq_len,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    data = pipeline.train_iterator()
-    eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
-    checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
-    state, start, meta, resumed = start_state(cfg, setup, checkpointer, data, out)
-    runner = _Training(cfg, setup, checkpointer, data, eval_batches, (start, meta, resumed), out)
+    with run_directory(Path(cfg.train.run_dir)) as run_dir:  # removed if set-up fails
+        setup = prepare(cfg)
+        pipeline = DataPipeline(
+            cfg.data,
+            seq_len=cfg.train.seq_len,
+            global_batch=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        data = pipeline.train_iterator()
+        eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
+        checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
+        state, start, meta, resumed = start_state(cfg, setup, checkpointer, data, out)
+        runner = _Training(
+            cfg, setup, checkpointer, data, eval_batches, (start, meta, resumed), out
+        )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"mesh: {describe(setup.layout)}", file=out, flush=True)
     print(

@@ -13,7 +13,7 @@ from typing import Any, Protocol, TextIO
 from infir2_jax.config import LoggingConfig, RunConfig
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -147,7 +147,7 @@ class MetricsLogger:
             per_step = (now - self._start_time) / max(step - self._start_step, 1)
             eta = per_step * (self.total_steps - step)
         width = len(str(self.total_steps))
-        eta_text = "--" if eta != eta else _duration(eta)
+        eta_text = "--" if eta != eta else duration(eta)
         streak = int(record.get("nonfinite_streak", 0))
         skipped = f" | SKIPPED (non-finite, {streak} in a row)" if streak else ""
         overlong = ""
