@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -166,3 +167,136 @@ def test_eval_names_an_interpreter_without_evalscope(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert err.count("error:") == 1, err
     assert f"evalscope is not installed for {bare}" in err
+
+
+# ---- a tiny training run, read back as a user does
+
+TINY = ["train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.log_every=1",
+        "checkpoint.every=2", "model.num_layers=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    """(run directory, its console output) of two tiny_cpt steps."""
+    import io
+
+    from infir2_jax.config import load_config
+    from infir2_jax.train import train
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    out = io.StringIO()
+    train(load_config("tiny_cpt", [*TINY, f"train.run_dir={run_dir}"]), out=out)
+    return run_dir, out.getvalue()
+
+
+def test_done_line_shows_time_final_loss_and_tokens(tiny_run):
+    run_dir, out = tiny_run
+    done = out.strip().splitlines()[-1]
+    last = [line for line in out.splitlines() if line.startswith("step 2/2")][0]
+    loss = last.split("| loss ")[1].split(" ")[0]
+    assert done.startswith("done: 2 steps in 0m") or done.startswith("done: 2 steps in 1m"), done
+    assert f"final loss {loss}" in done
+    assert "128 tokens (2×32 per step)" in done  # 2 steps × 2 rows × 32 tokens
+    assert str(run_dir / "checkpoints") in done
+
+
+def test_weights_only_reads_log_no_absl_warning(tiny_run, tmp_path):
+    """A training checkpoint read for its weights (orbax_to_hf; also RL init_from and eval's
+    export, which call the same restore) says nothing about the optimizer state it skips."""
+    run_dir, _ = tiny_run
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "converters" / "orbax_to_hf.py"), "--checkpoint",
+         str(run_dir), "--out", str(tmp_path / "hf"), "--dtype", "auto"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "WARNING" not in r.stderr, r.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["jnp.float32", "np.float32", "jnp.bfloat16", "'bfloat16'"])
+def test_from_pretrained_takes_any_dtype_like(tiny_run, dtype):
+    import jax
+    import jax.numpy as jnp  # noqa: F401  (the parametrized expressions name them)
+    import numpy as np  # noqa: F401
+
+    from infir2_jax import from_pretrained
+
+    model = from_pretrained(tiny_run[0], dtype=eval(dtype))
+    want = "float32" if "float32" in dtype else "bfloat16"
+    kernel = model.embed_tokens.embedding[...]
+    assert str(kernel.dtype) == want
+    assert model(jnp.zeros((1, 4), jnp.int32)).shape[:2] == (1, 4)
+    with pytest.raises(ValueError, match="not a dtype"):
+        from_pretrained(tiny_run[0], dtype="fp99")
+    del jax
+
+
+def test_a_failed_set_up_leaves_no_run_directory(tmp_path):
+    """train.init_from naming nothing fails after the checkpointer and config.yaml were
+    created: the run directory it made is removed again, one that existed is kept."""
+    from infir2_jax.config import load_config
+    from infir2_jax.train import train
+
+    run_dir = tmp_path / "runs" / "new"
+    cfg = load_config(
+        "tiny_cpt", [*TINY, f"train.run_dir={run_dir}", f"train.init_from={tmp_path / 'none'}"]
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(cfg)
+    assert not run_dir.exists()
+    run_dir.mkdir(parents=True)
+    (run_dir / "mine.txt").write_text("kept")
+    with pytest.raises(FileNotFoundError):
+        train(cfg)
+    assert (run_dir / "mine.txt").read_text() == "kept"
+
+
+def test_too_few_devices_names_the_factors_and_overrides(tmp_path):
+    """A recipe's TP 4 × CP 2 on one CPU device: one error naming both factors and the
+    overrides that run it here; no run directory left behind."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.train", "--config", "tiny_cpt",
+         "--set", "parallel.tensor=4", "--set", "parallel.context=2",
+         "--set", f"train.run_dir={run_dir}"],
+        cwd=tmp_path, env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "tensor 4 × context 2 = 8" in r.stderr
+    assert "--set parallel.tensor=1 --set parallel.context=1" in r.stderr
+    assert not run_dir.exists()
+
+
+def test_a_missing_model_path_says_it_does_not_exist(tmp_path, capsys):
+    from infir2_jax.generate.__main__ import main as generate_main
+
+    (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2]}\n')
+    missing = tmp_path / "runs" / "nothing"
+    status = generate_main(
+        ["--model", str(missing), "--prompts", str(tmp_path / "p.jsonl"),
+         "--out", str(tmp_path / "o.jsonl")]
+    )  # fmt: skip
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err
+    assert "not an Orbax" not in err
+
+
+def test_generate_takes_the_runs_tokenizer_from_its_config(tmp_path, capsys):
+    """`--model runs/x` (or its checkpoints/ or a step) of an SFT run: the tokenizer and chat
+    template its config.yaml names, without --tokenizer."""
+    from infir2_jax.config import dump_config, load_config
+    from infir2_jax.generate.loading import find_tokenizer
+
+    run = tmp_path / "runs" / "sft"
+    (run / "checkpoints" / "20").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(load_config("tiny_sft")))
+    for model in (run, run / "checkpoints", run / "checkpoints" / "20"):
+        tokenizer = find_tokenizer(str(model), None, None)
+        assert tokenizer is not None and tokenizer.chat_template
+        assert "<|im_start|>" in tokenizer.chat_template
+    assert f"tokenizer: qwen (from {run / 'config.yaml'})" in capsys.readouterr().err
+    (tmp_path / "bare").mkdir()
+    assert find_tokenizer(str(tmp_path / "bare"), None, None) is None
