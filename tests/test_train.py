@@ -405,3 +405,24 @@ def test_tiny_sft_trains_on_assistant_tokens_with_validation(tmp_path):
     # The loss covers assistant tokens only: well under the 2 x 256 positions of a batch.
     assert all(0 < m["loss_tokens"] < 0.8 * 2 * 256 for m in steps)
     assert steps[-1]["truncated_samples"] > 0  # 256-token rows truncate some GSM8K pairs
+
+
+def test_eta_counts_the_evaluations_left(monkeypatch):
+    """The ETA is the steps left at the step time (evaluations excluded) plus the evaluations
+    left at their mean time; before one is timed, it says how many it leaves out."""
+    import io
+
+    from infir2_jax.train import metrics
+
+    clock = iter([0.0, 1.0, 15.0, 18.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    logger = metrics.MetricsLogger(None, total_steps=10, resume_step=0, out=out, eval_every=5)
+    values = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0}
+    logger.log(1, values, 1.0)  # t=0: timing starts
+    logger.log(2, values, 1.0)  # t=1: 1 s per step, 8 steps and the evaluations at 5 and 10
+    logger.eval_took(10.0)  # the evaluation at step 5
+    logger.log(6, values, 1.0)  # t=15: 15 s less the evaluation over 5 steps; 4 + 1 eval left
+    logger.log(9, values, 1.0)  # t=18: 1 s per step; 1 step and 1 evaluation (10 s) left
+    etas = [line.split("ETA ")[1] for line in out.getvalue().splitlines()]
+    assert etas == ["--", "0m08s + 2 evals", "0m14s", "0m11s"]

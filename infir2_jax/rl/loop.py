@@ -404,8 +404,10 @@ class _Reinforce(Runner):
         if self.cfg.rl.overlong == "filter":
             logged["overlong_filtered"] = float(raw.filtered)
         if self.eval_due(done):
+            started = time.perf_counter()
             self.rollout.sync(state.params, done)  # the next step's rollouts reuse this sync
             logged.update(_evaluate(self.rollout, self.task, self.grader, self.cfg, done - 1))
+            self.logger.eval_took(time.perf_counter() - started)
         return logged, tokens / max(t_train - t_rollout, 1e-9)
 
     def checkpoint_meta(self):

@@ -71,12 +71,14 @@ class _Training(Runner):
     def after_step(self, state, done):
         if not self.eval_due(done):
             return
+        started = time.perf_counter()
         loss_sum, tokens = 0.0, 0.0
         for batch in self.eval_batches:
             eval_step = self.steps.for_batch(batch)[1]
             result = jax.device_get(eval_step(state, global_batch(self.layout, batch)))
             loss_sum += float(result["loss_sum"])
             tokens += float(result["tokens"])
+        self.logger.eval_took(time.perf_counter() - started)
         self.logger.log_eval(done, loss_sum / max(tokens, 1.0), tokens)
         self.history.append({"step": done, "eval_loss": loss_sum / max(tokens, 1.0)})
 

@@ -186,7 +186,7 @@ class Runner(abc.ABC):
         sinks = make_sinks(self.cfg, self.run_dir, self.start, self.out) if primary else []
         self.logger = MetricsLogger(
             self.run_dir / "metrics.jsonl" if primary else None, self.total, self.start,
-            self.out, sinks=sinks,
+            self.out, sinks=sinks, eval_every=self.eval_every,
         )  # fmt: skip
         stop = StopRequest()
         started = time.perf_counter()
