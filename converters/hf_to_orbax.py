@@ -1,28 +1,13 @@
 """Hugging Face Qwen2 directory -> Orbax model checkpoint.
 
-python converters/hf_to_orbax.py --hf-dir Qwen2.5-7B --out ckpt/qwen2.5-7b [--dtype auto]
+Same as the console script `infir2-hf-to-orbax` of an installed package; `--help` for usage.
 """
 
 import sys
 
-import _bootstrap
+import _bootstrap  # noqa: F401  (a source checkout's infir2_jax on sys.path)
 
-from infir2_jax.checkpoint.convert import hf_to_orbax
-
-
-def main(argv=None) -> int:
-    parser = _bootstrap.parser(__doc__)
-    parser.add_argument("--hf-dir", required=True, help="HF directory: config.json + safetensors")
-    parser.add_argument("--out", required=True, help="new Orbax checkpoint directory")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="stored parameter dtype (auto: as in the HF files)",
-    )
-    args = parser.parse_args(argv)
-    return _bootstrap.run(lambda: hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype))
-
+from infir2_jax.checkpoint.commands import hf_to_orbax_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,16 +27,43 @@ SET_HELP = "override one config value (repeatable), e.g. --set train.steps=60"
 MODEL_SET_HELP = "model.* (e.g. model.dtype=float32), fp8.* or parallel.* (repeatable)"
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Ends an option's help with `(default: X)` where X says something (not None, False or
+    an empty list) and the help does not already name its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == []
+        if quiet or action.default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class _RawShowDefaults(argparse.RawDescriptionHelpFormatter, _ShowDefaults):
+    pass
+
+
 def command_parser(
     prog: str | None, doc: str | None, *, raw_doc: bool = False
 ) -> argparse.ArgumentParser:
-    """The parser of one command; `raw_doc` keeps the docstring's line breaks (its examples)."""
-    formatter = argparse.RawDescriptionHelpFormatter if raw_doc else argparse.HelpFormatter
+    """The parser of one command, whose help shows each option's default; `raw_doc` keeps the
+    docstring's line breaks (its examples). Run as a console script (`infir2-train`), usage
+    names that script instead of `prog`."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if prog is not None and script.startswith("infir2-"):
+        prog = script
+    formatter = _RawShowDefaults if raw_doc else _ShowDefaults
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=formatter)
 
 
-def add_config(parser: argparse.ArgumentParser, help: str = CONFIG_HELP) -> None:
-    parser.add_argument("--config", required=True, help=help)
+def add_config(
+    parser: argparse.ArgumentParser, help: str = CONFIG_HELP, default: str | None = None
+) -> None:
+    """--config NAME: required unless the command has a `default` config."""
+    if default is None:
+        parser.add_argument("--config", required=True, help=help)
+    else:
+        parser.add_argument("--config", default=default, help=f"{help} (default: {default})")
 
 
 def add_set(

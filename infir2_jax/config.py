@@ -21,7 +21,16 @@ import yaml
 from infir2_jax.errors import ConfigError
 from infir2_jax.model.config import EXECUTION_FIELDS, ExecutionConfig, ModelConfig, preset
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The bundled configs: installed inside the package by a wheel (setup.py), else the
+    repository's configs/ beside the package (a source checkout or an editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 @dataclasses.dataclass(frozen=True)

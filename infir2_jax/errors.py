@@ -1,5 +1,6 @@
-"""The error a user's configuration raises, at the bottom of the import layers so that every
-layer can raise it (`infir2_jax.config` re-exports it)."""
+"""The errors a user's configuration or checkpoint raises, at the bottom of the import layers
+so that every layer can raise them and a command can catch them without importing JAX
+(`infir2_jax.config` re-exports ConfigError, `infir2_jax.checkpoint` CheckpointError)."""
 
 
 class ConfigError(ValueError):
@@ -12,3 +13,7 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk does not match what the model expects (names the tensor/file)."""

@@ -25,13 +25,14 @@ are off, so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not cou
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import sys
 import time
+
+from infir2_jax.cli import add_config, add_set, command_parser
 
 GiB = 1024**3
 
@@ -211,9 +212,9 @@ def _census_lines(c: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infir2_jax.plan", description=__doc__)
-    parser.add_argument("--config", required=True, help="a name in configs/ or a YAML path")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser = command_parser("python -m infir2_jax.plan", __doc__, raw_doc=True)
+    add_config(parser)
+    add_set(parser)
     parser.add_argument(
         "--devices",
         type=int,
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         default="cpu",
         choices=["cpu", "h100", "h200"],
-        help="compile for fake CPU devices (default) or compile-only H100/H200 GPUs",
+        help="compile for fake CPU devices or compile-only H100/H200 GPUs",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dump-hlo", metavar="FILE", help="write the optimized HLO text")

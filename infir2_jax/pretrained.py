@@ -10,6 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import traverse_util
+from jax.typing import DTypeLike
 
 from infir2_jax.checkpoint import read_hf_config, read_hf_params, read_model_config, restore_params
 from infir2_jax.checkpoint.hf_mapping import ParamPath
@@ -48,11 +49,21 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig) -> Mapping[ParamPath,
     return restore_params(path, cfg, dtype=cfg.param_dtype)
 
 
+def dtype_name(dtype: DTypeLike) -> str:
+    """The name ("float32", "bfloat16", ...) of a dtype given as a name or any dtype-like."""
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"dtype {dtype!r}: not a dtype (e.g. 'bfloat16', jnp.float32)") from None
+
+
 def from_pretrained(
-    path: str | os.PathLike, dtype: str = "bfloat16", **config_overrides: Any
+    path: str | os.PathLike, dtype: DTypeLike = "bfloat16", **config_overrides: Any
 ) -> Qwen2:
     """Loads `path` (an HF Qwen2 directory with config.json + safetensors, or an Orbax
-    checkpoint / run directory) into a model computing and storing weights in `dtype`.
+    checkpoint / run directory) into a model computing and storing weights in `dtype`:
+    float32, bfloat16 or float16, as a name or any dtype-like (`jnp.float32`, `np.float32`,
+    `jnp.dtype("bfloat16")`).
 
     Returns `m` with `m(input_ids) -> logits` [batch, seq, vocab]. `config_overrides` replace
     ModelConfig fields (e.g. `rope_theta=...`) or ExecutionConfig fields (e.g. `remat="none"`,
@@ -61,6 +72,7 @@ def from_pretrained(
     execution_fields = {f.name for f in dataclasses.fields(ExecutionConfig)}
     execution = {k: v for k, v in config_overrides.items() if k in execution_fields}
     model = {k: v for k, v in config_overrides.items() if k not in execution_fields}
-    cfg = read_config(path).replace(dtype=dtype, param_dtype=dtype, **model)
+    name = dtype_name(dtype)
+    cfg = read_config(path).replace(dtype=name, param_dtype=name, **model)
     plan = resolve_plan(cfg, ExecutionConfig(**execution))
     return model_from_params(cfg, load_params(path, cfg), plan)

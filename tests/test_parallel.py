@@ -103,7 +103,7 @@ def test_mesh_shape_and_auto_rules():
     assert mesh_shape(ParallelConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2, 1)
     with pytest.raises(ConfigError, match="at most one"):
         mesh_shape(ParallelConfig(data=-1, fsdp=-1), 8)
-    with pytest.raises(ConfigError, match="= 3, but there are 8 devices"):
+    with pytest.raises(ConfigError, match="= 3 is not the 8 devices here"):
         mesh_shape(ParallelConfig(data=3), 8)
     sizes = lambda **kw: {"data": 1, "fsdp": 1, "tensor": 1, "context": 1, **kw}  # noqa: E731
     assert auto_rules(sizes(context=2, tensor=2)) == "tensor_sequence_context"

@@ -137,3 +137,21 @@ def test_a_stop_right_after_a_checkpointed_step_saves_once(tmp_path, monkeypatch
 def test_rl_bad_settings_are_named(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         run(_config(tmp_path / "bad", 1, **extra), out=io.StringIO())
+
+
+def test_progress_counts_evaluations_and_the_last_line_sums_up(tmp_path):
+    """With an evaluation ahead, the ETA says it does not count it until one has been timed;
+    the last line gives the time, the final loss and the tokens trained on."""
+    out = io.StringIO()
+    extra = {"train.log_every": 1, "rl.eval_every": 3, "rl.eval_max_prompts": 4, "rl.eval_n": 2}
+    history = run(_config(tmp_path / "run", 3, **extra), out=out)
+    lines = out.getvalue().splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert "ETA --" in steps[0], steps
+    assert steps[1].endswith("+ 1 eval") or "+ 1 eval |" in steps[1], steps  # step 3's
+    assert "eval" not in steps[2].split("ETA")[1], steps  # evaluated before its line
+    assert [h["step"] for h in history if "eval_reward" in h] == [3]
+    done = lines[-1]
+    assert done.startswith("done: 3 steps in "), done
+    assert f"final loss {history[-1]['loss']:.4f}" in done
+    assert "6,144 tokens (32×64 per step)" in done

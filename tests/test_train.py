@@ -417,3 +417,24 @@ def test_a_mixture_logs_its_realized_shares_and_checkpoints_its_counts(tmp_path)
     assert history[-1]["mix/a"] == 0.25 and history[-1]["mix/b"] == 0.75
     meta = json.loads(next((tmp_path / "run/checkpoints/4").rglob("meta/metadata")).read_text())
     assert (meta["rows/a"], meta["rows/b"]) == (4, 12)  # a rerun continues from these
+
+
+def test_eta_counts_the_evaluations_left(monkeypatch):
+    """The ETA is the steps left at the step time (evaluations excluded) plus the evaluations
+    left at their mean time; before one is timed, it says how many it leaves out."""
+    import io
+
+    from infir2_jax.train import metrics
+
+    clock = iter([0.0, 1.0, 15.0, 18.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    logger = metrics.MetricsLogger(None, total_steps=10, resume_step=0, out=out, eval_every=5)
+    values = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0}
+    logger.log(1, values, 1.0)  # t=0: timing starts
+    logger.log(2, values, 1.0)  # t=1: 1 s per step, 8 steps and the evaluations at 5 and 10
+    logger.eval_took(10.0)  # the evaluation at step 5
+    logger.log(6, values, 1.0)  # t=15: 15 s less the evaluation over 5 steps; 4 + 1 eval left
+    logger.log(9, values, 1.0)  # t=18: 1 s per step; 1 step and 1 evaluation (10 s) left
+    etas = [line.split("ETA ")[1] for line in out.getvalue().splitlines()]
+    assert etas == ["--", "0m08s + 2 evals", "0m14s", "0m11s"]

@@ -24,6 +24,7 @@ from infir2_jax.checkpoint.hf_mapping import (
     hf_shape,
     to_hf_tensors,
 )
+from infir2_jax.errors import CheckpointError
 from infir2_jax.model.config import ModelConfig, from_hf_config, to_hf_config
 
 # Files copied verbatim from a source HF directory next to converted weights.
@@ -38,10 +39,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the model expects (names the tensor/file)."""
 
 
 def read_hf_config(hf_dir: str | os.PathLike, **overrides: Any) -> ModelConfig:

@@ -87,6 +87,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     For a root (numbered step sub-directories) the latest finished step is chosen.
     """
     path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if (path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir():
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -116,9 +118,7 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 def stored_param_dtype(path: str | os.PathLike) -> str:
     """The dtype a checkpoint stores its parameters in ("float32" for training checkpoints,
     whose master weights are FP32); "mixed" if they differ."""
-    step_dir = resolve_checkpoint_dir(path)
-    with _checkpointer() as ckptr:
-        tree = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
+    tree = _params_metadata(resolve_checkpoint_dir(path))
     dtypes = {str(np.dtype(leaf.dtype)) for leaf in jax.tree.leaves(tree)}
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
@@ -129,28 +129,38 @@ def restore_params(
     """Flat params from a checkpoint, every stored shape checked against `cfg` first."""
     step_dir = resolve_checkpoint_dir(path)
     expected = param_shapes(cfg)
-    with _checkpointer() as ckptr:
-        stored_tree = ckptr.metadata(step_dir).item_metadata[PARAMS].tree
-        stored = traverse_util.flatten_dict(stored_tree)
-        for key in sorted(set(expected) | set(stored)):
-            name = "/".join(key)
-            if key not in stored:
-                raise CheckpointError(f"{step_dir}: parameter {name} is missing")
-            if key not in expected:
-                raise CheckpointError(f"{step_dir}: unexpected parameter {name}")
-            if tuple(stored[key].shape) != expected[key]:
-                raise CheckpointError(
-                    f"{step_dir}: parameter {name} has shape {tuple(stored[key].shape)}, "
-                    f"the model config expects {expected[key]}"
-                )
-        target = {
-            key: jax.ShapeDtypeStruct(expected[key], jnp.dtype(dtype or stored[key].dtype))
-            for key in expected
-        }
-        restored = ckptr.restore(
-            step_dir,
-            args=ocp.args.Composite(
-                **{PARAMS: ocp.args.StandardRestore(traverse_util.unflatten_dict(target))}
-            ),
+    stored = traverse_util.flatten_dict(_params_metadata(step_dir))
+    for key in sorted(set(expected) | set(stored)):
+        name = "/".join(key)
+        if key not in stored:
+            raise CheckpointError(f"{step_dir}: parameter {name} is missing")
+        if key not in expected:
+            raise CheckpointError(f"{step_dir}: unexpected parameter {name}")
+        if tuple(stored[key].shape) != expected[key]:
+            raise CheckpointError(
+                f"{step_dir}: parameter {name} has shape {tuple(stored[key].shape)}, "
+                f"the model config expects {expected[key]}"
+            )
+    target = {
+        key: jax.ShapeDtypeStruct(expected[key], jnp.dtype(dtype or stored[key].dtype))
+        for key in expected
+    }
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        restored = handler.restore(
+            step_dir / PARAMS, args=ocp.args.StandardRestore(traverse_util.unflatten_dict(target))
         )
-    return traverse_util.flatten_dict(restored[PARAMS])
+    finally:
+        handler.close()
+    return traverse_util.flatten_dict(restored)
+
+
+def _params_metadata(step_dir: Path) -> Any:
+    """The stored tree (shapes, dtypes) of a step's `params` item alone: read through the
+    whole-step handler, a training checkpoint's other items (opt_state, meta, data) would each
+    log a WARNING that they "could not be restored"."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.metadata(step_dir / PARAMS).tree
+    finally:
+        handler.close()

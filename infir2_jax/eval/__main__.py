@@ -6,6 +6,9 @@ exported to HF first) with evalscope in service mode: starts the inference serve
 or `jax`: `python -m infir2_jax.serve`), or uses one at `--url`; runs each benchmark of the
 config with its settings; writes evalscope's own outputs under `eval.run_dir/evalscope/`, and
 `report.json` and `report.md` (beside InfiR2's published scores) in `eval.run_dir`.
+
+evalscope runs under `eval.evalscope_python`, else the interpreter INFIR2_EVALSCOPE_PYTHON
+names, else this one; it is checked before any model is exported or server started.
 """
 
 from __future__ import annotations
@@ -13,20 +16,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.cli import USAGE, Exit, add_config, add_set, command_parser, run_main
-from infir2_jax.config import ConfigError, EvalConfig, load_eval_config
-from infir2_jax.eval.datasets import dataset_args
-from infir2_jax.eval.model import serving_model
-from infir2_jax.eval.report import read_evalscope_report, regrade, write_reports
-from infir2_jax.eval.servers import ServerError, running_server
+
+if TYPE_CHECKING:
+    from infir2_jax.config import EvalConfig
 
 TASK_SCRIPT = Path(__file__).with_name("evalscope_task.py")
+EVALSCOPE_PYTHON_ENV = "INFIR2_EVALSCOPE_PYTHON"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +47,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def evalscope_python(cfg: EvalConfig, environ: dict[str, str] = os.environ) -> str:
+    """The interpreter that runs evalscope: `eval.evalscope_python`, else the one
+    INFIR2_EVALSCOPE_PYTHON names, else this one."""
+    return cfg.evalscope_python or environ.get(EVALSCOPE_PYTHON_ENV) or sys.executable
+
+
+def check_evalscope(python: str) -> None:
+    """A ConfigError unless `python` runs and can import evalscope (found, not imported:
+    this takes well under a second)."""
+    from infir2_jax.config import ConfigError
+
+    fix = (
+        f"install it there (pip install -r requirements-eval.txt) or name an interpreter that "
+        f"has it: {EVALSCOPE_PYTHON_ENV}=PATH or --set eval.evalscope_python=PATH"
+    )
+    if shutil.which(python) is None:
+        raise ConfigError(f"evalscope's interpreter {python} does not exist; {fix}")
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('evalscope') is None)"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"evalscope's interpreter {python} does not run ({e}); {fix}") from None
+    if found.returncode != 0:
+        raise ConfigError(f"evalscope is not installed for {python}; {fix}")
+
+
 def _task_spec(cfg: EvalConfig, benchmark, base_url: str, work_dir: Path, data_dir: Path):
+    from infir2_jax.eval.datasets import dataset_args
+
     generation = {
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
@@ -69,8 +101,10 @@ def _task_spec(cfg: EvalConfig, benchmark, base_url: str, work_dir: Path, data_d
 
 
 def _run_benchmark(cfg: EvalConfig, spec: dict, spec_path: Path, log: Path) -> None:
+    from infir2_jax.eval.servers import ServerError
+
     spec_path.write_text(json.dumps(spec, indent=2))
-    python = cfg.evalscope_python or sys.executable
+    python = cfg.evalscope_python or sys.executable  # resolved and checked by `run`
     with open(log, "w") as out:
         process = subprocess.Popen(
             [python, str(TASK_SCRIPT), str(spec_path)],
@@ -91,10 +125,18 @@ def _run_benchmark(cfg: EvalConfig, spec: dict, spec_path: Path, log: Path) -> N
 
 
 def run(cfg: EvalConfig, model: str | None) -> dict:
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from infir2_jax.config import ConfigError
+
     if cfg.engine != "url" and not model:
         raise ConfigError(f"--model is needed to start the {cfg.engine} server")
+    cfg = dataclasses.replace(cfg, evalscope_python=evalscope_python(cfg))
+    check_evalscope(cfg.evalscope_python)  # before minutes of export and server start-up
+    from infir2_jax.eval.model import serving_model
+    from infir2_jax.eval.report import read_evalscope_report, regrade, write_reports
+    from infir2_jax.eval.servers import running_server
+
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = serving_model(model, cfg, run_dir) if cfg.engine != "url" else None
     results = {}
     with running_server(cfg, model_dir, run_dir / f"server-{cfg.engine}.log") as base_url:
@@ -127,6 +169,9 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from infir2_jax.checkpoint import CheckpointError
+    from infir2_jax.config import ConfigError, load_eval_config
+    from infir2_jax.eval.servers import ServerError
 
     def evaluate() -> None:
         cfg = load_eval_config(args.config, args.set)

@@ -16,15 +16,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.cli import MODEL_SET_HELP, USAGE, Exit, add_set, command_parser, run_main
-from infir2_jax.config import ConfigError
-from infir2_jax.data import DataError
-from infir2_jax.generate.engine import Stats
-from infir2_jax.generate.loading import find_tokenizer, load_engine, model_config, sections
-from infir2_jax.generate.prompts import read_prompts
-from infir2_jax.generate.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from infir2_jax.generate.engine import Stats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,13 +32,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="a `prompt` is one user turn of a chat")
     p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
     p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--min-p", type=float, default=0.0, help="0: off")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
         "--stop-token-ids",
@@ -50,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="decode slots (concurrent samples)")
     p.add_argument("--max-len", type=int, help="KV cache tokens per slot (default: the model's)")
     p.add_argument("--steps-per-call", type=int, default=32, help="decode steps per dispatch")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set(p, MODEL_SET_HELP)
     return p.parse_args(argv)
 
@@ -65,6 +62,11 @@ def _write_atomically(path: Path, lines: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> Stats:
+    from infir2_jax.config import ConfigError
+    from infir2_jax.generate.loading import find_tokenizer, load_engine, model_config, sections
+    from infir2_jax.generate.prompts import read_prompts
+    from infir2_jax.generate.sampling import SamplingParams
+
     tokenizer = find_tokenizer(args.model, args.tokenizer, args.chat_template)
     cfg = model_config(args.model, sections(args.set)["model"])
     max_len = args.max_len or cfg.max_position_embeddings
@@ -110,6 +112,10 @@ def run(args: argparse.Namespace) -> Stats:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from infir2_jax.checkpoint import CheckpointError
+    from infir2_jax.config import ConfigError
+    from infir2_jax.data import DataError
+
     return run_main(
         lambda: run(args),
         Exit((ConfigError, DataError, CheckpointError), USAGE),

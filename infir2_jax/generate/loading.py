@@ -5,9 +5,11 @@ assignments: the start shared by the command lines over the generation engine (`
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import jax
+import yaml
 from flax import traverse_util
 
 from infir2_jax.checkpoint import CheckpointError
@@ -54,15 +56,46 @@ def model_config(path: str, overrides: dict) -> ModelConfig:
 
 
 def find_tokenizer(model: str, tokenizer: str | None, chat_template: str | None):
-    """`tokenizer` (a directory or `qwen`), else the model directory's, else None."""
+    """`tokenizer` (a directory or `qwen`), else the model directory's, else the one the
+    training run's config.yaml names (`data.tokenizer`, else `rl.tokenizer`, with its chat
+    template unless `chat_template` is given), else None."""
     path = tokenizer
     if path is None and any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
         path = model
+    if path is None and (named := run_tokenizer(model)) is not None:
+        path, template, config = named
+        chat_template = chat_template or template
+        print(f"tokenizer: {path} (from {config})", file=sys.stderr)
     if path is None:
         if chat_template:
             raise DataError("--chat-template needs a tokenizer (--tokenizer DIR)")
         return None
     return load_tokenizer(path, chat_template)
+
+
+def run_tokenizer(model: str) -> tuple[str, str | None, Path] | None:
+    """(tokenizer, chat template, the config.yaml naming them) of the training run that
+    `model` is (a run directory, its checkpoints/ folder or one step of it), or None. A
+    relative tokenizer path is as the run's config wrote it (relative to where it ran)."""
+    path = Path(model).absolute()
+    if path.parent.name == "checkpoints":
+        run = path.parent.parent
+    elif path.name == "checkpoints":
+        run = path.parent
+    else:
+        run = path
+    config = run / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        return None  # not a run's config: no tokenizer from it
+    for name in ("data", "rl"):
+        section = raw.get(name) if isinstance(raw, dict) else None
+        if isinstance(section, dict) and section.get("tokenizer"):
+            return str(section["tokenizer"]), section.get("chat_template"), config
+    return None
 
 
 def load_engine(

@@ -40,14 +40,29 @@ def mesh_shape(cfg: ParallelConfig, num_devices: int) -> tuple[int, ...]:
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ConfigError(f"parallel: {num_devices} devices do not divide by {known}")
+            raise ConfigError(_misfit(cfg, known, "does not divide", num_devices))
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ConfigError(
-            f"parallel: data×fsdp×tensor×context = {int(np.prod(sizes))}, "
-            f"but there are {num_devices} devices"
-        )
+        raise ConfigError(_misfit(cfg, known, "is not", num_devices))
     return tuple(sizes)
+
+
+def _misfit(cfg: ParallelConfig, product: int, problem: str, num_devices: int) -> str:
+    """Names the sizes that do not fit the devices and the overrides that would, e.g.
+    `parallel: tensor 4 × context 2 = 8 does not divide the 1 device here (...); to run
+    here: --set parallel.tensor=1 --set parallel.context=1`."""
+    given = dict(zip(MESH_AXES, [cfg.data, cfg.fsdp, cfg.tensor, cfg.context], strict=True))
+    factors = {axis: size for axis, size in given.items() if size > 1}
+    named = " × ".join(f"{axis} {size}" for axis, size in factors.items()) or "1"
+    fix = {axis: 1 for axis in factors}
+    if -1 not in given.values():  # data absorbs the devices left over
+        fix["data"] = -1
+    sets = " ".join(f"--set parallel.{axis}={size}" for axis, size in fix.items())
+    plural = "device" if num_devices == 1 else "devices"
+    return (
+        f"parallel: {named} = {product} {problem} the {num_devices} {plural} here (data × "
+        f"fsdp × tensor × context must use them all; -1 takes the rest); to run here: {sets}"
+    )
 
 
 def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:

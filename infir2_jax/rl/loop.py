@@ -37,7 +37,7 @@ from infir2_jax.rl.prompts import PromptOrder, PromptSet, arithmetic_prompts, lo
 from infir2_jax.rl.rollout import make_rollout
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.runner import Runner, Steps
-from infir2_jax.train.setup import Setup, prepare, pretrained_params, start_state
+from infir2_jax.train.setup import Setup, prepare, pretrained_params, run_directory, start_state
 from infir2_jax.train.sharding import jit_train_step
 
 PROMPT_POSITION = "prompt_position"  # checkpoint meta: prompts drawn so far
@@ -207,6 +207,8 @@ def _rollout_metrics(collected: _Collected) -> dict[str, float]:
         "response_length_mean": float(lengths.mean()),
         "response_length_max": float(lengths.max()),
         "truncated_fraction": float(np.mean([c.finish_reason == "length" for c in completions])),
+        # These two count every dynamic-sampling round of the step (the metrics above: the
+        # first round's): groups whose rewards all agree, out of the prompts drawn.
         "zero_std_groups": float(collected.dropped),
         "prompts_sampled": float(collected.offered),
     }
@@ -402,8 +404,10 @@ class _Reinforce(Runner):
         if self.cfg.rl.overlong == "filter":
             logged["overlong_filtered"] = float(raw.filtered)
         if self.eval_due(done):
+            started = time.perf_counter()
             self.rollout.sync(state.params, done)  # the next step's rollouts reuse this sync
             logged.update(_evaluate(self.rollout, self.task, self.grader, self.cfg, done - 1))
+            self.logger.eval_took(time.perf_counter() - started)
         return logged, tokens / max(t_train - t_rollout, 1e-9)
 
     def checkpoint_meta(self):
@@ -420,19 +424,18 @@ def run(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     if cfg.rl is None:
         raise ConfigError("this config has no `rl` section; python -m infir2_jax.rl needs one")
     rl = cfg.rl
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # The optimizer counts updates: `ppo_epochs × mini_batches` per RL step, on mini-batches.
-    setup = prepare(
-        cfg,
-        updates=cfg.train.steps * rl.updates_per_rollout,
-        rows=cfg.train.batch_size // rl.mini_batches,
-    )
-    _check(cfg, setup)
-    task = _task(cfg)
-    checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
-    state, start, meta, resumed = start_state(cfg, setup, checkpointer, None, out)
-    runner = _Reinforce(cfg, setup, checkpointer, task, state, (start, meta, resumed), out)
+    with run_directory(Path(cfg.train.run_dir)) as run_dir:  # removed if set-up fails
+        # The optimizer counts updates: `ppo_epochs × mini_batches` per RL step.
+        setup = prepare(
+            cfg,
+            updates=cfg.train.steps * rl.updates_per_rollout,
+            rows=cfg.train.batch_size // rl.mini_batches,
+        )
+        _check(cfg, setup)
+        task = _task(cfg)
+        checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
+        state, start, meta, resumed = start_state(cfg, setup, checkpointer, None, out)
+        runner = _Reinforce(cfg, setup, checkpointer, task, state, (start, meta, resumed), out)
     print(f"mesh: {describe(setup.layout)}", file=out, flush=True)
     print(
         f"rl: {len(task.prompts):,} prompts ({task.prompts.duplicates:,} duplicates, "

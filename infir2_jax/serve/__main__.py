@@ -19,16 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import uvicorn
-
-from infir2_jax.checkpoint import CheckpointError
 from infir2_jax.cli import MODEL_SET_HELP, USAGE, Exit, add_set, attempt, command_parser
-from infir2_jax.config import ConfigError
-from infir2_jax.data import DataError
-from infir2_jax.data.tokenizer import chat_template_path
-from infir2_jax.generate.loading import find_tokenizer, load_engine
-from infir2_jax.serve.app import DEFAULT_MAX_BODY, DEFAULT_MAX_SAMPLES, Limits, create_app
-from infir2_jax.serve.scheduler import Scheduler
+from infir2_jax.serve.limits import DEFAULT_MAX_BODY, DEFAULT_MAX_SAMPLES, Limits
 
 DEFAULT_CHAT_TEMPLATE = "qwen2.5"
 
@@ -36,8 +28,8 @@ DEFAULT_CHAT_TEMPLATE = "qwen2.5"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = command_parser("python -m infir2_jax.serve", __doc__)
     p.add_argument("--model", required=True, help="HF directory or Orbax checkpoint / run dir")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--served-model-name",
         help="the model id of /v1/models and responses (default: the model directory's name)",
@@ -71,6 +63,12 @@ def served_name(args: argparse.Namespace) -> str:
 
 def build(args: argparse.Namespace):
     """(the app, its scheduler) for these arguments: the model loaded, nothing served yet."""
+    from infir2_jax.data import DataError
+    from infir2_jax.data.tokenizer import chat_template_path
+    from infir2_jax.generate.loading import find_tokenizer, load_engine
+    from infir2_jax.serve.app import create_app
+    from infir2_jax.serve.scheduler import Scheduler
+
     tokenizer = find_tokenizer(args.model, args.tokenizer, args.chat_template)
     if tokenizer is None:
         raise DataError(f"--model {args.model}: no tokenizer beside it (pass --tokenizer DIR)")
@@ -91,6 +89,12 @@ def build(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import uvicorn
+
+    from infir2_jax.checkpoint import CheckpointError
+    from infir2_jax.config import ConfigError
+    from infir2_jax.data import DataError
+
     # Only loading the model maps errors to a status: the server's own failures stay loud.
     status, built = attempt(
         lambda: build(args), Exit((ConfigError, DataError, CheckpointError, ValueError), USAGE)

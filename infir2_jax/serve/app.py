@@ -29,14 +29,13 @@ from fastapi.responses import JSONResponse, Response
 from infir2_jax.data import DataError
 from infir2_jax.generate import Completion, SamplingParams
 from infir2_jax.generate.prompts import chat_prompt_ids
+from infir2_jax.serve.limits import Limits
 from infir2_jax.serve.scheduler import Scheduler
 from infir2_jax.serve.streaming import stream_response
 
 MAX_STOPS = 4
 MAX_N = 128
 MAX_SEED = 2**63 - 1
-DEFAULT_MAX_SAMPLES = 1024  # prompts × n per request
-DEFAULT_MAX_BODY = 1 << 20  # bytes
 DISCONNECT_POLL = 0.1  # seconds between checks that a waiting client is still there
 UNSUPPORTED = ("logit_bias", "tools", "functions", "suffix", "response_format")
 
@@ -54,14 +53,6 @@ class APIError(Exception):
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one request may ask: `max_samples` prompts × n, a body of `max_body` bytes."""
-
-    max_samples: int = DEFAULT_MAX_SAMPLES
-    max_body: int = DEFAULT_MAX_BODY
 
 
 def create_app(

@@ -19,7 +19,7 @@ from infir2_jax.parallel import describe
 from infir2_jax.train.checkpointing import TrainCheckpointer
 from infir2_jax.train.metrics import open_jsonl_for_resume
 from infir2_jax.train.runner import Runner, Steps
-from infir2_jax.train.setup import Setup, prepare, start_state
+from infir2_jax.train.setup import Setup, prepare, run_directory, start_state
 from infir2_jax.train.sharding import global_batch, jit_eval_step, jit_train_step
 
 
@@ -84,12 +84,14 @@ class _Training(Runner):
     def after_step(self, state, done):
         if not self.eval_due(done):
             return
+        started = time.perf_counter()
         loss_sum, tokens = 0.0, 0.0
         for batch in self.eval_batches:
             eval_step = self.steps.for_batch(batch)[1]
             result = jax.device_get(eval_step(state, global_batch(self.layout, batch)))
             loss_sum += float(result["loss_sum"])
             tokens += float(result["tokens"])
+        self.logger.eval_took(time.perf_counter() - started)
         self.logger.log_eval(done, loss_sum / max(tokens, 1.0), tokens)
         self.history.append({"step": done, "eval_loss": loss_sum / max(tokens, 1.0)})
 
@@ -105,25 +107,24 @@ class _Training(Runner):
 
 def train(cfg: RunConfig, out: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) training to `train.steps`; returns the metrics logged by this call."""
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup = prepare(cfg)
-    pipeline = DataPipeline(
-        cfg.data,
-        seq_len=cfg.train.seq_len,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    data = pipeline.train_iterator()
-    eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
-    checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
-    state, start, meta, resumed = start_state(cfg, setup, checkpointer, data, out)
-    runner = _Training(
-        cfg, setup, checkpointer, data, eval_batches, (start, meta, resumed), out,
-        pipeline.components,
-    )  # fmt: skip
+    with run_directory(Path(cfg.train.run_dir)) as run_dir:  # removed if set-up fails
+        setup = prepare(cfg)
+        pipeline = DataPipeline(
+            cfg.data,
+            seq_len=cfg.train.seq_len,
+            global_batch=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        data = pipeline.train_iterator()
+        eval_batches = pipeline.eval_batches(cfg.train.eval_batches) if cfg.train.eval_every else []
+        checkpointer = TrainCheckpointer(run_dir / "checkpoints", cfg.checkpoint)
+        state, start, meta, resumed = start_state(cfg, setup, checkpointer, data, out)
+        runner = _Training(
+            cfg, setup, checkpointer, data, eval_batches, (start, meta, resumed), out,
+            pipeline.components,
+        )  # fmt: skip
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"mesh: {describe(setup.layout)}", file=out, flush=True)
     if len(pipeline.components) > 1:

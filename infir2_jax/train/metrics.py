@@ -13,7 +13,7 @@ from typing import Any, Protocol, TextIO
 from infir2_jax.config import LoggingConfig, RunConfig
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -108,12 +108,47 @@ class MetricsLogger:
         resume_step: int,
         out: TextIO = sys.stdout,
         sinks: list[Sink] = (),
+        eval_every: int = 0,
     ):
         self.path, self.total_steps, self.out = path, total_steps, out
         self._file = None if path is None else open_jsonl_for_resume(path, resume_step)
         self._sinks = list(sinks)
         self._start_step = resume_step
         self._start_time: float | None = None
+        # The ETA counts evaluations apart: extrapolating the mean step time alone left out the
+        # evaluations still to come (and, once one had run, spread its cost over every step).
+        self.eval_every = eval_every
+        self._eval_seconds = 0.0  # spent evaluating since the timing started
+        self._eval_times: list[float] = []
+
+    def eval_took(self, seconds: float) -> None:
+        """One evaluation pass took `seconds` (the ETA adds this mean per evaluation left)."""
+        self._eval_times.append(seconds)
+        if self._start_time is not None:
+            self._eval_seconds += seconds
+
+    def _evals_after(self, step: int) -> int:
+        """Evaluations due after `step`: every `eval_every` steps and at the last step."""
+        if not self.eval_every or step >= self.total_steps:
+            return 0
+        every = self.eval_every
+        return self.total_steps // every - step // every + bool(self.total_steps % every)
+
+    def _eta(self, step: int, now: float) -> str:
+        """The steps left at the mean step time so far (evaluations excluded), plus the
+        evaluations left at their mean time; "--" until a second step is logged."""
+        if self._start_time is None:  # first logged step: timing starts after compilation
+            self._start_time, self._start_step = now, step
+            return "--"
+        stepping = now - self._start_time - self._eval_seconds
+        per_step = max(stepping, 0.0) / max(step - self._start_step, 1)
+        left, evals = self.total_steps - step, self._evals_after(step)
+        if not evals:
+            return duration(per_step * left)
+        if not self._eval_times:  # not timed yet: say they are not counted
+            return f"{duration(per_step * left)} + {evals} eval{'s' if evals > 1 else ''}"
+        mean_eval = sum(self._eval_times) / len(self._eval_times)
+        return duration(per_step * left + evals * mean_eval)
 
     def _record(self, step: int, values: dict[str, float]) -> None:
         if self._file is not None:
@@ -140,14 +175,8 @@ class MetricsLogger:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         record["tokens_per_sec"] = tokens_per_sec
         self._record(step, {k: v for k, v in record.items() if k != "step"})
-        now = time.perf_counter()
-        if self._start_time is None:  # first logged step: timing starts after compilation
-            self._start_time, self._start_step, eta = now, step, float("nan")
-        else:
-            per_step = (now - self._start_time) / max(step - self._start_step, 1)
-            eta = per_step * (self.total_steps - step)
+        eta_text = self._eta(step, time.perf_counter())
         width = len(str(self.total_steps))
-        eta_text = "--" if eta != eta else _duration(eta)
         streak = int(record.get("nonfinite_streak", 0))
         skipped = f" | SKIPPED (non-finite, {streak} in a row)" if streak else ""
         overlong = ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,7 +32,7 @@ from infir2_jax.config import RunConfig
 from infir2_jax.kernels.cudnn_attention import max_runs
 from infir2_jax.model.parts import ModelParts
 from infir2_jax.train.checkpointing import SCHEDULE_META, TrainCheckpointer
-from infir2_jax.train.metrics import MetricsLogger, make_sinks
+from infir2_jax.train.metrics import MetricsLogger, duration, make_sinks
 from infir2_jax.train.optimizer import schedule_change, schedule_settings
 from infir2_jax.train.state import TrainState
 from infir2_jax.train.stopping import NonFiniteLoss, Preempted, StopRequest
@@ -185,9 +186,10 @@ class Runner(abc.ABC):
         sinks = make_sinks(self.cfg, self.run_dir, self.start, self.out) if primary else []
         self.logger = MetricsLogger(
             self.run_dir / "metrics.jsonl" if primary else None, self.total, self.start,
-            self.out, sinks=sinks,
+            self.out, sinks=sinks, eval_every=self.eval_every,
         )  # fmt: skip
         stop = StopRequest()
+        started = time.perf_counter()
         try:
             for step in range(self.start, self.total):
                 if stop.requested:  # SLURM pre-emption: checkpoint this step and leave cleanly
@@ -203,11 +205,23 @@ class Runner(abc.ABC):
         finally:
             stop.restore()
             self.close()
-        print(
-            f"done: {self.total} steps, checkpoints in {self.run_dir / 'checkpoints'}",
-            file=self.out,
-        )
+        print(self._summary(time.perf_counter() - started), file=self.out, flush=True)
         return self.history
+
+    def _summary(self, seconds: float) -> str:
+        """The last line: steps, wall time of this call (compilation included), the final
+        loss, the tokens this call trained on (rows × sequence length, padding included) and
+        where the checkpoints are."""
+        ran = self.total - self.start
+        batch, seq_len = self.cfg.train.batch_size, self.cfg.train.seq_len
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        loss = f" | final loss {losses[-1]:.4f}" if losses else ""
+        resumed = f" ({ran} in this run)" if self.start else ""
+        return (
+            f"done: {self.total} steps{resumed} in {duration(seconds)}{loss} | "
+            f"{ran * batch * seq_len:,} tokens ({batch}×{seq_len} per step) | "
+            f"checkpoints in {self.run_dir / 'checkpoints'}"
+        )
 
     def _advance(self, state: TrainState, step: int) -> TrainState:
         done = step + 1

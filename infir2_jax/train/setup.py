@@ -6,9 +6,11 @@ train state — random, from `train.init_from` weights, from another run's check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -100,6 +102,22 @@ def prepare(
         layout, gemm, optimizer, schedule, parts, sharding, with_shardings(abstract, sharding),
         plan,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: Path) -> Iterator[Path]:
+    """`run_dir`, created for the set-up inside the block; if the set-up fails (a bad config,
+    data, checkpoint or mesh) and the directory did not exist before, it is removed again, so
+    a launch that fails validation leaves nothing behind (no config.yaml, no empty
+    checkpoints/). A directory that existed is never removed."""
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield run_dir
+    except BaseException:
+        if not existed and jax.process_index() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def start_state(
