@@ -4,7 +4,11 @@ elsewhere uses the APIs both releases share and asks here for the rest."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.metadata
 import importlib.util
+from collections.abc import Iterator
 
 # jax's CUDA plugins by CUDA major version, newest first: the CUDA 12 plugin stops at jax
 # 0.12.0.1, so compile-only GPU targets on newer jax come from the CUDA 13 one.
@@ -17,6 +21,49 @@ def cuda_plugin() -> str | None:
         if importlib.util.find_spec(name) is not None:
             return name
     return None
+
+
+def jaxlib_version() -> tuple[int, int]:
+    """(major, minor) of the installed jaxlib, read without importing JAX."""
+    major, minor = importlib.metadata.version("jaxlib").split(".")[:2]
+    return int(major), int(minor)
+
+
+def deviceless_cudnn_attention() -> bool:
+    """Whether XLA compiles cuDNN flash attention for a GPU on a machine without one. jax
+    0.10.2 emits the cuDNN call and builds its graph on the device at run time. jax 0.12's XLA
+    builds the graph while compiling and needs a cuDNN handle (a GPU) to pick its engine; its
+    deviceless mode (`--xla_gpu_cudnn_deviceless_compilation_mode`) finds no engine for this
+    graph with cuDNN 9.20 (checked 2026-12-07)."""
+    return jaxlib_version() < (0, 12)
+
+
+# A device kind of each compute capability we compile for without a GPU (jax 0.12's Triton
+# lowering reads the target GPU from a device kind).
+_DEVICE_KINDS = {(9, 0): "NVIDIA H100"}
+
+
+@contextlib.contextmanager
+def triton_target(capability: tuple[int, int]) -> Iterator[None]:
+    """Lower Pallas Triton kernels for a GPU of `capability` on a machine without one. jax
+    0.10.2 falls back to compute capability 9.0 by itself; jax 0.12 asks the default device's
+    kind (`jax._src.gpu_info.get_device_kind`: the CPU here) and fails, so it is answered with
+    the target's kind while the step is lowered."""
+    try:
+        gpu_info = importlib.import_module("jax._src.gpu_info")
+    except ImportError:  # jax 0.10.2
+        yield
+        return
+    kind = _DEVICE_KINDS.get(tuple(capability))
+    if kind is None or not hasattr(gpu_info, "get_device_kind"):
+        yield
+        return
+    saved = gpu_info.get_device_kind
+    gpu_info.get_device_kind = lambda: kind
+    try:
+        yield
+    finally:
+        gpu_info.get_device_kind = saved
 
 
 def scan_num_consts(params: dict) -> int:

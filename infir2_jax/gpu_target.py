@@ -28,6 +28,7 @@ TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
 GPUS_PER_HOST = 8
 # Fields of newer XLA target files that jaxlib 0.10.2's GpuTargetConfigProto rejects.
 UNKNOWN_FIELDS = ("collective_memory_granularity",)
+# No Triton GEMMs: there is no device to autotune them on (every GEMM goes to cuBLAS(Lt)).
 COMPILE_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 

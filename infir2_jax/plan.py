@@ -53,8 +53,11 @@ def plan(
 ) -> dict:
     """Compiles the train step for `cfg` on `devices` devices of `target` (fake CPU devices,
     or compile-only GPUs); prints and returns the figures."""
+    import jax
+
+    from infir2_jax.compat import deviceless_cudnn_attention
     from infir2_jax.fp8 import te_deviceless
-    from infir2_jax.gpu_target import census, square_buffers
+    from infir2_jax.gpu_target import GpuTargetError, census, square_buffers
     from infir2_jax.target import Target
     from infir2_jax.train.setup import prepare
 
@@ -68,6 +71,13 @@ def plan(
     # `attention_impl: auto` (cuDNN's packed flash attention on Hopper), the FP8 kernels and
     # TE's implementation.
     setup = prepare(cfg, devices=_plan_devices(target, devices), target=compiled_for)
+    if target != "cpu" and setup.plan.attention == "cudnn" and not deviceless_cudnn_attention():
+        raise GpuTargetError(
+            f"--target {target}: this jax ({jax.__version__}) cannot compile cuDNN flash "
+            "attention without a GPU (XLA needs a cuDNN handle to choose its engine); plan "
+            "with --set execution.attention_impl=pallas, or in the jax 0.10.2 environment "
+            "(requirements.txt, Python 3.11)"
+        )
     compiled, seconds = _compile(cfg, setup)
     attention = setup.plan.attention
     hlo = compiled.as_text() if (target != "cpu" or dump_hlo) else ""

@@ -12,15 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from infir2_jax.gpu_target import COMPILE_FLAGS  # noqa: E402  (imports no JAX)
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + COMPILE_FLAGS
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infir2_jax.generate import Engine  # noqa: E402
 from infir2_jax.generate.sampling import TokenFilter  # noqa: E402

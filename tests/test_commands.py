@@ -22,6 +22,7 @@ MAINS = {
     "infir2-serve": "infir2_jax.serve.__main__:main",
     "infir2-eval": "infir2_jax.eval.__main__:main",
     "infir2-plan": "infir2_jax.plan:main",
+    "infir2-prepare": "infir2_jax.prepare:main",
     "infir2-recipe": "infir2_jax.recipe:main",
     "infir2-hf-to-orbax": "infir2_jax.checkpoint.commands:hf_to_orbax_main",
     "infir2-orbax-to-hf": "infir2_jax.checkpoint.commands:orbax_to_hf_main",

@@ -19,11 +19,11 @@ from infir2_jax.data import (
     sample_ids,
     split_bounds,
 )
+from infir2_jax.data.corpus_shards import prepare
 from infir2_jax.data.gsm8k import problems
 from infir2_jax.data.pipeline import Component
 from infir2_jax.data.records import InMemorySource
 from infir2_jax.data.synthetic import EOS_ID, arithmetic_documents, decode
-from infir2_jax.prepare import prepare
 
 
 def _pipeline(cfg: DataConfig, seq_len=16, batch=2, seed=0, documents=None, **kwargs):

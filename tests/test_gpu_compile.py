@@ -12,10 +12,14 @@ import sys
 import pytest
 from conftest import ROOT, plan_h100
 
-from infir2_jax.compat import cuda_plugin
+from infir2_jax.compat import cuda_plugin, deviceless_cudnn_attention
 from infir2_jax.gpu_target import census, square_buffers, target_capability, target_config
 
 HAS_PLUGIN = cuda_plugin() is not None
+needs_deviceless_cudnn = pytest.mark.skipif(
+    not deviceless_cudnn_attention(),
+    reason="this jax cannot compile cuDNN attention without a GPU (compat.py)",
+)
 needs_plugin = pytest.mark.skipif(
     not HAS_PLUGIN, reason="CUDA plugin absent: pip install -r requirements-gpu-compile.txt"
 )
@@ -89,7 +93,10 @@ def test_per_tensor_recipes_compile_to_fused_fp8_gemms(h100_plans, recipe):
     c = plan["census"]
     assert c["fp8_gemms"] == 27, c
     assert c["fp8_gemms_f32_out"] == 0 and c["f32_gemms"] == 0, c
-    assert plan["peak"] <= bf16["peak"] * 1.01, (plan["peak"], bf16["peak"])
+    # Less the recipe's own state: delayed's amax histories (3 × 1024 per GEMM) are 1.7% of
+    # this tiny model (0.3 MB; nothing at 1.5B), and jax 0.12 no longer offsets them with
+    # smaller temporaries as jax 0.10.2 did.
+    assert plan["peak"] - plan["fp8_state"] <= bf16["peak"] * 1.01, (plan["peak"], bf16["peak"])
 
 
 @needs_plugin
@@ -108,6 +115,7 @@ SEQ = ["train.seq_len=384", "execution.remat=none"]
 
 
 @needs_plugin
+@needs_deviceless_cudnn
 def test_auto_attention_is_cudnn_flash_attention_on_hopper_with_no_seq_by_seq_buffer():
     """`auto` on an H100: cuDNN flash attention over the packed rows (one forward, one
     backward call per layer body), and no [seq, seq] buffer of any dtype anywhere; the
@@ -122,6 +130,20 @@ def test_auto_attention_is_cudnn_flash_attention_on_hopper_with_no_seq_by_seq_bu
 
 
 @needs_plugin
+@pytest.mark.skipif(deviceless_cudnn_attention(), reason="this jax compiles cuDNN attention")
+def test_a_cudnn_plan_this_jax_cannot_compile_says_what_to_do():
+    r = subprocess.run(
+        [sys.executable, "-m", "infir2_jax.plan", "--config", "tiny_cpt", "--target", "h100",
+         "--set", "train.seq_len=384", "--set", "execution.attention_impl=auto"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot compile cuDNN flash attention without a GPU" in r.stderr
+    assert "execution.attention_impl=pallas" in r.stderr
+
+
+@needs_plugin
+@needs_deviceless_cudnn
 def test_cudnn_attention_under_tensor_parallelism_with_one_row_per_device():
     """Heads split over 2 devices, one row: the call is partitioned by hand (JAX's own rule
     for the packed call fails Shardy's verifier with one row, jax 0.10.2)."""
@@ -168,4 +190,6 @@ def test_decode_loop_on_hopper_holds_no_copy_of_the_kv_cache():
     short, long = sizes["1024"], sizes["4096"]
     assert short["xla_gpu"] and long["xla_gpu"]
     assert long["cache_bytes"] == 4 * short["cache_bytes"]
-    assert long["temp_bytes"] == short["temp_bytes"] < short["cache_bytes"], sizes
+    # (Not also below the short cache's bytes: from jax 0.12 XLA counts its fixed 32 MiB
+    # cuBLAS workspace among the temporaries.)
+    assert long["temp_bytes"] == short["temp_bytes"], sizes

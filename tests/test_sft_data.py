@@ -11,9 +11,9 @@ import pytest
 from infir2_jax.config import DataConfig
 from infir2_jax.data import DataError, DataPipeline, load_tokenizer, sample_ids
 from infir2_jax.data.chat import assistant_token_mask
+from infir2_jax.data.corpus_shards import prepare
 from infir2_jax.data.gsm8k import write_tiny_sft
 from infir2_jax.data.kinds import first_fit_rows
-from infir2_jax.prepare import prepare
 
 CONVERSATION = [
     {"role": "system", "content": "Please reason step by step."},

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infir2_jax.compat import triton_target
+
 if TYPE_CHECKING:
     from infir2_jax.target import Target
 
@@ -55,7 +57,8 @@ def compile_target(capability: tuple[int, int]) -> Iterator[None]:
     saved = fa.check_compute_capability, fa.is_cuda_compute_capability_equal
     fa.check_compute_capability, fa.is_cuda_compute_capability_equal = at_least, equal
     try:
-        yield
+        with triton_target(capability):  # the Pallas kernels' lowering too
+            yield
     finally:
         fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved
 
