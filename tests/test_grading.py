@@ -98,7 +98,7 @@ def _hostile_grade(response: str, label: str) -> float:
 def test_pool_limits_hold_for_c_level_work_memory_and_dead_workers():
     responses = ["c-level", "memory", "die"] + [str(i) for i in range(20)]
     labels = ["0", "0", "0"] + [str(i) for i in range(20)]
-    with RewardPool(_hostile_grade, workers=2, timeout=1.0, memory_mb=1024) as pool:
+    with RewardPool(_hostile_grade, workers=2, timeout=5.0, memory_mb=1024) as pool:
         start = time.monotonic()
         grades = pool(responses, labels)
         assert time.monotonic() - start < 60
