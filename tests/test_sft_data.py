@@ -66,7 +66,7 @@ def test_packed_sft_rows_hold_each_sample_whole_once(sft_dir, tokenizer):
     cfg = _sft_config(sft_dir)
     pipeline = DataPipeline(cfg, seq_len=1024, global_batch=1, seed=0)
     rows = pipeline.eval_batches(10**6)  # the whole validation split, in order
-    lo, hi = pipeline.bounds["val"]
+    lo, hi = pipeline.components[0].bounds(cfg.split)["val"]
     conversations = [json.loads(x) for x in (sft_dir / "sft.jsonl").read_text().splitlines()]
     seen = []
     for batch in rows:
@@ -100,9 +100,10 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(sft_dir):
             for k, v in pipeline.kind.count(batch).items():
                 counts[k] += v
         lengths = []
-        lo, hi = pipeline.bounds["val"]
+        (source,) = pipeline.components
+        lo, hi = source.bounds(pipeline.cfg.split)["val"]
         for i in range(lo, hi):
-            tokens, _ = pipeline.examples.tokens_and_mask(pipeline.source[i])
+            tokens, _ = pipeline.examples.tokens_and_mask(source.source[i])
             lengths.append(len(tokens) - 1)
         over = sum(n > 160 for n in lengths)
         assert over > 0
@@ -112,7 +113,7 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(sft_dir):
             assert counts == {"truncated_samples": 0, "dropped_samples": over}
             loss_tokens = sum(int(b["loss_mask"].sum()) for b in rows)
             kept = sum(
-                int(pipeline.examples.tokens_and_mask(pipeline.source[i])[1][1:].sum())
+                int(pipeline.examples.tokens_and_mask(source.source[i])[1][1:].sum())
                 for i, n in zip(range(lo, hi), lengths, strict=True)
                 if n <= 160
             )
