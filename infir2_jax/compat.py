@@ -38,32 +38,36 @@ def deviceless_cudnn_attention() -> bool:
     return jaxlib_version() < (0, 12)
 
 
-# A device kind of each compute capability we compile for without a GPU (jax 0.12's Triton
-# lowering reads the target GPU from a device kind).
+# A device kind of each compute capability we compile for without a GPU (the Triton lowering
+# of jax 0.11 and 0.12 reads the target GPU from a device kind).
 _DEVICE_KINDS = {(9, 0): "NVIDIA H100"}
+
+
+# Where jax keeps the GPU lookup its Triton lowering uses: 0.12, then 0.11.
+_GPU_INFO_MODULES = ("jax._src.gpu_info", "jax._src.pallas.triton.gpu_info")
 
 
 @contextlib.contextmanager
 def triton_target(capability: tuple[int, int]) -> Iterator[None]:
     """Lower Pallas Triton kernels for a GPU of `capability` on a machine without one. jax
-    0.10.2 falls back to compute capability 9.0 by itself; jax 0.12 asks the default device's
-    kind (`jax._src.gpu_info.get_device_kind`: the CPU here) and fails, so it is answered with
+    0.10.2 falls back to compute capability 9.0 by itself; jax 0.11 and 0.12 ask the default
+    device's kind (`gpu_info.get_device_kind`: the CPU here) and fail, so it is answered with
     the target's kind while the step is lowered."""
-    try:
-        gpu_info = importlib.import_module("jax._src.gpu_info")
-    except ImportError:  # jax 0.10.2
-        yield
-        return
     kind = _DEVICE_KINDS.get(tuple(capability))
-    if kind is None or not hasattr(gpu_info, "get_device_kind"):
-        yield
-        return
-    saved = gpu_info.get_device_kind
-    gpu_info.get_device_kind = lambda: kind
+    patched = []
+    for name in _GPU_INFO_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if kind is not None and hasattr(module, "get_device_kind"):
+            patched.append((module, module.get_device_kind))
+            module.get_device_kind = lambda: kind
     try:
         yield
     finally:
-        gpu_info.get_device_kind = saved
+        for module, saved in patched:
+            module.get_device_kind = saved
 
 
 def scan_num_consts(params: dict) -> int:
