@@ -30,8 +30,9 @@ few runs, each ended by block_until_ready; memory from `device.memory_stats()`.
 OUT/site-packages` (put first on the steps' path; the image's environment is not touched),
 each wheel of DIR whose distribution is not installed yet (the folder `bench/gpu_wheels.sh`
 builds for a GPU image without registry access; default build/gpu_wheels).
-`--fault STEP[=raise|exit]` makes STEP fail after its rows (a test of the recording; `exit`
-kills its process as a crash would).
+`--fault STEP[=raise|exit|hang]` makes STEP fail after its rows (a test of the recording;
+`exit` kills its process as a crash would; `hang` blocks before its rows, as a wedged kernel
+would, until the parent kills it).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -275,9 +277,11 @@ def run_child(args) -> int:
     try:
         unit.part["environment"] = environment()
         step, _, recipe = args.child.partition(":")
+        fault = dict(f.partition("=")[::2] for f in args.fault).get(step)
+        if fault == "hang":
+            threading.Event().wait()  # never set: only the parent's kill ends this process
         {"kernel": step_kernel, "attention": step_attention, "train": step_train,
          "generate": step_generate}[step](unit, args, *([recipe] if recipe else []))  # fmt: skip
-        fault = dict(f.partition("=")[::2] for f in args.fault).get(step)
         if fault == "exit":
             os._exit(7)
         if fault is not None:

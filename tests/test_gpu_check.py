@@ -76,7 +76,10 @@ def test_failures_are_recorded_and_later_steps_still_run(smoke):
 
 
 def test_a_step_out_of_budget_is_killed_and_recorded(tmp_path):
-    doc = _check(tmp_path, "--steps", "kernel", "--budget", "6", timeout=120)
+    """A wedged step (`--fault kernel=hang`: it blocks before its rows) is killed when its
+    share of the budget is spent, and the report says so."""
+    doc = _check(tmp_path, "--steps", "kernel", "--budget", "6", "--fault", "kernel=hang",
+                 timeout=120)  # fmt: skip
     part = doc["steps"]["kernel"]["units"]["kernel"]
     assert part["status"] == "timeout" and "killed after" in part["error"]
     assert "## kernel: timeout" in (tmp_path / "gpu_check.md").read_text()
