@@ -124,8 +124,9 @@ class DataConfig:
     kind: `cpt` (documents joined with EOS, cut into rows) or `sft` (chat `messages`, loss on
     assistant turns only, whole samples packed first-fit into rows).
     source: `synthetic` (generated arithmetic text, byte tokens; the tiny default), `gsm8k`
-    (the GSM8K test set bundled with the package, or the GSM8K-format JSONL at `path`: chat
-    conversations for sft, question + answer documents for cpt), `jsonl`, `parquet`,
+    (the GSM8K test set bundled with the package, the GSM8K-format JSONL at `path` or a bundled
+    set named there, e.g. `arithmetic`: chat conversations for sft, question + answer documents
+    for cpt), `jsonl`, `parquet`,
     `arrayrecord` (records are JSON objects) — `path` is a file, a directory or a glob — or
     `prepared` (token shards written by `python -m infir2_jax.prepare`).
     tokenizer: a local HF tokenizer directory, or `qwen`: the Qwen BPE tokenizer (Qwen2.5's
@@ -302,7 +303,8 @@ class RLConfig:
     optimizer step of the clipped policy loss on group-normalised advantages.
 
     task: `prompts` (a JSONL or Parquet file at `prompts`: DAPO-Math-17k's layout — `prompt`
-    chat messages, `reward_model.ground_truth` — or plain `{"question", "answer"}`), or
+    chat messages, `reward_model.ground_truth` — or plain `{"question", "answer"}`, a GSM8K
+    answer `... #### N` labelled N; bundled sets by name: aime24, arithmetic), or
     `arithmetic` (tiny_rl: the 169 facts a * b =, a, b < 13, as byte tokens).
     """
 
@@ -344,8 +346,10 @@ class RLConfig:
     max_sampling_rounds: int = 3
     slots: int = 64  # concurrent samples in the rollout engine
     steps_per_call: int = 32
-    # A plain {"question", "answer"} record becomes this user turn ("{question}" replaced).
+    # A plain {"question", "answer"} record becomes this user turn ("{question}" replaced),
+    # after this system turn when set (SFT's, so the policy sees the layout it was tuned on).
     question_template: str = "{question}"
+    system_prompt: str | None = None
     eval_every: int = 0  # pass@1 on the evaluation prompts every N steps (0: never)
     # A prompt file, or a bundled set ("aime24"); default: the task's own prompts.
     eval_prompts: str | None = None
@@ -389,8 +393,9 @@ class Benchmark:
     name: str
     repeats: int = 1  # samples per question; pass@1 is their mean
     limit: int | None = None  # the first N questions (None: all)
-    # A local copy in evalscope's layout (a directory), or `bundled` (gsm8k and aime24 ship
-    # in the package); None: evalscope's hub (needs the network).
+    # A local copy in evalscope's layout (a directory), `bundled` (gsm8k and aime24 ship in
+    # the package) or `bundled:NAME` (another bundled set in the benchmark's layout: gsm8k's
+    # `arithmetic`); None: evalscope's hub (needs the network).
     dataset: str | None = None
     max_tokens: int | None = None  # None: eval.max_tokens
     subset: str | None = None  # evalscope subset (e.g. live_code_bench `v5`)

@@ -8,8 +8,8 @@ config) in a process of its own, each starting from the previous stage's output:
 `train.resume_from` (its whole training state, as the CPT decay job); an eval stage
 evaluates it (`--model`). A stage whose final checkpoint (step
 `train.steps`) or report is there already is skipped; an interrupted one resumes from its
-latest checkpoint. At the end: a table of the stages (steps, final loss or reward, evaluation
-score, time). A bad recipe is one `error:` line and exit status 2 before anything runs; a
+latest checkpoint. At the end: a table of the stages (steps; loss or reward and evaluation
+result, each from the stage's start to its end; time). A bad recipe is one `error:` line and exit status 2 before anything runs; a
 failed stage ends the recipe with that stage's exit status.
 
 A recipe file (configs/recipe_1p5b.yaml, recipe_7b.yaml, recipe_tiny.yaml):
@@ -172,9 +172,24 @@ def _last(records: list[dict[str, Any]], key: str) -> Any:
     return next((r[key] for r in reversed(records) if key in r), None)
 
 
+def _trend(records: list[dict[str, Any]], key: str, digits: int) -> str:
+    """`key` at the start and at the end of a run ("first -> last"): the means of the first
+    and of the last quarter of its logged values (one value each for four or fewer), so one
+    noisy RL step does not decide which way a stage moved."""
+    values = [r[key] for r in records if key in r]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    k = max(1, len(values) // 4)
+    first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+    return f"{first:.{digits}f} -> {last:.{digits}f}"
+
+
 def summary(p: Planned) -> dict[str, str]:
-    """Steps, final loss or reward and evaluation score of a stage, from its run directory
-    (so a stage skipped as complete reports as well as one run now)."""
+    """Steps, loss or reward and evaluation result of a stage — each from the start of the
+    stage to its end — from its run directory (so a stage skipped as complete reports as well
+    as one run now)."""
     if isinstance(p.config, EvalConfig):
         path = p.run_dir / "report.json"
         report = json.loads(path.read_text()) if path.is_file() else {}
@@ -182,16 +197,17 @@ def summary(p: Planned) -> dict[str, str]:
         return {"steps": "", "result": "", "eval": scores}
     records = _metrics(p.run_dir)
     step = _last(records, "step")
-    if p.kind == "rl":
-        result, score = _last(records, "reward_mean"), _last(records, "eval_reward")
-        result_text = "" if result is None else f"reward {result:.3f}"
-        score_text = "" if score is None else f"eval reward {score:.3f}"
-    else:
-        result, score = _last(records, "loss"), _last(records, "eval_loss")
-        result_text = "" if result is None else f"loss {result:.4f}"
-        score_text = "" if score is None else f"eval loss {score:.4f}"
+    result_key, eval_key, digits = (
+        ("reward_mean", "eval_reward", 3) if p.kind == "rl" else ("loss", "eval_loss", 4)
+    )
+    name = result_key.split("_")[0]
+    result, score = _trend(records, result_key, digits), _trend(records, eval_key, digits)
     steps = f"{step or 0}/{p.config.train.steps}"
-    return {"steps": steps, "result": result_text, "eval": score_text}
+    return {
+        "steps": steps,
+        "result": f"{name} {result}" if result else "",
+        "eval": f"eval {name} {score}" if score else "",
+    }
 
 
 def table(rows: list[dict[str, str]]) -> str:

@@ -250,6 +250,15 @@ def test_bundled_data_sets_are_in_the_package():
     assert (bundled_path("gsm8k_test").parent / "README.md").is_file()  # sources, licences
     with pytest.raises(DataError, match="not a bundled data set"):
         bundled_path("math500")
+    # recipe_tiny's facts: the shipped file is what its generator writes, and data.path names it.
+    from infir2_jax.data.gsm8k import conversations, problems
+    from infir2_jax.data.synthetic import multiplication_problems
+
+    facts = [json.loads(x) for x in bundled_path("arithmetic").read_text().splitlines()]
+    assert facts == multiplication_problems() == problems("arithmetic")
+    first = conversations("arithmetic")[0]["messages"]
+    assert first[1:3] == [{"role": "user", "content": "What is 1 * 1?"},
+                          {"role": "assistant", "content": "1 * 1 = 1\nThe answer is \\boxed{1}."}]  # fmt: skip
 
 
 def test_gsm8k_source_equals_the_jsonl_the_cli_writes(tmp_path):

@@ -190,6 +190,20 @@ def test_url_engine_scores_equal_an_independent_grading(tmp_path, oracle):
     assert "| 50.00 (k=2) | 4 | 2 |" in table
 
 
+def test_bundled_sets_in_a_benchmarks_layout(tmp_path):
+    """`dataset: bundled:arithmetic` gives evalscope's gsm8k the bundled facts in GSM8K's
+    layout (recipe_tiny's evaluation); a set not in the benchmark's layout is one error."""
+    from infir2_jax.config import Benchmark, ConfigError
+    from infir2_jax.eval.datasets import dataset_args
+
+    args = dataset_args(Benchmark("gsm8k", dataset="bundled:arithmetic"), None, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    assert args["dataset_id"] == str(tmp_path / "gsm8k") and len(rows) == 144
+    assert rows[6 * 12 + 7] == {"question": "What is 7 * 8?", "answer": "7 * 8 = 56\n#### 56"}
+    with pytest.raises(ConfigError, match=r"aime24: dataset=bundled:arithmetic: no such"):
+        dataset_args(Benchmark("aime24", dataset="bundled:arithmetic"), None, tmp_path)
+
+
 def test_bad_input_is_named(tmp_path):
     base = ["--config", "eval_tiny", *_sets(tmp_path / "e", 1)]
     assert main([*base, "--model", str(tmp_path / "missing")]) == 2

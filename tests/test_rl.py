@@ -410,6 +410,15 @@ def test_prompt_files_in_dapo_and_question_layouts(tmp_path, qwen_tokenizer_dir)
                         question_template="{question}\nPut the answer in \\boxed{}.")  # fmt: skip
     assert len(aime) == 30 and all(p.label.isdigit() for p in aime.prompts)
     assert "Put the answer in \\boxed{}.<|im_end|>" in tokenizer.decode(list(aime.prompts[0].ids))
+    # GSM8K's layout (recipe_tiny's bundled facts): the label is the number after ####, and
+    # the question follows the system prompt given (SFT's).
+    facts = load_prompts("arithmetic", tokenizer, dedupe=True, max_tokens=128,
+                         system_prompt="Answer in \\boxed{}.")  # fmt: skip
+    assert len(facts) == 144 and facts.prompts[6 * 12 + 7].label == "56"
+    assert tokenizer.decode(list(facts.prompts[6 * 12 + 7].ids)) == (
+        "<|im_start|>system\nAnswer in \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 7 * 8?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(

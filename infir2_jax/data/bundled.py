@@ -10,7 +10,11 @@ from pathlib import Path
 from infir2_jax.data.records import DataError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUNDLED = {"gsm8k_test": "gsm8k_test.jsonl", "aime24": "aime24.jsonl"}
+BUNDLED = {
+    "gsm8k_test": "gsm8k_test.jsonl",
+    "aime24": "aime24.jsonl",
+    "arithmetic": "arithmetic.jsonl",
+}
 
 # Qwen2.5's byte-level BPE vocabulary and special tokens (plus Qwen3's few additions, which the
 # padded 151,936-row embedding covers). Its own chat template is Qwen3's; SFT configs choose
@@ -19,7 +23,7 @@ QWEN_TOKENIZER = "qwen"
 
 
 def bundled_path(name: str) -> Path:
-    """The JSONL file of a bundled data set ("gsm8k_test" or "aime24")."""
+    """The JSONL file of a bundled data set ("gsm8k_test", "aime24" or "arithmetic")."""
     if name not in BUNDLED:
         raise DataError(f"{name}: not a bundled data set (known: {sorted(BUNDLED)})")
     return ASSETS / BUNDLED[name]

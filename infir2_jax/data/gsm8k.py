@@ -1,6 +1,7 @@
 """GSM8K as training data, offline: chat conversations for SFT, question + worked answer
-documents for CPT, from the test set bundled with the package (data/assets/) or any JSONL file
-in GSM8K's format (`question`, `answer` ending in `#### N`).
+documents for CPT, from the test set bundled with the package (data/assets/), another bundled
+set in its layout (`data.path: arithmetic`, recipe_tiny's multiplication facts) or any JSONL
+file in GSM8K's format (`question`, `answer` ending in `#### N`).
 
 Training reads them directly with `data.source: gsm8k` (the tiny SFT demo does). To see the chat
 format, or to start a data set of your own from it:
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 from infir2_jax.cli import USAGE, Exit, attempt, command_parser
-from infir2_jax.data.bundled import bundled_path
+from infir2_jax.data.bundled import BUNDLED, bundled_path
 from infir2_jax.data.kinds import DataKind
 from infir2_jax.data.records import DataError, InMemorySource, JsonlSource, expand_paths
 from infir2_jax.data.tokenizer import tokenizer_dir
@@ -37,8 +38,12 @@ def solution_text(answer: str) -> str:
 
 
 def problems(path: str | Path | None = None) -> list[dict]:
-    """(question, answer) records of a GSM8K-format JSONL file (default: the bundled test set)."""
-    files = expand_paths(str(path or bundled_path("gsm8k_test")), (".jsonl",), key="gsm8k")
+    """(question, answer) records of a GSM8K-format JSONL file or bundled set ("arithmetic")
+    (default: the bundled test set)."""
+    path = str(path or "gsm8k_test")
+    if path in BUNDLED and not Path(path).exists():
+        path = str(bundled_path(path))
+    files = expand_paths(path, (".jsonl",), key="gsm8k")
     source = JsonlSource(files, "question")
     records = [source[i] for i in range(len(source))]
     for record in records:

@@ -38,3 +38,15 @@ def arithmetic_documents(count: int, seed: int = 0) -> list[np.ndarray]:
         lines = [_line(rng) for _ in range(int(rng.integers(2, 7)))]
         docs.append(np.append(encode("\n".join(lines) + "\n"), EOS_ID))
     return docs
+
+
+def multiplication_problems() -> list[dict]:
+    """The 144 facts a * b (1 <= a, b <= 12) as GSM8K-format problems: `question` "What is
+    a * b?", `answer` "a * b = c\n#### c". Bundled as `arithmetic` (assets/arithmetic.jsonl):
+    a task with the Qwen vocabulary that a tiny model learns within recipe_tiny's steps, in
+    every stage's layout (CPT documents, SFT chats, RL prompts, an evalscope GSM8K set)."""
+    return [
+        {"question": f"What is {a} * {b}?", "answer": f"{a} * {b} = {a * b}\n#### {a * b}"}
+        for a in range(1, 13)
+        for b in range(1, 13)
+    ]

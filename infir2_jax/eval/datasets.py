@@ -1,6 +1,7 @@
 """Benchmark data for evalscope from local files: the bundled GSM8K test set and AIME 2024
-(infir2_jax/data/assets) written in the layouts evalscope loads from a directory, and the
-`dataset_args` that point evalscope at a local copy."""
+(infir2_jax/data/assets) — or another bundled set in a benchmark's layout (`bundled:NAME`, e.g.
+recipe_tiny's `arithmetic` as gsm8k) — written in the layouts evalscope loads from a directory,
+and the `dataset_args` that point evalscope at a local copy."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ from typing import Any
 from infir2_jax.config import Benchmark, ConfigError
 from infir2_jax.data.bundled import bundled_path
 
-BUNDLED = {"gsm8k": "gsm8k_test", "aime24": "aime24"}
+BUNDLED = {"gsm8k": "gsm8k_test", "aime24": "aime24"}  # benchmark -> its own bundled set
+LAYOUTS = {"gsm8k": ("gsm8k_test", "arithmetic"), "aime24": ("aime24",)}  # sets in its layout
 
 
-def _write_bundled(name: str, out: Path) -> Path:
+def _write_bundled(name: str, data: str, out: Path) -> Path:
     """evalscope's layout: a directory whose `test.jsonl` is the test split. GSM8K keeps its
     `question` / `answer` (a worked solution ending `#### N`); AIME its `problem` / `answer`
     (a string, as evalscope requires)."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in bundled_path(BUNDLED[name]).read_text().splitlines()]
+    rows = [json.loads(line) for line in bundled_path(data).read_text().splitlines()]
     if name == "gsm8k":
         rows = [{"question": r["question"], "answer": r["answer"]} for r in rows]
     else:
@@ -38,12 +40,15 @@ def dataset_args(benchmark: Benchmark, system_prompt: str | None, data_dir: Path
     if system_prompt:
         args["system_prompt"] = system_prompt
     source = benchmark.dataset
-    if source == "bundled":
-        if benchmark.name not in BUNDLED:
+    if source is not None and (source == "bundled" or source.startswith("bundled:")):
+        data = source.partition(":")[2] or BUNDLED.get(benchmark.name)
+        if data not in LAYOUTS.get(benchmark.name, ()):
+            known = ", ".join(f"{b}: {', '.join(sets)}" for b, sets in LAYOUTS.items())
             raise ConfigError(
-                f"benchmark {benchmark.name}: dataset=bundled exists for {sorted(BUNDLED)}"
+                f"benchmark {benchmark.name}: dataset={source}: no such bundled set in its "
+                f"layout (known: {known})"
             )
-        source = str(_write_bundled(benchmark.name, data_dir / benchmark.name))
+        source = str(_write_bundled(benchmark.name, data, data_dir / benchmark.name))
         if benchmark.name == "gsm8k":  # a plain directory has no `main` subset, nor few-shot
             args.update(subset_list=["default"], few_shot_num=0)
     elif source is not None:

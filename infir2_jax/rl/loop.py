@@ -68,7 +68,7 @@ def _task(cfg: RunConfig) -> _Task:
     def read(path):
         return load_prompts(
             path, tokenizer, dedupe=rl.dedupe, max_tokens=rl.max_prompt_tokens,
-            question_template=rl.question_template,
+            question_template=rl.question_template, system_prompt=rl.system_prompt,
         )  # fmt: skip
 
     prompts = read(rl.prompts)

@@ -2,8 +2,9 @@
 
 `prompts` files are JSONL or Parquet, one prompt per record, in DAPO-Math-17k's layout
 (`prompt`: chat messages, `reward_model.ground_truth`: the label) or plain
-`{"question", "answer"}` (the question becomes one user turn). Prompts are rendered with the
-chat template and its assistant generation prompt. `arithmetic` is tiny_rl's built-in task.
+`{"question", "answer"}` (the question becomes one user turn, after an optional system prompt;
+a GSM8K-style worked answer ending `#### N` is labelled N). Prompts are rendered with the chat
+template and its assistant generation prompt. `arithmetic` is tiny_rl's built-in task.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def _records(path: Path):
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
 
 
-def _messages_and_label(record: Any, where: str, template: str) -> tuple[list[dict], str]:
+def _messages_and_label(
+    record: Any, where: str, template: str, system_prompt: str | None
+) -> tuple[list[dict], str]:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object")
     if "prompt" in record and isinstance(record.get("reward_model"), dict):
@@ -80,7 +83,11 @@ def _messages_and_label(record: Any, where: str, template: str) -> tuple[list[di
     elif "question" in record and "answer" in record:
         content = template.replace("{question}", str(record["question"]))
         messages = [{"role": "user", "content": content}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
         label = record["answer"]
+        if isinstance(label, str) and "####" in label:  # GSM8K: the work, then `#### N`
+            label = label.rpartition("####")[2].strip()
     else:
         raise DataError(
             f"{where}: expected DAPO's layout (prompt, reward_model.ground_truth) or "
@@ -99,9 +106,11 @@ def load_prompts(
     dedupe: bool,
     max_tokens: int,
     question_template: str = "{question}",
+    system_prompt: str | None = None,
 ) -> PromptSet:
     """Every prompt of the file (or bundled set, e.g. "aime24"), rendered and tokenized (see
-    the module docstring); `question_template` makes a plain question a user turn."""
+    the module docstring); `question_template` makes a plain question a user turn, after
+    `system_prompt` when one is given."""
     if tokenizer is None:
         raise DataError("rl.tokenizer: prompt files need a tokenizer (a directory or `qwen`)")
     if not tokenizer.chat_template:
@@ -111,7 +120,7 @@ def load_prompts(
     if not path.is_file() and str(path) in BUNDLED:
         path = bundled_path(str(path))
     for where, record in _records(path):
-        messages, label = _messages_and_label(record, where, question_template)
+        messages, label = _messages_and_label(record, where, question_template, system_prompt)
         key = (json.dumps(messages, sort_keys=True), label)
         if dedupe and key in seen:
             duplicates += 1
