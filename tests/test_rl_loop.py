@@ -63,6 +63,10 @@ def test_rl_raises_a_reward_the_model_can_reach(tmp_path):
     assert 0.99 < last["tis_weight_mean"] < 1.01
     for key in ("accuracy", "response_length_mean", "entropy", "clip_fraction_high"):
         assert np.isfinite(last[key])
+    # Without dynamic sampling every group trains, and the uninformative ones are still
+    # counted: at the start most groups of 8 (a digit first ~4% of the time) are all zero.
+    assert all(h["prompts_sampled"] == 16 for h in history)
+    assert 4 <= history[0]["zero_std_groups"] <= 16, history[0]
 
 
 def test_a_diverging_run_stops_like_training(tmp_path):

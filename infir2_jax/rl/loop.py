@@ -30,7 +30,12 @@ from infir2_jax.generate import Completion, SamplingParams
 from infir2_jax.grading import RewardPool, make_reward
 from infir2_jax.model.parts import Params, init_params
 from infir2_jax.parallel import describe
-from infir2_jax.rl.advantages import DynamicSampler, group_advantages, overlong_penalty
+from infir2_jax.rl.advantages import (
+    DynamicSampler,
+    group_advantages,
+    informative,
+    overlong_penalty,
+)
 from infir2_jax.rl.batch import Rollout, pack_rollouts
 from infir2_jax.rl.objective import jit_token_logprobs, policy_objective
 from infir2_jax.rl.prompts import PromptOrder, PromptSet, arithmetic_prompts, load_prompts
@@ -158,8 +163,10 @@ def _collect(rollout, task, grader, cfg: RunConfig, order: PromptOrder, step: in
         if collected is None:
             collected = _Collected([], rewards, groups, grades, penalty)
         collected.generated += sum(len(c.output_ids) for per in results for c in per)
-        if not rl.dynamic_sampling:
+        if not rl.dynamic_sampling:  # every group trains; zero-std ones are still counted
             sampler.kept = list(zip(groups, rewards, strict=True))
+            sampler.offered = len(groups)
+            sampler.dropped = int((~informative(rewards)).sum())
             break
         sampler.offer(list(zip(groups, rewards, strict=True)), rewards)
         dropped += [(g, rw) for g, rw in zip(groups, rewards, strict=True) if rw.max() == rw.min()]
