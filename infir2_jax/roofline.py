@@ -14,8 +14,9 @@ The model, assumption by assumption:
   condition compares the counter with), its condition one time more, nested loops multiplying;
   `call` and `async-start` run their computation once, `conditional` its most expensive branch.
   A fusion is one kernel (its body is not walked).
-* GEMMs (cuBLAS / cuBLASLt custom calls, the FP8 `__cublas$lt$matmul$f8` included; Pallas
-  Mosaic GPU / Triton kernels with two FP8 matrix operands; fusions holding a dot) take
+* GEMMs (cuBLAS / cuBLASLt custom calls, the FP8 `__cublas$lt$matmul$f8` included;
+  TransformerEngine's GEMM calls; Pallas Mosaic GPU / Triton kernels with two FP8 matrix
+  operands; fusions holding a dot) take
   max(FLOPs / (peak of their operand dtype x 0.7), bytes / (HBM bandwidth x 0.8)); FP8 operands
   run at the FP8 peak, BF16 / FP16 at the BF16 peak, FP32 at the TF32 peak.
 * cuDNN fused attention and Pallas attention kernels (three or more 4-D operands) take their
@@ -25,7 +26,8 @@ The model, assumption by assumption:
 * Every other kernel moves its bytes in + out once at 0.8 of the HBM bandwidth; slices read only
   the slice, in-place dynamic-update-slice / scatter write only the update.
 * Quantization kernels are the memory-bound ones with an FP8 output, an amax (a max-reduction
-  over |x| or over integer bit patterns) or an FP8 operand converted up; they are reported apart.
+  over |x| or over integer bit patterns) or an FP8 operand converted up, and TransformerEngine's
+  quantize calls; they are reported apart.
 * Each kernel launch costs 3 us, reported as its own line.
 * Collectives use NVLink ring formulas at 0.8 of the per-direction bandwidth (450 GB/s on
   H100 / H200): all-gather and reduce-scatter move (n-1)/n of the full buffer, all-reduce
@@ -492,11 +494,20 @@ class Roofline:
             return self._timed_gemm(
                 i, 2.0 * batch * m * n * k, moved, [lhs.dtype, rhs.dtype], f"{detail} ({target})"
             )
+        if target.startswith("te_gemm"):
+            # TransformerEngine: (A, A scale_inv, B, B scale_inv, ...), A [M, K] and B [K, N]
+            # in some layout: K is what A and B have that the product has not.
+            a, b, product = operands[0][0], operands[2][0], i.result[0]
+            k = round(math.sqrt(a.numel * b.numel / product.numel))
+            detail = f"out {product} K{k} {a.dtype}x{b.dtype} ({target})"
+            flops = 2.0 * product.numel * k
+            return self._timed_gemm(i, flops, moved, [a.dtype, b.dtype], detail)
         if target.startswith("__cudnn$fmha"):
             return self._cudnn_attention(i, operands, moved)
         if any(name in target for name in ("mosaic", "triton", "pallas")):
             return self._pallas(i, operands, moved)
-        return self._memory(i, moved, any(a.is_fp8 for a in i.result), target)
+        te_quantize = target.startswith("te_") and "quantize" in target
+        return self._memory(i, moved, te_quantize or any(a.is_fp8 for a in i.result), target)
 
     def _cudnn_attention(self, i: Instruction, operands, moved: float) -> Kernel:
         config = i.backend_config().get("cudnn_fmha_backend_config", {})
@@ -706,30 +717,33 @@ class Projection:
             ),
         )
 
-    def describe(self, top: int = 5) -> list[str]:
-        """The planner's lines."""
-        total = self.seconds
-        headline = (
-            f"projected step time on {self.target}: {total * 1e3:.1f} ms (roofline of the "
-            f"optimized HLO, {self.launches:.0f} kernel launches; a projection, not a measurement)"
+
+def describe(projection: dict, top: int = 5) -> list[str]:
+    """The planner's lines for a projection (`Projection.as_dict()`, as in its `--json`)."""
+    total = projection["total_ms"]
+    lines = [
+        f"projected step time on {projection['target']}: {total:.1f} ms (roofline of the "
+        f"optimized HLO, {projection['kernel_launches']:.0f} kernel launches; a projection, not "
+        "a measurement)"
+    ]
+    if projection["mfu"] is not None:
+        peak = projection["assumptions"]["peaks"]["bf16_flops"]
+        lines.append(
+            f"  {projection['model_tflops_per_gpu']:.0f} model TFLOPS/GPU, MFU "
+            f"{projection['mfu'] * 100:.1f} % of {peak / 1e12:.0f} TFLOP/s BF16"
         )
-        if self.mfu is not None:
-            headline += (
-                f"\n  {self.model_tflops_per_gpu:.0f} model TFLOPS/GPU, MFU "
-                f"{self.mfu * 100:.1f} % of {self.peaks.bf16_flops / 1e12:.0f} TFLOP/s BF16"
-            )
-        parts = [
-            f"{CATEGORIES[c]} {s * 1e3:.2f} ms ({s / total * 100:.0f} %)"
-            for c, s in self.breakdown.items()
-            if s > 0
-        ]
-        lines = [headline, "  " + ", ".join(parts), "  top kernels (ms/step = count × µs each):"]
-        for k in self.top(top):
-            lines.append(
-                f"    {k.seconds * k.count * 1e3:8.3f} ms {k.count:6.0f} × "
-                f"{k.seconds * 1e6:8.1f} µs  {CATEGORIES[k.category]:<20} {k.name}: {k.detail}"
-            )
-        return lines
+    parts = [
+        f"{CATEGORIES[c]} {ms:.2f} ms ({ms / total * 100:.0f} %)"
+        for c, ms in projection["breakdown_ms"].items()
+        if ms > 0
+    ]
+    lines += ["  " + ", ".join(parts), "  top kernels (ms/step = count × µs each):"]
+    for k in projection["top_kernels"][:top]:
+        lines.append(
+            f"    {k['ms_per_step']:8.3f} ms {k['count']:6.0f} × {k['us_each']:8.1f} µs  "
+            f"{CATEGORIES[k['category']]:<20} {k['name']}: {k['detail']}"
+        )
+    return lines
 
 
 def project(
