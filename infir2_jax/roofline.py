@@ -353,43 +353,34 @@ class Roofline:
         self.peaks = peaks
         self.launch_seconds = launch_seconds
         self.kernels: dict[tuple[str, str], Kernel] = {}
-        self.loops: list[dict] = []
         self._costs: dict[str, float] = {}
 
     # ---------------------------------------------------------------- execution counts
-    def count(self, computation: str | None = None, times: float = 1.0) -> None:
-        """Adds `times` executions of `computation` (default: the entry) to its kernels."""
-        comp = self.module.computations[computation or self.module.entry]
+    def runs(self, computation: str, times: float = 1.0, loops: list | None = None):
+        """(kernel, executions) for each kernel launched when `computation` runs `times` times;
+        the while loops met are appended to `loops`."""
+        comp = self.module.computations[computation]
         for i in comp.instructions:
             if i.opcode == "while":
                 trips, how = self.trip_count(i)
-                self.loops.append(dict(name=i.name, trips=trips, times=times, how=how))
-                self.count(i.called("body"), times * trips)
-                self.count(i.called("condition"), times * (trips + 1))
+                if loops is not None:
+                    loops.append(dict(name=i.name, trips=trips, times=times, how=how))
+                yield from self.runs(i.called("body"), times * trips, loops)
+                yield from self.runs(i.called("condition"), times * (trips + 1), loops)
             elif i.opcode == "conditional":
-                self.count(max(i.branches(), key=self.cost), times)
+                yield from self.runs(max(i.branches(), key=self.cost), times, loops)
             elif i.opcode in ("call", "async-start"):
-                self.count(i.called("to_apply") or i.called("calls"), times)
+                yield from self.runs(i.called("to_apply") or i.called("calls"), times, loops)
             elif (kernel := self.kernel(comp, i)) is not None:
-                kernel.count += times
+                yield kernel, times
 
     def cost(self, computation: str) -> float:
         """Seconds of one execution of a computation (to pick a conditional's branch)."""
         if computation not in self._costs:
-            self._costs[computation] = 0.0  # a recursion guard
-            comp, total = self.module.computations[computation], 0.0
-            for i in comp.instructions:
-                if i.opcode == "while":
-                    trips, _ = self.trip_count(i)
-                    total += trips * self.cost(i.called("body"))
-                    total += (trips + 1) * self.cost(i.called("condition"))
-                elif i.opcode == "conditional":
-                    total += max(map(self.cost, i.branches()), default=0.0)
-                elif i.opcode in ("call", "async-start"):
-                    total += self.cost(i.called("to_apply") or i.called("calls"))
-                elif (kernel := self.kernel(comp, i)) is not None:
-                    total += kernel.seconds + self.launch_seconds
-            self._costs[computation] = total
+            self._costs[computation] = sum(
+                times * (kernel.seconds + self.launch_seconds)
+                for kernel, times in self.runs(computation)
+            )
         return self._costs[computation]
 
     def trip_count(self, loop: Instruction) -> tuple[int, str]:
@@ -543,7 +534,7 @@ class Roofline:
         qkv = [o[0] for o in operands if o and len(o[0].dims) == 4]
         if len(qkv) >= 3:
             (b, tq, h, d), tk = qkv[0].dims, qkv[1].dims[1]
-            gemms = 4 if "dkdv" in i.attributes else 3 if "_dq" in i.attributes else 2
+            gemms = 4 if "dkdv" in i.head else 3 if "_dq" in i.head else 2
             flops = 2.0 * gemms * b * h * tq * tk * d * 0.5
             detail = f"B{b} H{h} Tq{tq} Tk{tk} D{d} causal, {gemms} GEMMs ({i.target})"
             return self._attention(i, flops, moved, detail)
@@ -756,9 +747,9 @@ def project(
     """The roofline projection of one execution of the module in `hlo_text` on `target`."""
     from infir2_jax.gpu_target import PEAKS
 
-    roofline = Roofline(parse_module(hlo_text), PEAKS[target], launch_seconds)
-    roofline.count()
+    module = parse_module(hlo_text)
+    roofline, loops = Roofline(module, PEAKS[target], launch_seconds), []
+    for kernel, times in roofline.runs(module.entry, loops=loops):
+        kernel.count += times
     kernels = [k for k in roofline.kernels.values() if k.count > 0]
-    return Projection(
-        target, PEAKS[target], kernels, roofline.loops, launch_seconds, model_flops_per_device
-    )
+    return Projection(target, PEAKS[target], kernels, loops, launch_seconds, model_flops_per_device)

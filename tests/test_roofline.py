@@ -277,6 +277,8 @@ def test_conditional_runs_its_most_expensive_branch_and_launches_add_up(projecti
 
 
 def test_attention_and_transformer_engine_calls():
+    """cuDNN forward / backward, a Pallas flash-attention dK/dV kernel (grouped K/V), TE's
+    GEMM and quantize calls."""
     hlo = """HloModule attention
 ENTRY %main (q: bf16[2,384,4,32], k: bf16[2,384,4,32]) -> bf16[64,16] {
   %q = bf16[2,384,4,32]{3,2,1,0} parameter(0)
@@ -288,6 +290,8 @@ ENTRY %main (q: bf16[2,384,4,32], k: bf16[2,384,4,32]) -> bf16[64,16] {
   %s = f32[] parameter(4)
   %te = (bf16[64,16]{1,0}, u8[1024]{0}) custom-call(%a, %s, %b, %s), custom_call_target="te_gemm_v2_ffi"
   %quantize = (f8e4m3fn[64,32]{1,0}, f32[1]{0}) custom-call(%q, %s), custom_call_target="te_dbias_quantize_ffi"
+  %kv = bf16[2,384,2,32]{3,2,1,0} parameter(5)
+  %dkdv = (f32[2,384,4,32]{3,2,1,0}, f32[2,384,4,32]{3,2,1,0}) custom-call(%q, %kv, %kv, %q), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(train_step)/flash_attention_dkdv/pallas_call"}, backend_config={name = "x"}
   ROOT %out = bf16[64,16]{1,0} get-tuple-element(%te), index=0
 }
 """
@@ -297,6 +301,7 @@ ENTRY %main (q: bf16[2,384,4,32], k: bf16[2,384,4,32]) -> bf16[64,16] {
     assert kernels["bwd"].flops == 5 * pair
     rate = H100.bf16_flops * roofline.ATTENTION_EFFICIENCY
     assert kernels["fwd"].seconds == pytest.approx(max(2 * pair / rate, kernels["fwd"].bytes / HBM))
+    assert kernels["dkdv"].category == "attention" and kernels["dkdv"].flops == 4 * pair
     assert kernels["te"].category == "gemm_fp8" and kernels["te"].flops == 2 * 64 * 16 * 32
     assert kernels["quantize"].category == "quantization"
 
