@@ -1,7 +1,7 @@
 """Projected step time of a compiled step on an H100 / H200: a roofline over XLA's optimized HLO.
 
-    projection = project(compiled.as_text(), "h100", model_flops_per_device=...)
-    print("\\n".join(projection.describe())); projection.as_dict()
+    figures = project(compiled.as_text(), "h100", model_flops_per_device=...).as_dict()
+    print("\\n".join(describe(figures)))
 
 The planner (`python -m infir2_jax.plan --target h100|h200`) prints it and puts it in `--json`.
 It is a projection, not a measurement: it ignores caches, wave quantization, kernel quality and
