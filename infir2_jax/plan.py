@@ -29,7 +29,8 @@ kernels. A projection, not a measurement; its assumptions:
     max(FLOPs / (peak of their dtype x 0.7), bytes / (HBM x 0.8));
   - cuDNN / Pallas attention: FLOPs (halved when causal) at 0.5 of the BF16 peak;
   - every other kernel: bytes in + out at 0.8 of HBM bandwidth; quantization kernels (FP8
-    outputs, amax reductions, FP8 up-conversions) are counted apart;
+    outputs, amax reductions, FP8 up-conversions) are counted apart (of a fusion that also
+    does BF16 work, only its FP8 / integer / mask / scale outputs);
   - 3 us per kernel launch;
   - collectives: NVLink ring formulas (all-gather / reduce-scatter (n-1)/n x bytes,
     all-reduce 2(n-1)/n x bytes) at 0.8 of 450 GB/s per direction, not overlapped;

@@ -26,8 +26,10 @@ The model, assumption by assumption:
 * Every other kernel moves its bytes in + out once at 0.8 of the HBM bandwidth; slices read only
   the slice, in-place dynamic-update-slice / scatter write only the update.
 * Quantization kernels are the memory-bound ones with an FP8 output, an amax (a max-reduction
-  over |x| or over integer bit patterns) or an FP8 operand converted up, and TransformerEngine's
-  quantize calls; they are reported apart.
+  over |x|, or |x| as integer bit patterns) or an FP8 operand converted up, and
+  TransformerEngine's quantize calls; they are reported apart. Where XLA fused such work into
+  a kernel the BF16 step runs too (an amax's bit patterns written beside the SwiGLU), only the
+  bytes of the FP8 / integer / predicate / small (scale) outputs count as quantization.
 * Each kernel launch costs 3 us, reported as its own line.
 * Collectives use NVLink ring formulas at 0.8 of the per-direction bandwidth (450 GB/s on
   H100 / H200): all-gather and reduce-scatter move (n-1)/n of the full buffer, all-reduce
@@ -294,13 +296,19 @@ class Kernel:
     bytes: float = 0.0
     detail: str = ""
     count: float = 0.0  # executions per step
+    quantization_seconds: float = 0.0  # the part of `seconds` that is FP8's work
+
+    @property
+    def own_seconds(self) -> float:
+        """`seconds` less its FP8 work, which the breakdown counts under quantization."""
+        return self.seconds - self.quantization_seconds
 
     def as_dict(self) -> dict:
         return dict(
             name=self.name, computation=self.computation, category=self.category,
             count=self.count, us_each=self.seconds * 1e6,
             ms_per_step=self.seconds * self.count * 1e3, flops=self.flops, bytes=self.bytes,
-            detail=self.detail,
+            quantization_us_each=self.quantization_seconds * 1e6, detail=self.detail,
         )  # fmt: skip
 
 
@@ -438,13 +446,16 @@ class Roofline:
             moved = 2 * _nbytes(operands[-1:] if i.opcode == "scatter" else operands[1:2])
         else:
             moved = _nbytes(operands) + _nbytes([i.result])
-        quantizes = _quantizes(self.module, comp, [i], i.result)
-        return self._memory(i, moved, quantizes, detail=" ".join(map(str, i.result[:2])))
+        share = _fp8_share(self.module, comp, [i], i.result, moved)
+        return self._memory(i, moved, share, detail=" ".join(map(str, i.result[:2])))
 
-    def _memory(self, i: Instruction, moved: float, quantizes: bool, detail: str) -> Kernel:
+    def _memory(self, i: Instruction, moved: float, fp8_share: float, detail: str) -> Kernel:
+        """A memory-bound kernel, `fp8_share` of whose bytes are FP8's work (1: all of it)."""
         seconds = moved / (self.peaks.hbm_bytes * MEMORY_EFFICIENCY)
-        category = "quantization" if quantizes else "memory"
-        return Kernel(i.name, "", category, seconds, bytes=moved, detail=detail)
+        category = "quantization" if fp8_share >= 1 else "memory"
+        kernel = Kernel(i.name, "", category, seconds, bytes=moved, detail=detail)
+        kernel.quantization_seconds = seconds * min(fp8_share, 1.0)
+        return kernel
 
     def _gemm(self, i: Instruction, comp: Computation, dots: list, moved: float) -> Kernel:
         """A kernel computing `dots` (HLO dots whose operands are in `comp`)."""
@@ -498,7 +509,7 @@ class Roofline:
         if any(name in target for name in ("mosaic", "triton", "pallas")):
             return self._pallas(i, operands, moved)
         te_quantize = target.startswith("te_") and "quantize" in target
-        return self._memory(i, moved, te_quantize or any(a.is_fp8 for a in i.result), target)
+        return self._memory(i, moved, float(te_quantize or _writes_fp8(i.result)), target)
 
     def _cudnn_attention(self, i: Instruction, operands, moved: float) -> Kernel:
         config = i.backend_config().get("cudnn_fmha_backend_config", {})
@@ -538,7 +549,7 @@ class Roofline:
             flops = 2.0 * gemms * b * h * tq * tk * d * 0.5
             detail = f"B{b} H{h} Tq{tq} Tk{tk} D{d} causal, {gemms} GEMMs ({i.target})"
             return self._attention(i, flops, moved, detail)
-        return self._memory(i, moved, any(a.is_fp8 for a in i.result), i.target)
+        return self._memory(i, moved, float(_writes_fp8(i.result)), i.target)
 
     def _fusion(self, i: Instruction, operands) -> Kernel:
         body = self.module.computations[i.called("calls")]
@@ -553,8 +564,8 @@ class Roofline:
                 return kernel
         moved = sum(_parameter_reads(body, p) for p in body.instructions if p.opcode == "parameter")
         moved += _root_writes(body)
-        quantizes = _quantizes(self.module, body, body.instructions, i.result)
-        return self._memory(i, moved, quantizes, " ".join(map(str, i.result[:2])))
+        share = _fp8_share(self.module, body, body.instructions, i.result, moved)
+        return self._memory(i, moved, share, " ".join(map(str, i.result[:2])))
 
     def _collective(self, i: Instruction, kind: str, operands) -> Kernel:
         n = group_size(i, self.module.partitions)
@@ -618,23 +629,41 @@ def _root_writes(body: Computation) -> float:
     return written
 
 
-def _quantizes(module: HloModule, comp: Computation, ops: list, result: list[Array]) -> bool:
-    """Whether a memory-bound kernel (the instructions `ops`, looked up in `comp`) is FP8's:
-    it writes FP8, converts FP8 up, or takes an amax (a max-reduction over |x|, or over integer
-    bit patterns as `fp8.quantize.finite_amax` does)."""
-    if any(a.is_fp8 for a in result):
-        return True
+def _writes_fp8(result: list[Array]) -> bool:
+    return any(a.is_fp8 for a in result)
+
+
+def _fp8_share(module: HloModule, comp: Computation, ops: list, result: list[Array], moved):
+    """How much of a memory-bound kernel (the instructions `ops`, looked up in `comp`, writing
+    `result`, moving `moved` bytes) is FP8's work. A kernel quantizes if it writes FP8, converts
+    FP8 up, or takes an amax: a max-reduction over |x|, or |x| as integer bit patterns (as
+    `fp8.quantize.finite_amax` computes it). It is all FP8's if it converts FP8 up or writes
+    only FP8's arrays: FP8, integer and predicate ones (values, bit patterns, masks) and small
+    floating-point ones (scales, partial amaxes: under 1/64 of its largest output). A kernel
+    that also writes a large floating-point result, which the BF16 step computes too (XLA fused
+    an amax into the SwiGLU, say), is FP8's by the bytes of FP8's outputs."""
     has_abs = any(x.opcode == "abs" for x in ops)
+    quantizes, upcasts = _writes_fp8(result), False
     for x in ops:
-        inputs = [comp.by_name[o].result for o in x.operands if o in comp.by_name]
-        if x.opcode == "convert" and any(a.is_fp8 for group in inputs for a in group):
-            return True
-        if x.opcode == "reduce" and inputs and inputs[0]:
+        inputs = [comp.by_name[o] for o in x.operands if o in comp.by_name]
+        if x.opcode == "convert" and any(_writes_fp8(y.result) for y in inputs):
+            upcasts = True
+        elif x.opcode in ("bitcast", "bitcast-convert") and x.result and inputs:
+            quantizes |= inputs[0].opcode == "abs" and x.result[0].dtype[0] in "su"
+        elif x.opcode == "reduce" and inputs and inputs[0].result:
             combiner = module.computations.get(x.called("to_apply") or "")
             is_max = combiner is not None and combiner.root.opcode == "maximum"
-            if is_max and (has_abs or inputs[0][0].dtype[0] in "su"):
-                return True
-    return False
+            quantizes |= is_max and (has_abs or inputs[0].result[0].dtype[0] in "su")
+    if upcasts:
+        return 1.0
+    if not quantizes:
+        return 0.0
+    largest = max(a.numel for a in result)
+    fp8_written = sum(
+        a.nbytes for a in result if a.is_fp8 or a.dtype[0] in "sup" or 64 * a.numel < largest
+    )
+    written = sum(a.nbytes for a in result)
+    return 1.0 if fp8_written >= written else fp8_written / moved if moved else 0.0
 
 
 # ------------------------------------------------------------------------------- projection
@@ -658,7 +687,8 @@ class Projection:
         """Seconds per step by category (CATEGORIES' order), launches on their own line."""
         out = dict.fromkeys(CATEGORIES, 0.0)
         for k in self.kernels:
-            out[k.category] += k.seconds * k.count
+            out[k.category] += k.own_seconds * k.count
+            out["quantization"] += k.quantization_seconds * k.count
         out["launch"] = self.launches * self.launch_seconds
         return out
 

@@ -104,9 +104,19 @@ SYNTHETIC = """HloModule synthetic, is_scheduled=true, num_partitions=8
   ROOT %t = (f32[1,1024]{1,0}, f32[16,1024]{1,0}) tuple(%row, %upd)
 }
 
-%cast_body (p0: bf16[512,512]) -> f8e4m3fn[512,512] {
+%cast_body (p0: bf16[512,512]) -> (f8e4m3fn[512,512], f32[]) {
   %p0 = bf16[512,512]{1,0} parameter(0)
-  ROOT %c = f8e4m3fn[512,512]{1,0} convert(%p0)
+  %c = f8e4m3fn[512,512]{1,0} convert(%p0)
+  %scale = f32[] constant(1)
+  ROOT %t = (f8e4m3fn[512,512]{1,0}, f32[]) tuple(%c, %scale)
+}
+
+%mixed_body (p0: bf16[512,512]) -> (bf16[512,512], s16[512,512]) {
+  %p0 = bf16[512,512]{1,0} parameter(0)
+  %n = bf16[512,512]{1,0} negate(%p0)
+  %abs = bf16[512,512]{1,0} abs(%n)
+  %bits = s16[512,512]{1,0} bitcast(%abs)
+  ROOT %t = (bf16[512,512]{1,0}, s16[512,512]{1,0}) tuple(%n, %bits)
 }
 
 %amax_body (p0: bf16[512,512]) -> s16[] {
@@ -157,9 +167,11 @@ ENTRY %main (p0: bf16[256,512], p1: bf16[8,128,64], p2: bf16[8,64,32]) -> bf16[5
   %new_row = f32[1,1024]{1,0} parameter(7)
   %slicing = (f32[1,1024]{1,0}, f32[16,1024]{1,0}) fusion(%table, %index, %table, %new_row), kind=kLoop, calls=%slice_body
   %h = bf16[512,512]{1,0} parameter(8)
-  %cast = f8e4m3fn[512,512]{1,0} fusion(%h), kind=kLoop, calls=%cast_body
+  %cast = (f8e4m3fn[512,512]{1,0}, f32[]) fusion(%h), kind=kLoop, calls=%cast_body
+  %cast_values = f8e4m3fn[512,512]{1,0} get-tuple-element(%cast), index=0
   %amax = s16[] fusion(%h), kind=kInput, calls=%amax_body
-  %upcast = bf16[512,512]{1,0} fusion(%cast), kind=kLoop, calls=%upcast_body
+  %upcast = bf16[512,512]{1,0} fusion(%cast_values), kind=kLoop, calls=%upcast_body
+  %mixed = (bf16[512,512]{1,0}, s16[512,512]{1,0}) fusion(%h), kind=kLoop, calls=%mixed_body
   %plain = bf16[512,512]{1,0} fusion(%h), kind=kLoop, calls=%plain_body
   %grads = f32[1024,256]{1,0} parameter(9)
   %all_reduce = f32[1024,256]{1,0} all-reduce-start(%grads), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
@@ -240,11 +252,19 @@ def test_memory_kernels_read_slices_and_write_updates(synthetic):
     assert plain.category == "memory" and plain.bytes == 2 * 2 * 512 * 512
 
 
-def test_quantization_kernels(synthetic):
+def test_quantization_kernels(projection, synthetic):
     for name in ("cast", "amax", "upcast"):
         assert synthetic[name].category == "quantization", name
-    assert synthetic["cast"].bytes == 3 * 512 * 512  # BF16 in, FP8 out
+        assert synthetic[name].quantization_seconds == synthetic[name].seconds
+    assert synthetic["cast"].bytes == 3 * 512 * 512 + 4  # BF16 in, FP8 and a scale out
     assert synthetic["amax"].bytes == 2 * 512 * 512 + 2
+    # BF16's negation with |x|'s bit patterns written beside it: FP8's by the bits' third
+    mixed = synthetic["mixed"]
+    assert mixed.category == "memory" and mixed.bytes == 3 * 2 * 512 * 512
+    assert mixed.quantization_seconds == pytest.approx(mixed.seconds / 3)
+    assert synthetic["plain"].quantization_seconds == 0
+    pure = sum(synthetic[name].seconds for name in ("cast", "amax", "upcast"))
+    assert projection.breakdown["quantization"] == pytest.approx(pure + mixed.seconds / 3)
 
 
 def test_collective_group_sizes_and_ring_times(synthetic):
