@@ -760,9 +760,11 @@ def describe(projection: dict, top: int = 5) -> list[str]:
     ]
     lines += ["  " + ", ".join(parts), "  top kernels (ms/step = count × µs each):"]
     for k in projection["top_kernels"][:top]:
+        shared = 0 < k["quantization_us_each"] < k["us_each"]
         lines.append(
             f"    {k['ms_per_step']:8.3f} ms {k['count']:6.0f} × {k['us_each']:8.1f} µs  "
             f"{CATEGORIES[k['category']]:<20} {k['name']}: {k['detail']}"
+            + (f" ({k['quantization_us_each']:.1f} µs of it FP8's)" if shared else "")
         )
     return lines
 
