@@ -1,5 +1,7 @@
 """What XLA:GPU makes of every FP8 recipe on InfiR2's three benchmark settings, compiled for an
-H100 on this machine (no GPU): GEMM census and per-device peak memory.
+H100 on this machine (no GPU): GEMM census, per-device peak memory, and the planner's projected
+step time (a roofline of the optimized HLO, infir2_jax/roofline.py; not a measurement) with its
+ratio to the BF16 step's (run `none` first for the ratios).
 
     pip install -r requirements-gpu-compile.txt
     python bench/gpu_census.py [--target h100] [--recipes none,current,...] [--settings ...]
@@ -62,12 +64,12 @@ def main() -> None:
     rows = [
         "| setting | fp8.recipe | FP8 GEMMs (FP32 out) | BF16 GEMMs | FP32-operand GEMMs "
         "| Pallas | TE GEMMs / quantize | attention (cuDNN calls) | [seq, seq] shapes "
-        "| peak / device | vs BF16 | InfiR2 BF16 / FP8 | compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak / device | vs BF16 | projected step | step vs BF16 | InfiR2 BF16 / FP8 | compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in args.settings.split(","):
         config, devices, overrides, published = SETTINGS[setting]
-        bf16_peak = None
+        bf16_peak = bf16_step = None
         for recipe in args.recipes.split(","):
             began = time.perf_counter()
             f = plan_json(
@@ -76,12 +78,16 @@ def main() -> None:
             c = f["census"]
             bf16_peak = f["peak"] if recipe == "none" else bf16_peak
             ratio = f"{f['peak'] / bf16_peak:.2f}×" if bf16_peak else "—"
+            step = f["projection"]["total_ms"]
+            bf16_step = step if recipe == "none" else bf16_step
+            step_ratio = f"{step / bf16_step:.2f}×" if bf16_step else "—"
             rows.append(
                 f"| {setting} | {recipe} | {c['fp8_gemms']} ({c['fp8_gemms_f32_out']}) "
                 f"| {c['bf16_gemms']} | {c['f32_gemms']} | {c['pallas_kernels']} "
                 f"| {c['te_gemms']} / {c['te_quantize']} "
                 f"| {f['attention']} ({c['attention_kernels']}) | {c['seq_by_seq_buffers']} "
-                f"| {f['peak'] / GiB:.1f} GiB | {ratio} | {published[0]} / {published[1]} GB "
+                f"| {f['peak'] / GiB:.1f} GiB | {ratio} | {step:.0f} ms | {step_ratio} "
+                f"| {published[0]} / {published[1]} GB "
                 f"| {time.perf_counter() - began:.0f} s |"
             )
             print(rows[-1], flush=True)

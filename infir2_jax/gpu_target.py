@@ -32,6 +32,27 @@ UNKNOWN_FIELDS = ("collective_memory_granularity",)
 COMPILE_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 
+@dataclasses.dataclass(frozen=True)
+class GpuPeaks:
+    """Datasheet rates of one GPU of a target, dense (the "with sparsity" figures halved): what
+    the planner's projected step time (infir2_jax/roofline.py) divides work by."""
+
+    bf16_flops: float  # tensor-core FLOP/s on BF16 / FP16 operands
+    fp8_flops: float  # ... on FP8 operands
+    tf32_flops: float  # ... on FP32 operands (XLA's default precision on Hopper runs TF32)
+    hbm_bytes: float  # HBM bytes/s
+    nvlink_bytes: float  # NVLink bytes/s per GPU, one direction
+
+
+# NVIDIA H100 / H200 datasheets, SXM columns: BF16 1,979 / FP8 3,958 / TF32 989 TFLOP/s with
+# sparsity; HBM3 3.35 TB/s (H100), HBM3e 4.8 TB/s (H200); NVLink 900 GB/s both directions. The
+# target files carry the same HBM figures (memory_bandwidth; checked by the tests).
+PEAKS = {
+    "h100": GpuPeaks(989.5e12, 1979e12, 494.5e12, 3.35e12, 450e9),
+    "h200": GpuPeaks(989.5e12, 1979e12, 494.5e12, 4.8e12, 450e9),
+}
+
+
 class GpuTargetError(RuntimeError):
     """The deviceless GPU compile cannot run here (plugin missing, unknown target)."""
 

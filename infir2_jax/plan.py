@@ -20,6 +20,22 @@ assignment, plus a census of the optimized program's GEMMs and kernels (FP8 cuBL
 BF16 and FP32 GEMMs, attention and Pallas kernels, [seq, seq] buffer shapes), compiled as on
 that GPU (`execution.attention_impl: auto` resolves for it). Nothing is autotuned (Triton GEMMs
 are off, so every GEMM is a cuBLAS call) and cuDNN/cuBLAS workspaces are not counted.
+It also projects the step time on that GPU from the optimized HLO (infir2_jax/roofline.py):
+total ms, its breakdown (BF16 / FP8 GEMMs, attention, memory-bound kernels, quantization
+kernels, collectives, launch overhead), model TFLOPS/GPU, MFU (of the BF16 peak) and the top
+kernels. A projection, not a measurement; its assumptions:
+  - each kernel runs as often per step as its loops say (while trip counts, nested);
+  - GEMMs (cuBLAS(Lt) calls, the FP8 ones included; Pallas FP8 GEMMs; fusions holding a dot):
+    max(FLOPs / (peak of their dtype x 0.7), bytes / (HBM x 0.8));
+  - cuDNN / Pallas attention: FLOPs (halved when causal) at 0.5 of the BF16 peak;
+  - every other kernel: bytes in + out at 0.8 of HBM bandwidth; quantization kernels (FP8
+    outputs, amax reductions, FP8 up-conversions) are counted apart (of a fusion that also
+    does BF16 work, only its FP8 / integer / mask / scale outputs);
+  - 3 us per kernel launch;
+  - collectives: NVLink ring formulas (all-gather / reduce-scatter (n-1)/n x bytes,
+    all-reduce 2(n-1)/n x bytes) at 0.8 of 450 GB/s per direction, not overlapped;
+  - peaks (gpu_target.PEAKS): 989.5 / 1979 TFLOP/s dense BF16 / FP8, HBM 3.35 TB/s (H100),
+    4.8 TB/s (H200).
 --json prints the figures as one JSON object; --dump-hlo writes the optimized HLO text.
 """
 
@@ -58,6 +74,7 @@ def plan(
     from infir2_jax.compat import deviceless_cudnn_attention
     from infir2_jax.fp8 import te_deviceless
     from infir2_jax.gpu_target import GpuTargetError, census, square_buffers
+    from infir2_jax.roofline import project
     from infir2_jax.target import Target
     from infir2_jax.train.setup import prepare
 
@@ -89,6 +106,8 @@ def plan(
         seq_per_device = cfg.train.seq_len // setup.layout.size("context")
         figures["census"] = census(hlo).as_dict()
         figures["census"]["seq_by_seq_buffers"] = square_buffers(hlo, seq_per_device)
+        model_flops = figures["flops_per_step"] / devices
+        figures["projection"] = project(hlo, target, model_flops_per_device=model_flops).as_dict()
     if not as_json:
         report = _report(cfg, setup.layout, figures, setup.plan.describe_attention())
         print("\n".join(report), file=out, flush=True)
@@ -174,6 +193,7 @@ def _figures(cfg, setup, compiled, target, devices, seconds, attention) -> dict:
 def _report(cfg, layout, figures: dict, attention: str) -> list[str]:
     """The printed plan."""
     from infir2_jax.parallel import describe
+    from infir2_jax.roofline import describe as describe_projection
 
     gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
     rows, seq = cfg.train.batch_size, cfg.train.seq_len
@@ -202,6 +222,8 @@ def _report(cfg, layout, figures: dict, attention: str) -> list[str]:
     ]
     if "census" in figures:
         lines += _census_lines(figures["census"])
+    if "projection" in figures:
+        lines += describe_projection(figures["projection"])
     return lines
 
 
@@ -235,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         default="cpu",
         choices=["cpu", "h100", "h200"],
-        help="compile for fake CPU devices or compile-only H100/H200 GPUs",
+        help="compile for fake CPU devices or compile-only H100/H200 GPUs (with a projected "
+        "step time)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dump-hlo", metavar="FILE", help="write the optimized HLO text")

@@ -48,6 +48,7 @@ def test_planner_sizes_recipe_runs(config, model, tensor, recipe):
     assert 0.5 < temporaries < 80
     assert _gib(out, "peak") > temporaries
     assert "GFLOP/token" in out
+    assert "projected step time" not in out  # a CPU compile projects no GPU step time
 
 
 def test_planner_reports_bad_layouts():
