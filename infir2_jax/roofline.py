@@ -343,10 +343,16 @@ def dot_numbers(dot: Instruction) -> dict:
 
 
 def group_size(instruction: Instruction, default: int) -> int:
-    """Devices in each replica group: `{{0,1},{2,3}}`, iota `[groups,size]<=[...]`, or all."""
+    """Devices in each replica group: `{{0,1},{2,3}}`, iota `[groups,size]<=[...]`, a mesh's
+    axes `mesh['axis_0'=4,'axis_1'=2] {'axis_1'}` (the named axes' sizes multiplied), or
+    all."""
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", instruction.head)
     if iota:
         return int(iota.group(2))
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", instruction.head)
+    if mesh:
+        sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", mesh.group(2)))
     listed = re.search(r"replica_groups=\{\{([^}]*)\}", instruction.head)
     if listed:
         return len([d for d in listed.group(1).split(",") if d.strip()])

@@ -286,6 +286,10 @@ def test_collective_group_sizes_and_ring_times(synthetic):
     assert "all_reduce_done" not in synthetic and "rs_done" not in synthetic
     ring = roofline.Instruction("x", "all-gather", [], [], ", replica_groups=[4,2]<=[8]", "", False)
     assert roofline.group_size(ring, 8) == 2
+    # The mesh notation of recent XLA: the named axes' sizes multiplied.
+    head = ", replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] {'axis_0','axis_2'}, x"
+    meshed = roofline.Instruction("x", "all-gather", [], [], head, "", False)
+    assert roofline.group_size(meshed, 8) == 4
 
 
 def test_conditional_runs_its_most_expensive_branch_and_launches_add_up(projection, synthetic):
