@@ -9,8 +9,9 @@ config) in a process of its own, each starting from the previous stage's output:
 evaluates it (`--model`). A stage whose final checkpoint (step
 `train.steps`) or report is there already is skipped; an interrupted one resumes from its
 latest checkpoint. At the end: a table of the stages (steps; loss or reward and evaluation
-result, each from the stage's start to its end; time). A bad recipe is one `error:` line and exit status 2 before anything runs; a
-failed stage ends the recipe with that stage's exit status.
+result, each from the stage's start to its end; time). A bad recipe is one `error:` line and
+exit status 2 before anything runs; a failed stage ends the recipe with that stage's exit
+status.
 
 A recipe file (configs/recipe_1p5b.yaml, recipe_7b.yaml, recipe_tiny.yaml):
 

@@ -255,9 +255,51 @@ def compare_context_attention() -> list[dict]:
     return results
 
 
+def loss_collectives() -> list[dict]:
+    """Per rules table: the collectives of the compiled loss + gradient, by whether they run
+    inside a while loop (once per loss chunk) or outside (once per call), with the shapes they
+    move. The unembedding must be gathered and its gradient reduced outside the loop."""
+    import re
+
+    from infir2_jax.model.loss import chunked_cross_entropy
+
+    batch, seq, embed, vocab = 8, 64, 64, 512
+    results = []
+    for rules, sizes in CASES:
+        layout = make_layout(ParallelConfig(rules=rules, **sizes), jax.devices())
+        specs = {"h": ("batch", "seq", None), "w": ("embed", "vocab"), "y": ("batch", None)}
+        shapes = {"h": (batch, seq, embed), "w": (embed, vocab), "y": (batch, seq)}
+        dtypes = {"h": jnp.float32, "w": jnp.float32, "y": jnp.int32}
+        args = [
+            jax.ShapeDtypeStruct(shapes[k], dtypes[k], sharding=layout.sharding(specs[k]))
+            for k in ("h", "w", "y")
+        ]
+
+        def loss(h, w, y, layout=layout):
+            with activation_layout(layout):
+                return chunked_cross_entropy(h, w, y, jnp.ones(y.shape), chunk_size=64)[0]
+
+        shardings = (args[0].sharding, args[1].sharding)
+        step = jax.jit(jax.grad(loss, (0, 1)), out_shardings=shardings)
+        text = step.lower(*args).compile().as_text()
+        bodies = {b.lstrip("%") for b in re.findall(r" while\(.*?body=(%?[\w.\-]+)", text)}
+        inside, outside, current = [], [], None
+        for line in text.splitlines():
+            header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
+            if header and not line.startswith(" ") and line.rstrip().endswith("{"):
+                current = header.group(1)
+            op = re.search(r"= (\w+\[[\d,]*\])\S* (all-gather|all-reduce|reduce-scatter)\(", line)
+            if op:
+                (inside if current in bodies else outside).append(f"{op[2]} {op[1]}")
+        results.append(dict(rules=rules, mesh=sizes, inside=inside, outside=outside))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, "run with --xla_force_host_platform_device_count=8"
     out = {
+        "loss_collectives": loss_collectives(),
         "gemms": compare_gemms(),
         "attention": compare_context_attention(),
         "steps": compare_steps(),

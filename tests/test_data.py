@@ -257,8 +257,8 @@ def test_bundled_data_sets_are_in_the_package():
     facts = [json.loads(x) for x in bundled_path("arithmetic").read_text().splitlines()]
     assert facts == multiplication_problems() == problems("arithmetic")
     first = conversations("arithmetic")[0]["messages"]
-    assert first[1:3] == [{"role": "user", "content": "What is 1 * 1?"},
-                          {"role": "assistant", "content": "1 * 1 = 1\nThe answer is \\boxed{1}."}]  # fmt: skip
+    assert first[1] == {"role": "user", "content": "What is 1 * 1?"}
+    assert first[2] == {"role": "assistant", "content": "1 * 1 = 1\nThe answer is \\boxed{1}."}
 
 
 def test_gsm8k_source_equals_the_jsonl_the_cli_writes(tmp_path):

@@ -155,6 +155,21 @@ def test_context_parallel_attention_equals_full_attention(sharded):
         assert case["grads"] < 1e-5, case  # forward and backward (FP32 model)
 
 
+def test_the_loss_gathers_the_unembedding_and_reduces_its_gradient_once(sharded):
+    """Per loss chunk only the vocab-parallel reductions run (log-sum-exp and target logit
+    [b, t], the hidden gradient [b, t, e]); the [embed, vocab] weight is gathered over FSDP and
+    its gradient reduced outside the chunk loop, once per loss call."""
+    cases = {c["rules"]: c for c in sharded["loss_collectives"]}
+    assert set(cases) == set(RULES)
+    for case in cases.values():
+        vocab = 512 // case["mesh"]["tensor"]  # the weight's columns on one tensor rank
+        weight = f"[64,{vocab}]"
+        assert not [op for op in case["inside"] if str(vocab) in op], case
+        gathers = [op for op in case["outside"] if op == f"all-gather f32{weight}"]
+        assert len(gathers) == (1 if case["mesh"]["fsdp"] > 1 else 0), case
+        assert any(op.endswith(weight) and "gather" not in op for op in case["outside"]), case
+
+
 def _case_id(case) -> str:
     return f"{case['rules']}-{case['recipe']}"
 

@@ -118,7 +118,8 @@ class ExecutionConfig:
 
     # What the backward pass recomputes instead of storing, per scanned decoder layer.
     remat: RematPolicy = "full"
-    # Tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at a time.
+    # One device's tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at
+    # a time on each device.
     loss_chunk_size: int = 2048
     # Which attention runs (model/attention_impl.py):
     # "auto": "cudnn" where it runs (a Hopper GPU, no context parallelism), else "pallas" on a

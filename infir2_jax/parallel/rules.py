@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -148,6 +149,17 @@ def activation_layout(layout: Layout | None) -> Iterator[None]:
         yield
     finally:
         _CURRENT.reset(token)
+
+
+def split_count(name: str) -> int:
+    """Into how many parts the current layout splits a dimension named `name` (1 outside a
+    layout)."""
+    layout = _CURRENT.get()
+    if layout is None:
+        return 1
+    spec = layout.spec((name,))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(layout.size(a) for a in axes)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
