@@ -224,13 +224,18 @@ class DataPipeline:
         return grain.experimental.ZipIterDataset(parts).map(_concatenate_rows)
 
     def _rows(self, split: str, stream: int, *, train: bool) -> grain.IterDataset:
-        """One stream's packed rows: of its one source, or its sources mixed by weight."""
+        """One stream's packed rows: of its one source, or of its sources — for training mixed
+        by weight; held out (validation, test), every source's rows in turn to the last, so a
+        small source's few rows do not end the split (a weighted mix stops at the first
+        source that runs out)."""
         parts = [
             self._source_rows(c, i, split, stream, train=train)
             for i, c in enumerate(self.components)
         ]
         if len(parts) == 1:
             return parts[0]
+        if not train:
+            return grain.experimental.InterleaveIterDataset(parts, cycle_length=len(parts))
         return grain.IterDataset.mix(parts, [c.weight for c in self.components])
 
     def _source_rows(
@@ -276,7 +281,11 @@ class DataPipeline:
             if len(batches) == count:
                 break
         if not batches:
-            raise DataError("data: the validation split holds less than one batch")
+            raise DataError(
+                f"data: the validation split holds less than one batch ({self.global_batch} rows "
+                f"of {self.seq_len} tokens; data.split={list(self.cfg.split)}): raise its "
+                "validation fraction, or set train.eval_every=0"
+            )
         return batches
 
 
