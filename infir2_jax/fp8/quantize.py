@@ -41,13 +41,24 @@ def finite_amax(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     scan, whose zeros operand is loop-invariant and gets hoisted out of the loop by JAX's scan
     partial evaluation as a materialized FP32 array the size of x (BENCHMARKS.md, "H100
     compile census", fix 1); and an FP32 copy of a transposed BF16 input (twice the bytes)."""
+    bits, dtype = _finite_abs_bits(x)
+    return _float_of(jnp.max(bits, axis=axis, keepdims=keepdims), dtype)
+
+
+def _finite_abs_bits(x: jax.Array) -> tuple[jax.Array, jnp.dtype]:
+    """|x|'s bit patterns as same-width integers, 0 where x is not finite, and the float
+    dtype they encode."""
     dtype = jnp.dtype(x.dtype)
     if dtype not in _INT_OF:
         x, dtype = x.astype(jnp.float32), jnp.dtype(jnp.float32)
     int_dtype, inf_bits = _INT_OF[dtype]
     bits = jax.lax.bitcast_convert_type(jnp.abs(x), int_dtype)
-    amax_bits = jnp.max(bits * (bits < inf_bits).astype(int_dtype), axis=axis, keepdims=keepdims)
-    return jax.lax.bitcast_convert_type(amax_bits, dtype).astype(jnp.float32)
+    return bits * (bits < inf_bits).astype(int_dtype), dtype
+
+
+def _float_of(bits: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """The FP32 value of `_finite_abs_bits` patterns (or a reduction of them)."""
+    return jax.lax.bitcast_convert_type(bits, dtype).astype(jnp.float32)
 
 
 # float dtype -> (same-width signed integer dtype, bit pattern of +inf)
@@ -95,13 +106,16 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: Fp8Format) -> jax.A
     return jnp.clip(y, -fmt.max, fmt.max).astype(fmt.dtype)
 
 
-def _blocked(x: jax.Array, block: tuple[int, int]) -> tuple[jax.Array, tuple[int, int]]:
-    """[M, K] zero-padded to block multiples and viewed as [M/bm, bm, K/bk, bk]."""
-    m, k = x.shape
-    bm, bk = min(block[0], m), min(block[1], k)
+def _effective(x: jax.Array, block: tuple[int, int]) -> tuple[int, int]:
+    """The block shape on x: a block dimension larger than x's is x's."""
+    return min(block[0], x.shape[0]), min(block[1], x.shape[1])
+
+
+def _padded(x: jax.Array, block: tuple[int, int]) -> tuple[jax.Array, tuple[int, int]]:
+    """[M, K] zero-padded to multiples of the effective block, and that block."""
+    (m, k), (bm, bk) = x.shape, _effective(x, block)
     pm, pk = -m % bm, -k % bk
-    padded = jnp.pad(x, ((0, pm), (0, pk))) if pm or pk else x
-    return padded.reshape((m + pm) // bm, bm, (k + pk) // bk, bk), (bm, bk)
+    return (jnp.pad(x, ((0, pm), (0, pk))) if pm or pk else x), (bm, bk)
 
 
 def expand_scales(scales: jax.Array, block: tuple[int, int], shape: tuple[int, int]) -> jax.Array:
@@ -119,9 +133,25 @@ def block_scales(
     margin: int = 0,
 ) -> tuple[jax.Array, tuple[int, int]]:
     """Scales [ceil(M/bm), ceil(K/bk)] of a 2-D tensor and the effective block shape."""
-    blocks, eff = _blocked(x, block)
-    amax = finite_amax(blocks, axis=(1, 3))
-    return scale_from_amax(amax, fmt, power_of_two=power_of_two, margin=margin), eff
+    scales = scale_from_amax(_block_amax(x, block), fmt, power_of_two=power_of_two, margin=margin)
+    return scales, _effective(x, block)
+
+
+def _block_amax(x: jax.Array, block: tuple[int, int]) -> jax.Array:
+    """finite_amax per (bm, bk) block of a 2-D tensor (zero-padded to block multiples):
+    [ceil(M/bm), ceil(K/bk)]. The bits are masked on the 2-D tensor and only then viewed as
+    blocks, and a block axis of size 1 is left out of the view: otherwise XLA:GPU writes the
+    masked bits as transposed full-size copies before reducing them (BENCHMARKS.md,
+    "Projected step time"), where this is one reduction reading x once."""
+    padded, (bm, bk) = _padded(x, block)
+    bits, dtype = _finite_abs_bits(padded)
+    (m, k), view, axes = padded.shape, [], []
+    for count, size in ((m // bm, bm), (k // bk, bk)):
+        view.append(count)
+        if size > 1:
+            axes.append(len(view))
+            view.append(size)
+    return _float_of(jnp.max(bits.reshape(view), axis=tuple(axes)), dtype)
 
 
 def quantize_blocks(
