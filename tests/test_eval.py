@@ -198,8 +198,8 @@ def test_bundled_sets_in_a_benchmarks_layout(tmp_path):
 
     args = dataset_args(Benchmark("gsm8k", dataset="bundled:arithmetic"), None, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "gsm8k" / "test.jsonl").read_text().splitlines()]
-    assert args["dataset_id"] == str(tmp_path / "gsm8k") and len(rows) == 144
-    assert rows[6 * 12 + 7] == {"question": "What is 7 * 8?", "answer": "7 * 8 = 56\n#### 56"}
+    assert args["dataset_id"] == str(tmp_path / "gsm8k") and len(rows) == 81
+    assert rows[6 * 9 + 7] == {"question": "What is 7 * 8?", "answer": "7 * 8 = 56\n#### 56"}
     with pytest.raises(ConfigError, match=r"aime24: dataset=bundled:arithmetic: no such"):
         dataset_args(Benchmark("aime24", dataset="bundled:arithmetic"), None, tmp_path)
 

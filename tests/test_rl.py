@@ -414,8 +414,8 @@ def test_prompt_files_in_dapo_and_question_layouts(tmp_path, qwen_tokenizer_dir)
     # the question follows the system prompt given (SFT's).
     facts = load_prompts("arithmetic", tokenizer, dedupe=True, max_tokens=128,
                          system_prompt="Answer in \\boxed{}.")  # fmt: skip
-    assert len(facts) == 144 and facts.prompts[6 * 12 + 7].label == "56"
-    assert tokenizer.decode(list(facts.prompts[6 * 12 + 7].ids)) == (
+    assert len(facts) == 81 and facts.prompts[6 * 9 + 7].label == "56"
+    assert tokenizer.decode(list(facts.prompts[6 * 9 + 7].ids)) == (
         "<|im_start|>system\nAnswer in \\boxed{}.<|im_end|>\n"
         "<|im_start|>user\nWhat is 7 * 8?<|im_end|>\n<|im_start|>assistant\n"
     )

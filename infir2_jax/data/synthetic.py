@@ -41,12 +41,12 @@ def arithmetic_documents(count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def multiplication_problems() -> list[dict]:
-    """The 144 facts a * b (1 <= a, b <= 12) as GSM8K-format problems: `question` "What is
+    """The 81 facts a * b (1 <= a, b <= 9) as GSM8K-format problems: `question` "What is
     a * b?", `answer` "a * b = c\n#### c". Bundled as `arithmetic` (assets/arithmetic.jsonl):
     a task with the Qwen vocabulary that a tiny model learns within recipe_tiny's steps, in
     every stage's layout (CPT documents, SFT chats, RL prompts, an evalscope GSM8K set)."""
     return [
         {"question": f"What is {a} * {b}?", "answer": f"{a} * {b} = {a * b}\n#### {a * b}"}
-        for a in range(1, 13)
-        for b in range(1, 13)
+        for a in range(1, 10)
+        for b in range(1, 10)
     ]
