@@ -78,6 +78,7 @@ NO_KERNEL = {
     "optimization-barrier", "after-all", "add-dependency", "partition-id", "replica-id",
     "domain", "get-dimension-size", "async-update", "async-done", "all-gather-done",
     "all-reduce-done", "collective-permute-done", "copy-done", "send-done", "recv-done",
+    "fusion-done",
 }  # fmt: skip
 COLLECTIVES = {
     "all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
@@ -440,6 +441,8 @@ class Roofline:
         collective = i.opcode.removesuffix("-start")
         if collective in COLLECTIVES:
             return self._collective(i, collective, operands)
+        if (inner := self._fused_collective(i)) is not None:
+            return inner
         if i.opcode == "custom-call":
             return self._custom_call(i, operands)
         if i.opcode == "fusion":
@@ -572,6 +575,23 @@ class Roofline:
         moved += _root_writes(body)
         share = _fp8_share(self.module, body, body.instructions, i.result, moved)
         return self._memory(i, moved, share, " ".join(map(str, i.result[:2])))
+
+    def _fused_collective(self, i: Instruction) -> Kernel | None:
+        """A fusion holding a collective (recent XLA runs small all-reduces as Triton
+        collective fusions, `fusion-start` / `fusion-done` of kind `__triton_collective`):
+        timed as that collective, under the fusion's name."""
+        if i.opcode not in ("fusion", "fusion-start"):
+            return None
+        body = self.module.computations.get(i.called("calls") or "")
+        if body is None:
+            return None
+        for inner in body.instructions:
+            kind = inner.opcode.removesuffix("-start")
+            if kind in COLLECTIVES:
+                operands = [body.by_name[o].result for o in inner.operands if o in body.by_name]
+                kernel = self._collective(inner, kind, operands)
+                return dataclasses.replace(kernel, name=i.name)
+        return None
 
     def _collective(self, i: Instruction, kind: str, operands) -> Kernel:
         n = group_size(i, self.module.partitions)

@@ -305,6 +305,33 @@ def test_conditional_runs_its_most_expensive_branch_and_launches_add_up(projecti
     assert top["ms_per_step"] == max(k["ms_per_step"] for k in figures["top_kernels"])
 
 
+def test_a_triton_collective_fusion_is_timed_as_its_collective():
+    """Recent XLA runs small all-reduces as `__triton_collective` fusions (fusion-start /
+    fusion-done): one collective, launched once, timed by the ring formula."""
+    hlo = """HloModule fused_collective, num_partitions=8
+%region (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+%fused_psum (p: f32[128,128]) -> f32[128,128] {
+  %p = f32[128,128]{1,0} parameter(0)
+  ROOT %psum = f32[128,128]{1,0} all-reduce(%p), channel_id=1, replica_groups=mesh['a'=2,'b'=4] {'b'}, to_apply=%region
+}
+ENTRY %main (x: f32[128,128]) -> f32[128,128] {
+  %x = f32[128,128]{1,0} parameter(0)
+  %fusion-start = ((f32[128,128]{1,0}), f32[128,128]{1,0}) fusion-start(%x), kind=kCustom, calls=%fused_psum, backend_config={"fusion_backend_config":{"kind":"__triton_collective"}}
+  ROOT %fusion-done = f32[128,128]{1,0} fusion-done(%fusion-start)
+}
+"""
+    projection = roofline.project(hlo, "h100")
+    (kernel,) = projection.kernels
+    assert (kernel.name, kernel.category, kernel.count) == ("fusion-start", "collective", 1)
+    assert "all-reduce" in kernel.detail and "over 4 devices" in kernel.detail
+    assert kernel.seconds == pytest.approx(2 * 3 / 4 * 4 * 128 * 128 / NVLINK)
+    assert projection.launches == 1
+
+
 def test_attention_and_transformer_engine_calls():
     """cuDNN forward / backward, a Pallas flash-attention dK/dV kernel (grouped K/V), TE's
     GEMM and quantize calls."""
