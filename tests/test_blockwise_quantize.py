@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 
 from infir2_jax.compat import cuda_plugin
+from infir2_jax.fp8.dots import Fp8Spec, blockwise_dot
 from infir2_jax.fp8.quantize import E4M3, E5M2, quantize_blocks
 from infir2_jax.kernels.blockwise_quantize import quantize_both
 
@@ -163,3 +164,32 @@ def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(tmp_path, fmt, p
     assert "div.rn.f32" in ptx
     assert "div.full" not in ptx and "div.approx" not in ptx
     assert f"cvt.rn.satfinite.{fmt}x2.f32" in ptx
+
+
+# The recipe's choice of quantizer, as `_block_matmul` chooses its GEMM: lowered for CUDA,
+# how many one-pass kernels a forward + backward pass of blockwise_dot holds (x and g).
+DISPATCH = {
+    "auto, unbound": ("auto", None, {"cuda": 2, "cpu": 0}),
+    "auto, bound to cuda": ("auto", "cuda", {"cuda": 2}),
+    "auto, bound to cpu": ("auto", "cpu", {"cuda": 0}),
+    "emulated": ("emulated", None, {"cuda": 0}),
+    "pallas": ("pallas", None, {"cuda": 2}),
+}
+
+
+@pytest.mark.parametrize("case", DISPATCH)
+def test_blockwise_recipe_quantizes_with_the_kernel_on_cuda_only(case):
+    kernel, platform, expected = DISPATCH[case]
+    spec = Fp8Spec(E4M3, E4M3, power_of_two=True, kernel=kernel, platform=platform)
+    step = jax.grad(lambda x, w: blockwise_dot(x, w, spec).astype(jnp.float32).sum(), (0, 1))
+    args = (jax.ShapeDtypeStruct((256, 256), jnp.bfloat16),) * 2
+    for lowered_for, count in expected.items():
+        text = jax.jit(step).trace(*args).lower(lowering_platforms=(lowered_for,)).as_text()
+        assert text.count('name = "blockwise_quantize_both"') == count, (lowered_for, count)
+
+
+def test_recipe_refuses_a_block_the_kernel_does_not_take():
+    spec = Fp8Spec(E4M3, E4M3, block=96, kernel="pallas")
+    x = jnp.ones((96, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="powers of two >= 16 .*fp8.blockwise_kernel=emulated"):
+        blockwise_dot(x, x, spec)

@@ -32,6 +32,7 @@ platform.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from infir2_jax.fp8.quantize import Fp8Format
+from infir2_jax.kernels.blockwise_fp8 import _varying_like
+
+if TYPE_CHECKING:  # infir2_jax.fp8 imports this module (its recipes call the kernel)
+    from infir2_jax.fp8.quantize import Fp8Format
 
 _EXPONENT_BITS = 0x7F800000  # an f32's exponent field
 _MANTISSA_BITS = 0x007FFFFF
@@ -146,7 +150,7 @@ def quantize_both(
         margin=margin,
         interpret=interpret,
     )
-    return pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid=(tiles_m, tiles_k),
         out_shape=[
@@ -159,3 +163,5 @@ def quantize_both(
         interpret=interpret,
         name="blockwise_quantize_both",
     )(x)
+    # Inside a shard_map the results vary over the mesh axes x varies over.
+    return tuple(_varying_like(out, x) for out in outs)
