@@ -15,7 +15,9 @@ BF16 directly (see `_scaled_f8_dot`).
 `blockwise` (InfiR2's 1×128 / 128×128) has scales that vary along the contracted dimension,
 which no XLA GEMM supports on Hopper: on GPU it runs our Pallas kernel
 (infir2_jax/kernels/blockwise_fp8.py), elsewhere an exact emulation (dequantize, FP32 dot per
-128-K block) of the same arithmetic.
+128-K block) of the same arithmetic. Its operands x and g are quantized the same way: on GPU by
+one Pallas kernel writing both tilings (infir2_jax/kernels/blockwise_quantize.py), elsewhere by
+the reference quantizer, with the same bits.
 """
 
 from __future__ import annotations

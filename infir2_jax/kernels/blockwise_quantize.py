@@ -14,7 +14,10 @@ amax passes, two casts and a transpose, each reading x from HBM. Here one progra
 Every result equals the reference (infir2_jax/fp8/quantize.py) bit for bit, scales included:
 the same finite amax (NaN/±inf ignored, 0 if nothing is finite), `scale_from_amax`'s
 arithmetic, a true division x / s, a clamp that keeps NaN (Triton's max/min drop NaN, so
-the clamp is written with selects) and a round-to-nearest-even cast.
+the clamp is written with selects) and a round-to-nearest-even cast. (A NaN input stays NaN
+of its sign; in E5M2, which has three NaN encodings per sign, which one the cast writes is
+the platform's choice: XLA:CPU writes 0x7E, Pallas' interpreter 0x7F; Hopper's cvt its
+canonical NaN, not checked on a GPU.)
 
 Division: Pallas' Triton lowering emits `arith.divf` for f32 `/`, which Triton lowers to
 PTX `div.full.f32`, an approximation (up to 2 ulp). The reference divides with IEEE
