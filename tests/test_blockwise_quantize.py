@@ -193,3 +193,19 @@ def test_recipe_refuses_a_block_the_kernel_does_not_take():
     x = jnp.ones((96, 96), jnp.bfloat16)
     with pytest.raises(ValueError, match="powers of two >= 16 .*fp8.blockwise_kernel=emulated"):
         blockwise_dot(x, x, spec)
+
+
+def test_lowers_for_cuda_inside_a_shard_map():
+    """Under tensor or FSDP parallelism the recipe runs per device in a shard_map (with its
+    varying-axes check on): the kernel's results vary over the axes its input varies over."""
+    mesh = jax.make_mesh((1,), ("tokens",), devices=jax.devices()[:1])
+    spec = jax.sharding.PartitionSpec("tokens")
+    per_device = jax.shard_map(
+        lambda x: quantize_both(x, E4M3, power_of_two=True), mesh=mesh, in_specs=spec,
+        out_specs=(spec, spec, jax.sharding.PartitionSpec(None, "tokens"),
+                   jax.sharding.PartitionSpec(None, "tokens")),
+    )  # fmt: skip
+    sharded = jax.sharding.NamedSharding(mesh, spec)
+    x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16, sharding=sharded)
+    text = jax.jit(per_device).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count('name = "blockwise_quantize_both"') == 1

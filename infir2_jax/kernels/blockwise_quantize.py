@@ -43,8 +43,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from infir2_jax.kernels.blockwise_fp8 import _varying_like
-
 if TYPE_CHECKING:  # infir2_jax.fp8 imports this module (its recipes call the kernel)
     from infir2_jax.fp8.quantize import Fp8Format
 
@@ -153,18 +151,20 @@ def quantize_both(
         margin=margin,
         interpret=interpret,
     )
-    outs = pl.pallas_call(
+    # Inside a shard_map the results vary over the mesh axes x varies over.
+    like_x = functools.partial(
+        jax.ShapeDtypeStruct, manual_axis_type=jax.typeof(x).manual_axis_type
+    )
+    return pl.pallas_call(
         kernel,
         grid=(tiles_m, tiles_k),
         out_shape=[
-            jax.ShapeDtypeStruct((m, k), fmt.dtype),
-            jax.ShapeDtypeStruct((m, tiles_k), jnp.float32),
-            jax.ShapeDtypeStruct((k, m), fmt.dtype),
-            jax.ShapeDtypeStruct((k, tiles_m), jnp.float32),
+            like_x((m, k), fmt.dtype),
+            like_x((m, tiles_k), jnp.float32),
+            like_x((k, m), fmt.dtype),
+            like_x((k, tiles_m), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="blockwise_quantize_both",
     )(x)
-    # Inside a shard_map the results vary over the mesh axes x varies over.
-    return tuple(_varying_like(out, x) for out in outs)
