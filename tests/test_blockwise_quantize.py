@@ -67,15 +67,15 @@ def _differ(got: jax.Array, want: jax.Array) -> np.ndarray:
     return np.argwhere((g != w) & ~same_nan)
 
 
-def _reference(x, fmt, power_of_two, margin):
+def _reference(x, fmt, power_of_two, margin, block=B):
     kw = dict(power_of_two=power_of_two, margin=margin)
-    q_row, s_row = quantize_blocks(x, (1, B), fmt, **kw)
-    q_col, s_col = quantize_blocks(x, (B, 1), fmt, **kw)
+    q_row, s_row = quantize_blocks(x, (1, block), fmt, **kw)
+    q_col, s_col = quantize_blocks(x, (block, 1), fmt, **kw)
     return q_row, s_row, q_col.T, s_col.T
 
 
 CASES = {
-    # shape, input dtype, format, power-of-two scales, margin
+    # shape, input dtype, format, power-of-two scales, margin[, block (else 128)]
     "256x384 e4m3 pow2": ((256, 384), jnp.bfloat16, E4M3, True, 0),
     "256x384 e4m3 exact": ((256, 384), jnp.bfloat16, E4M3, False, 0),
     "200x130 e4m3 exact margin 1": ((200, 130), jnp.bfloat16, E4M3, False, 1),
@@ -83,16 +83,18 @@ CASES = {
     "200x130 f32 e4m3 exact": ((200, 130), jnp.float32, E4M3, False, 0),
     "64x96 e5m2 exact": ((64, 96), jnp.bfloat16, E5M2, False, 0),
     "64x96 e4m3 pow2 margin 3": ((64, 96), jnp.bfloat16, E4M3, True, 3),
+    "200x130 e4m3 exact block 32": ((200, 130), jnp.bfloat16, E4M3, False, 0, 32),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_equals_the_reference_quantizer_bit_for_bit(case):
-    shape, dtype, fmt, power_of_two, margin = CASES[case]
+    shape, dtype, fmt, power_of_two, margin, *block = CASES[case]
+    block = block[0] if block else B
     x = _data(shape, dtype, seed=len(case))
-    kw = dict(power_of_two=power_of_two, margin=margin)
+    kw = dict(power_of_two=power_of_two, margin=margin, block=block)
     got = jax.jit(lambda x: quantize_both(x, fmt, interpret=True, **kw))(x)
-    want = _reference(x, fmt, power_of_two, margin)
+    want = _reference(x, fmt, **kw)
     for name, g, w in zip(("q_row", "s_row", "q_col_t", "s_col_t"), got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype)
         mismatch = _differ(g, w)
