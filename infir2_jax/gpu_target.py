@@ -110,6 +110,7 @@ class Census:
     xla_dots: int = 0  # dots XLA left unrewritten (inside fusions)
     attention_kernels: int = 0  # cuDNN fused attention calls
     pallas_kernels: int = 0  # Pallas Mosaic GPU / Triton kernels
+    pallas_quantize: int = 0  # ... of which quantize: FP8 results, no FP8 operand
     all_gemms: int = 0
     te_gemms: int = 0  # TransformerEngine GEMM calls (cuBLASLt inside TE; in all_gemms too)
     te_fp8_gemms: int = 0  # ... on FP8 operands (in fp8_gemms too)
@@ -182,6 +183,10 @@ def census(hlo_text: str) -> Census:
             out.attention_kernels += 1
         elif "mosaic" in target or "triton" in target:
             out.pallas_kernels += 1
+            operand_types = [t for o in operands for t in _element_types(types.get(o, ""))]
+            writes_fp8 = any(t.startswith("f8") for t in _element_types(result_type))
+            reads_fp8 = any(t.startswith("f8") for t in operand_types)
+            out.pallas_quantize += writes_fp8 and not reads_fp8
     return out
 
 

@@ -233,7 +233,8 @@ def _census_lines(c: dict) -> list[str]:
         f"{c['fp8_gemms']} FP8 cuBLASLt ({c['fp8_gemms_f32_out']} with FP32 output), "
         f"{c['bf16_gemms']} BF16, {c['f32_gemms']} FP32-operand, {c['xla_dots']} XLA dots; "
         f"{c['attention_kernels']} cuDNN attention, {c['pallas_kernels']} Pallas/Triton "
-        f"kernels; {c['seq_by_seq_buffers']} [seq, seq] buffer shapes",
+        f"kernels ({c['pallas_quantize']} quantizing); "
+        f"{c['seq_by_seq_buffers']} [seq, seq] buffer shapes",
     ]
     if c["te_gemms"] or c["te_quantize"]:
         lines.append(

@@ -39,6 +39,7 @@ ENTRY %main (p0: bf16[64,32], p1: f8e4m3fn[32,16]) -> bf16[64,16] {
   %q = (f8e4m3fn[64,32]{1,0}, f8e4m3fn[1]{0}, f32[1]{0}, f32[1]{0}, f32[1]{0}, /*index=5*/bf16[1]{0}, f32[1]{0}) custom-call(%p0, %s), custom_call_target="te_dbias_quantize_ffi"
   %qa = f8e4m3fn[64,32]{1,0} get-tuple-element(%q), index=0
   %t = (bf16[64,16]{1,0}, u8[33554688]{0}) custom-call(%qa, %s, %p1, %s), custom_call_target="te_gemm_v2_ffi"
+  %bq = (f8e4m3fn[64,32]{1,0}, f32[64,1]{1,0}, f8e4m3fn[32,64]{1,0}, f32[32,1]{1,0}) custom-call(%p0), custom_call_target="__gpu$xla.gpu.triton"
   ROOT %k = bf16[64,16]{1,0} custom-call(%p0), custom_call_target="mosaic_gpu_v2"
 }
 """
@@ -48,8 +49,8 @@ def test_census_counts_each_kind_of_call():
     c = census(HLO)
     assert c.as_dict() == dict(
         fp8_gemms=3, fp8_gemms_f32_out=1, bf16_gemms=1, f32_gemms=1, xla_dots=1,
-        attention_kernels=1, pallas_kernels=1, all_gemms=5, te_gemms=1, te_fp8_gemms=1,
-        te_quantize=1,
+        attention_kernels=1, pallas_kernels=2, pallas_quantize=1, all_gemms=5, te_gemms=1,
+        te_fp8_gemms=1, te_quantize=1,
     )  # fmt: skip
 
 
@@ -103,9 +104,11 @@ def test_per_tensor_recipes_compile_to_fused_fp8_gemms(h100_plans, recipe):
 def test_blockwise_compiles_to_the_pallas_kernel(h100_plans):
     """InfiR2's recipe on H100: all 27 projection GEMMs of the two layer bodies are our Pallas
     Mosaic GPU kernel; no cuBLAS GEMM is left with FP8 or FP32 operands (the emulation would
-    show 27 FP32 GEMMs)."""
+    show 27 FP32 GEMMs). Each GEMM input x and output gradient g is quantized by one Triton
+    kernel (both FP8 copies): 4 inputs (q/k/v's, o's, gate/up's, down's) in the forward body;
+    the same 4 recomputed and 7 gradients in the backward body."""
     c = h100_plans["blockwise"]["census"]
-    assert c["pallas_kernels"] == 27, c
+    assert c["pallas_kernels"] == 27 + 15 and c["pallas_quantize"] == 15, c
     assert c["fp8_gemms"] == 0 and c["f32_gemms"] == 0, c
 
 

@@ -15,7 +15,9 @@ BF16 directly (see `_scaled_f8_dot`).
 `blockwise` (InfiR2's 1×128 / 128×128) has scales that vary along the contracted dimension,
 which no XLA GEMM supports on Hopper: on GPU it runs our Pallas kernel
 (infir2_jax/kernels/blockwise_fp8.py), elsewhere an exact emulation (dequantize, FP32 dot per
-128-K block) of the same arithmetic.
+128-K block) of the same arithmetic. Its operands x and g are quantized the same way: on GPU by
+one Pallas kernel writing both tilings (infir2_jax/kernels/blockwise_quantize.py), elsewhere by
+the reference quantizer, with the same bits.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from infir2_jax.fp8.quantize import (
     scale_from_amax,
 )
 from infir2_jax.kernels import blockwise_fp8_matmul, blockwise_fp8_matmul_reference
+from infir2_jax.kernels.blockwise_quantize import quantize_both
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +297,44 @@ def _block_quant(a: jax.Array, block: tuple[int, int], fmt: Fp8Format, spec: Fp8
     return quantize_blocks(a, block, fmt, power_of_two=spec.power_of_two, margin=spec.margin)
 
 
+def _quantizer_takes(spec: Fp8Spec) -> bool:
+    """Whether the one-pass quantizer kernel takes this block (Triton: a power of two >= 16)."""
+    return spec.block >= 16 and spec.block & (spec.block - 1) == 0
+
+
+def _block_quant_both(a: jax.Array, fmt: Fp8Format, spec: Fp8Spec):
+    """a [t, k] in 1×B tiles, (q [t, k], s [t, k/B]), and in B×1 tiles along t, transposed:
+    (qᵀ [k, t], sᵀ [k, t/B]), the layout in which wgrad's kernel reads it. The same numbers two
+    ways, chosen as `_block_matmul` chooses: on a CUDA target one Pallas kernel that reads a
+    once (infir2_jax/kernels/blockwise_quantize.py); elsewhere, and for `emulated`, the
+    reference quantizer twice and an FP8 transpose."""
+    b = spec.block
+
+    def reference(a):
+        q, s = _block_quant(a, (1, b), fmt, spec)
+        q_t, s_t = _block_quant(a, (b, 1), fmt, spec)
+        return q, s, q_t.T, s_t.T  # transposed in FP8 (half the bytes)
+
+    def kernel(a, interpret=False):
+        return quantize_both(
+            a, fmt, block=b, power_of_two=spec.power_of_two, margin=spec.margin,
+            interpret=interpret,
+        )  # fmt: skip
+
+    if spec.kernel == "emulated" or (spec.kernel == "auto" and not _quantizer_takes(spec)):
+        return reference(a)
+    if not _quantizer_takes(spec):
+        raise ValueError(
+            f"fp8.blockwise_kernel={spec.kernel}: the quantizer kernel takes blocks that are "
+            f"powers of two >= 16 (got {b}); use fp8.blockwise_kernel=emulated"
+        )
+    if spec.kernel in ("pallas", "interpret"):
+        return kernel(a, interpret=spec.kernel == "interpret")
+    if spec.platform is not None:
+        return (kernel if spec.platform == "cuda" else reference)(a)
+    return jax.lax.platform_dependent(a, cuda=kernel, default=reference)
+
+
 def _kernel_runs_it(spec: Fp8Spec, out_dtype) -> bool:
     """Whether the Hopper kernel can compute this recipe's GEMMs: E4M3 operands only (its
     wgmma takes one FP8 type), BF16 or FP32 results, 128-wide scale blocks."""
@@ -350,12 +391,10 @@ def _blockwise_fwd(x, ws, spec, gathered):
     b = spec.block
     gathered = gathered or (None,) * len(ws)
     x = row_major(x)
-    qx, sx = _block_quant(x, (1, b), spec.fwd, spec)  # [t, in], [t, in/b]
-    # wgrad contracts tokens: x in B×1 tiles along them, quantized from xᵀ as 1×B tiles so the
-    # FP8 copy is written in the layout the kernel reads (A = xᵀ, [in, t]); kept for the
-    # backward pass (1 byte per element, plus one scale per 128).
-    qx_t, sx_t = _block_quant(x, (b, 1), spec.fwd, spec)  # [t, in], [t/b, in]
-    qx_tt, sx_tt = qx_t.T, sx_t.T  # [in, t], [in, t/b]: transposed in FP8 (half the bytes)
+    # fprop: x in 1×B tiles, qx [t, in], sx [t, in/b]. wgrad contracts tokens: x in B×1
+    # tiles along them, in the layout the kernel reads (A = xᵀ): qx_tt [in, t], sx_tt
+    # [in, t/b]; kept for the backward pass (1 byte per element, plus one scale per 128).
+    qx, sx, qx_tt, sx_tt = _block_quant_both(x, spec.fwd, spec)
     ys, wres = [], []
     for w, split in zip(ws, gathered, strict=True):
         whole = row_major(split.gather(w) if split else w)
@@ -371,19 +410,19 @@ def _blockwise_fwd(x, ws, spec, gathered):
 def _blockwise_bwd(spec, gathered, residuals, gs):
     qx_tt, sx_kept, wres, (xt, wts) = residuals
     sx_tt = pow2_from_exponents(sx_kept) if spec.power_of_two else sx_kept
-    b = spec.block
     gathered = gathered or (None,) * len(gs)
     dxs, dws = [], []
     for g, (qw, sw), wt, split in zip(gs, wres, wts, gathered, strict=True):
         g = row_major(g)
         qw = split.gather(qw) if split else qw  # the FP8 weight, gathered in FP8
-        qg, sg = _block_quant(g, (1, b), spec.bwd, spec)  # [t, out], [t, out/b]
+        # dgrad's g in 1×B tiles, qg [t, out], sg [t, out/b]; wgrad's in B×1 tiles along
+        # tokens, transposed: qg_tt [out, t], sg_tt [out, t/b].
+        qg, sg, qg_tt, sg_tt = _block_quant_both(g, spec.bwd, spec)
+        qg_tt = row_major(qg_tt)
         # dgrad: dx = g · wᵀ; B = wᵀ is [out, in], K-major that is w itself ([in, out]).
         dxs.append(_block_matmul(qg, sg, qw, sw, "block", xt.dtype, spec))
         # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t], whose
         # 1×B tiles are g's B×1 tiles along tokens.
-        qg_t, sg_t = _block_quant(g, (b, 1), spec.bwd, spec)  # [t, out], [t/b, out]
-        qg_tt, sg_tt = row_major(qg_t.T), sg_t.T  # [out, t], [out, t/b]
         dw = _block_matmul(qx_tt, sx_tt, qg_tt, sg_tt, "column", wt.dtype, spec)
         dws.append(_cotangent_like(split.reduce_scatter(dw) if split else dw, wt))
     return _cotangent_like(_sum_cotangents(dxs, xt.dtype), xt), tuple(dws)
