@@ -305,9 +305,9 @@ def _quantizer_takes(spec: Fp8Spec) -> bool:
 def _block_quant_both(a: jax.Array, fmt: Fp8Format, spec: Fp8Spec):
     """a [t, k] in 1×B tiles, (q [t, k], s [t, k/B]), and in B×1 tiles along t, transposed:
     (qᵀ [k, t], sᵀ [k, t/B]), the layout in which wgrad's kernel reads it. The same numbers two
-    ways, chosen as `_block_matmul` chooses: on a CUDA target one Pallas kernel that reads a
-    once (infir2_jax/kernels/blockwise_quantize.py); elsewhere, and for `emulated`, the
-    reference quantizer twice and an FP8 transpose."""
+    ways, chosen by `_run_on_target`: one Pallas kernel that reads a once
+    (infir2_jax/kernels/blockwise_quantize.py), or the reference quantizer twice and an FP8
+    transpose."""
     b = spec.block
 
     def reference(a):
@@ -315,24 +315,29 @@ def _block_quant_both(a: jax.Array, fmt: Fp8Format, spec: Fp8Spec):
         q_t, s_t = _block_quant(a, (b, 1), fmt, spec)
         return q, s, q_t.T, s_t.T  # transposed in FP8 (half the bytes)
 
-    def kernel(a, interpret=False):
-        return quantize_both(
-            a, fmt, block=b, power_of_two=spec.power_of_two, margin=spec.margin,
-            interpret=interpret,
-        )  # fmt: skip
+    kernel = partial(quantize_both, fmt=fmt, block=b, power_of_two=spec.power_of_two,
+                     margin=spec.margin, interpret=spec.kernel == "interpret")  # fmt: skip
+    refusal = (
+        f"fp8.blockwise_kernel={spec.kernel}: the quantizer kernel takes blocks that are "
+        f"powers of two >= 16 (got {b}); use fp8.blockwise_kernel=emulated"
+    )
+    return _run_on_target(spec, _quantizer_takes(spec), refusal, kernel, reference, a)
 
-    if spec.kernel == "emulated" or (spec.kernel == "auto" and not _quantizer_takes(spec)):
-        return reference(a)
-    if not _quantizer_takes(spec):
-        raise ValueError(
-            f"fp8.blockwise_kernel={spec.kernel}: the quantizer kernel takes blocks that are "
-            f"powers of two >= 16 (got {b}); use fp8.blockwise_kernel=emulated"
-        )
+
+def _run_on_target(spec: Fp8Spec, kernel_takes_it: bool, refusal: str, kernel, reference, *args):
+    """kernel(*args) or reference(*args) as `spec.kernel` says: "emulated" the reference (any
+    platform); "pallas" / "interpret" the kernel (refused with `refusal` where it does not take
+    these operands); "auto" the kernel for a CUDA target (`spec.platform`, or where XLA lowers
+    it when unbound) where it takes them, the reference elsewhere."""
+    if spec.kernel == "emulated" or (spec.kernel == "auto" and not kernel_takes_it):
+        return reference(*args)
+    if not kernel_takes_it:
+        raise ValueError(refusal)
     if spec.kernel in ("pallas", "interpret"):
-        return kernel(a, interpret=spec.kernel == "interpret")
+        return kernel(*args)
     if spec.platform is not None:
-        return (kernel if spec.platform == "cuda" else reference)(a)
-    return jax.lax.platform_dependent(a, cuda=kernel, default=reference)
+        return (kernel if spec.platform == "cuda" else reference)(*args)
+    return jax.lax.platform_dependent(*args, cuda=kernel, default=reference)
 
 
 def _kernel_runs_it(spec: Fp8Spec, out_dtype) -> bool:
@@ -352,29 +357,20 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     in FP32 (any platform); "pallas" runs the Hopper kernel; "interpret" runs it in Pallas'
     GPU interpreter (CPU tests); "auto" the kernel for a CUDA target (`spec.platform`, or
     where XLA lowers it when unbound), the emulation elsewhere."""
-    args = (a_q, a_s, b_q_kmajor, b_s)
     emulated = partial(blockwise_fp8_matmul_reference, b_scale_mode=mode, out_dtype=out_dtype)
-    if spec.kernel == "emulated" or (
-        spec.kernel == "auto" and not _kernel_runs_it(spec, out_dtype)
-    ):
-        return emulated(*args)
-    if not _kernel_runs_it(spec, out_dtype):
-        raise ValueError(
-            f"fp8.blockwise_kernel={spec.kernel}: the kernel takes E4M3 operands, 128 blocks and "
-            f"BF16/FP32 results (got formats {spec.fwd.name}/{spec.bwd.name}, block "
-            f"{spec.block}, {jnp.dtype(out_dtype)}); use fp8.blockwise_kernel=emulated"
-        )
     kernel = partial(
         blockwise_fp8_matmul,
         b_scale_mode=mode,
         out_dtype=out_dtype,
         interpret=spec.kernel == "interpret",
     )
-    if spec.kernel in ("pallas", "interpret"):
-        return kernel(*args)
-    if spec.platform is not None:
-        return (kernel if spec.platform == "cuda" else emulated)(*args)
-    return jax.lax.platform_dependent(*args, cuda=kernel, default=emulated)
+    refusal = (
+        f"fp8.blockwise_kernel={spec.kernel}: the kernel takes E4M3 operands, 128 blocks and "
+        f"BF16/FP32 results (got formats {spec.fwd.name}/{spec.bwd.name}, block "
+        f"{spec.block}, {jnp.dtype(out_dtype)}); use fp8.blockwise_kernel=emulated"
+    )
+    takes_it = _kernel_runs_it(spec, out_dtype)
+    return _run_on_target(spec, takes_it, refusal, kernel, emulated, a_q, a_s, b_q_kmajor, b_s)
 
 
 def row_major(a: jax.Array) -> jax.Array:
