@@ -18,7 +18,12 @@ from infir2_jax.compat import cuda_plugin, jaxlib_version, triton_target
 from infir2_jax.fp8.dots import Fp8Spec, blockwise_dot
 from infir2_jax.fp8.quantize import E4M3, E5M2, quantize_blocks
 from infir2_jax.gpu_target import target_capability
-from infir2_jax.kernels.blockwise_quantize import quantize_both
+from infir2_jax.kernels.blockwise_quantize import (
+    quantize_both,
+    swiglu_grads_quantize_both,
+    swiglu_quantize_both,
+)
+from infir2_jax.kernels.swiglu import swiglu, swiglu_grads_f32
 
 B = 128
 needs_plugin = pytest.mark.skipif(
@@ -56,15 +61,18 @@ def _bits(a: jax.Array) -> np.ndarray:
     return a.view({1: np.uint8, 4: np.uint32}[a.dtype.itemsize])
 
 
-def _differ(got: jax.Array, want: jax.Array) -> np.ndarray:
+def _differ(got: jax.Array, want: jax.Array, nan_sign: bool = True) -> np.ndarray:
     """Where two arrays differ in their bits, but for NaN payloads: E5M2 has three NaNs per
     sign, and which one a cast writes is the platform's choice (XLA:CPU 0x7E, Pallas'
-    interpreter and Hopper's cvt 0x7F); a NaN must stay a NaN of the same sign."""
+    interpreter and Hopper's cvt 0x7F); a NaN must stay a NaN of the same sign (unless
+    `nan_sign` is False: a NaN the arithmetic made, as inf · 0, has no defined sign)."""
     g, w = _bits(got), _bits(want)
     g_nan = np.isnan(np.asarray(got, np.float32))
     w_nan = np.isnan(np.asarray(want, np.float32))
     sign = np.uint8(0x80)
-    same_nan = g_nan & w_nan & ((g & sign) == (w & sign)) if g.itemsize == 1 else g_nan & w_nan
+    same_nan = g_nan & w_nan
+    if nan_sign and g.itemsize == 1:
+        same_nan &= (g & sign) == (w & sign)
     return np.argwhere((g != w) & ~same_nan)
 
 
@@ -115,6 +123,36 @@ def test_data_exercises_what_it_claims():
     assert s_row[4, 0] == 2.0**-3 and s_col_t[6, 0] == 2.0**-11  # powers of two already
 
 
+SWIGLU_CASES = {
+    # shape, format, power-of-two scales, margin
+    "200x130 e4m3 pow2": ((200, 130), E4M3, True, 0),
+    "256x384 e5m2 exact margin 1": ((256, 384), E5M2, False, 1),
+}
+
+
+@pytest.mark.parametrize("case", SWIGLU_CASES)
+def test_swiglu_kernels_equal_swiglu_then_the_reference_quantizer(case):
+    """The kernels that compute SwiGLU (or its two input gradients) tile by tile and quantize
+    it: bit for bit `quantize_blocks` of what `swiglu` (or its backward pass) writes in BF16,
+    on inputs holding NaN, ±inf, zeros and values near BF16's largest."""
+    shape, fmt, power_of_two, margin = SWIGLU_CASES[case]
+    gate, up, dh = (_data(shape, jnp.bfloat16, seed=len(case) + n) for n in range(3))
+    kw = dict(power_of_two=power_of_two, margin=margin)
+    got = jax.jit(lambda g, u: swiglu_quantize_both(g, u, fmt, interpret=True, **kw))(gate, up)
+    want = _reference(swiglu(gate, up), fmt, **kw)
+    grads = jax.jit(lambda g, u, d: [t.astype(g.dtype) for t in swiglu_grads_f32(g, u, d)])
+    got += jax.jit(lambda g, u, d: swiglu_grads_quantize_both(g, u, d, fmt, interpret=True, **kw))(
+        gate, up, dh
+    )
+    want += sum((_reference(t, fmt, **kw) for t in grads(gate, up, dh)), ())
+    assert len(got) == len(want) == 12
+    for n, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (n, g.shape, w.shape)
+        # SwiGLU and its gradients at gate = ±inf are NaN (inf · 0), of either sign
+        differ = _differ(g, w, nan_sign=False)
+        assert not len(differ), (n, differ[:5])
+
+
 def test_rejects_what_it_does_not_take():
     x = jnp.zeros((64, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="2-D"):
@@ -129,25 +167,36 @@ import jax, jax.numpy as jnp
 from infir2_jax.compat import triton_target
 from infir2_jax.fp8.quantize import FORMATS
 from infir2_jax.gpu_target import gpu_devices, target_capability
-from infir2_jax.kernels.blockwise_quantize import quantize_both
+from infir2_jax.kernels.blockwise_quantize import quantize_both, swiglu_grads_quantize_both
 
 device = gpu_devices("h100", 1)[0]
 x = jax.ShapeDtypeStruct((16384, 8960), jnp.bfloat16,
                          sharding=jax.sharding.SingleDeviceSharding(device))
-fn = lambda x: quantize_both(x, FORMATS["{fmt}"], power_of_two={power_of_two})
+kernels = dict(
+    quantize_both=lambda x: quantize_both(x, FORMATS["{fmt}"], power_of_two={power_of_two}),
+    swiglu_grads=lambda x: swiglu_grads_quantize_both(
+        x, x + 1, x - 1, FORMATS["{fmt}"], power_of_two={power_of_two}),
+)
 with triton_target(target_capability("h100")):
-    print(jax.jit(fn).trace(x).lower().compile().as_text())
+    print(jax.jit(kernels["{kernel}"]).trace(x).lower().compile().as_text())
 """
 
 
 @needs_plugin
-@pytest.mark.parametrize("fmt, power_of_two", [("e4m3", False), ("e5m2", True)])
-def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(tmp_path, fmt, power_of_two):
+@pytest.mark.parametrize(
+    "kernel, fmt, power_of_two",
+    [("quantize_both", "e4m3", False), ("quantize_both", "e5m2", True),
+     ("swiglu_grads", "e5m2", False)],
+)  # fmt: skip
+def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(
+    tmp_path, kernel, fmt, power_of_two
+):
     """[16384, 8960] (Qwen2.5-1.5B's MLP activations at 16k tokens) compiled for an H100:
-    one Triton kernel writing both FP8 copies and their scales. In the PTX, every f32
-    division is IEEE `div.rn` (Triton's own `/` is the approximate `div.full`), and the casts
-    are round-to-nearest-even."""
-    script = textwrap.dedent(_COMPILE).format(fmt=fmt, power_of_two=power_of_two)
+    one Triton kernel writing both FP8 copies and their scales (SwiGLU's gradients: both,
+    for each of the two). In the PTX, every f32 division is IEEE `div.rn` (Triton's own `/` is
+    the approximate `div.full`; SwiGLU's sigmoid divides too), and the casts are
+    round-to-nearest-even."""
+    script = textwrap.dedent(_COMPILE).format(fmt=fmt, power_of_two=power_of_two, kernel=kernel)
     env = {
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(ROOT),
@@ -162,7 +211,7 @@ def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(tmp_path, fmt, p
     assert len(calls) == 1 and "__gpu$xla.gpu.triton" in calls[0], calls
     fp8 = "f8e4m3fn" if fmt == "e4m3" else "f8e5m2"
     for out in (f"{fp8}[16384,8960]", "f32[16384,70]", f"{fp8}[8960,16384]", "f32[8960,128]"):
-        assert out in calls[0], (out, calls[0])
+        assert calls[0].count(out) == (2 if kernel == "swiglu_grads" else 1), (out, calls[0])
     ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
     if not ptx and jaxlib_version() >= (0, 12):
         return  # jax 0.12's XLA dumps no Triton PTX; the main lane (jax 0.10) reads it

@@ -269,3 +269,55 @@ def test_decoder_layer_backward_keeps_fp8_gemm_inputs_once_and_no_fp32_activatio
     # attention input, o_proj input, MLP input; down_proj input
     assert sorted(f8) == [hidden, hidden, hidden, ffn]
     assert sum(size == ffn for _, size in residuals) == 3  # gate, up (BF16), down's (FP8)
+
+
+@pytest.mark.parametrize("power_of_two", [True, False])
+def test_blockwise_mlp_equals_its_three_gemms_and_swiglu_bit_for_bit(power_of_two):
+    """The fused MLP block (`blockwise_mlp`: SwiGLU's output and input gradients exist only
+    as FP8 operands) is the same arithmetic as gate/up, `swiglu`, then down through
+    `blockwise_dots`: output, dx and all three wgrads equal bit for bit."""
+    from infir2_jax.fp8.dots import Fp8Spec, blockwise_dots, blockwise_mlp
+    from infir2_jax.fp8.quantize import E4M3
+    from infir2_jax.kernels.swiglu import swiglu
+
+    spec = Fp8Spec(E4M3, E4M3, power_of_two=power_of_two, kernel="emulated")
+    rng = np.random.default_rng(2)
+    t, d, f = 200, 128, 384  # 200 tokens: a partial 128-token tile
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
+    ws = tuple(
+        jnp.asarray(rng.normal(size=shape) * 0.05, jnp.bfloat16)
+        for shape in ((d, f), (d, f), (f, d))
+    )
+    cotangent = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
+
+    def three_gemms(x, ws):
+        gate, up = blockwise_dots(x, ws[:2], spec)
+        return blockwise_dots(swiglu(gate, up), ws[2:], spec)[0]
+
+    def fused(x, ws):
+        return blockwise_mlp(x, ws, spec)
+
+    results = []
+    for fn in (three_gemms, fused):
+        y, vjp = jax.jit(lambda x, ws, fn=fn: jax.vjp(fn, x, ws))(x, ws)
+        results.append([y, *jax.tree.leaves(vjp(cotangent))])
+    assert len(results[1]) == 5
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert np.abs(np.asarray(results[1][0], np.float32)).max() > 0
+
+
+def test_the_blockwise_recipe_runs_the_mlp_as_one_block():
+    """Under `blockwise` the MLP is one `blockwise_mlp` call (SwiGLU's BF16 output and input
+    gradients never exist); other recipes keep three projections and `swiglu`."""
+    cfg = preset("tiny").replace(num_layers=1)
+    ids = jnp.zeros((1, 128), jnp.int32)
+
+    def jaxpr(recipe: str) -> str:
+        model = Qwen2(cfg, rngs=nnx.Rngs(0), plan=resolve_plan(cfg, gemm=make_gemm(
+            FP8Config(recipe=recipe))))  # fmt: skip
+        return str(jax.make_jaxpr(lambda i: model(i))(ids))
+
+    assert "_blockwise_mlp" in jaxpr("blockwise")
+    assert "_blockwise_mlp" not in jaxpr("current") and "swiglu" in jaxpr("current")

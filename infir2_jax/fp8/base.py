@@ -79,6 +79,16 @@ class Gemm:
         [..., uses, 3] (amaxes of x, w, g per application; leading axes: stacked layers)."""
         return state
 
+    @property
+    def fuses_mlp(self) -> bool:
+        """Whether this policy computes a whole MLP block (`fused_mlp`) rather than its three
+        projections one by one."""
+        return False
+
+    def fused_mlp(self, x: jax.Array, ws: tuple, axes: tuple) -> jax.Array:
+        """down(swiglu(x @ w_gate, x @ w_up)) for ws = (w_gate, w_up, w_down), in FP8."""
+        raise AssertionError(f"the {self.name} policy computes the MLP's projections one by one")
+
     def fp8_dots(self, x: jax.Array, ws: tuple, states: tuple, uses: tuple, axes: tuple) -> tuple:
         """x @ w for each w in `ws` in FP8 (one quantization of x where the recipe allows)."""
         raise AssertionError("the BF16 policy has no FP8 path")

@@ -17,7 +17,9 @@ which no XLA GEMM supports on Hopper: on GPU it runs our Pallas kernel
 (infir2_jax/kernels/blockwise_fp8.py), elsewhere an exact emulation (dequantize, FP32 dot per
 128-K block) of the same arithmetic. Its operands x and g are quantized the same way: on GPU by
 one Pallas kernel writing both tilings (infir2_jax/kernels/blockwise_quantize.py), elsewhere by
-the reference quantizer, with the same bits.
+the reference quantizer, with the same bits. `blockwise_mlp` runs a whole SwiGLU MLP block
+that way, with SwiGLU computed inside the quantizer kernels (its output and input gradients
+never exist in BF16).
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ from infir2_jax.fp8.quantize import (
     scale_from_amax,
 )
 from infir2_jax.kernels import blockwise_fp8_matmul, blockwise_fp8_matmul_reference
-from infir2_jax.kernels.blockwise_quantize import quantize_both
+from infir2_jax.kernels.blockwise_quantize import (
+    quantize_both,
+    swiglu_grads_quantize_both,
+    swiglu_quantize_both,
+)
+from infir2_jax.kernels.swiglu import swiglu, swiglu_grads_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,24 +311,33 @@ def _quantizer_takes(spec: Fp8Spec) -> bool:
 
 def _block_quant_both(a: jax.Array, fmt: Fp8Format, spec: Fp8Spec):
     """a [t, k] in 1×B tiles, (q [t, k], s [t, k/B]), and in B×1 tiles along t, transposed:
-    (qᵀ [k, t], sᵀ [k, t/B]), the layout in which wgrad's kernel reads it. The same numbers two
-    ways, chosen by `_run_on_target`: one Pallas kernel that reads a once
-    (infir2_jax/kernels/blockwise_quantize.py), or the reference quantizer twice and an FP8
-    transpose."""
+    (qᵀ [k, t], sᵀ [k, t/B]), the layout in which wgrad's kernel reads it."""
+    return _quantized_both(quantize_both, lambda a: (a,), (a,), fmt, spec)
+
+
+def _quantized_both(kernel_fn, tensors_of, inputs: tuple, fmt: Fp8Format, spec: Fp8Spec):
+    """`_block_quant_both`'s four results for each tensor `tensors_of(*inputs)` computes,
+    flattened: the same numbers two ways, chosen by `_run_on_target`: one Pallas kernel that
+    reads the inputs once and computes the tensors tile by tile (`kernel_fn`, from
+    infir2_jax/kernels/blockwise_quantize.py), or the tensors computed by XLA and the
+    reference quantizer applied twice to each, then an FP8 transpose."""
     b = spec.block
 
-    def reference(a):
-        q, s = _block_quant(a, (1, b), fmt, spec)
-        q_t, s_t = _block_quant(a, (b, 1), fmt, spec)
-        return q, s, q_t.T, s_t.T  # transposed in FP8 (half the bytes)
+    def reference(*inputs):
+        out = []
+        for a in tensors_of(*inputs):
+            q, s = _block_quant(a, (1, b), fmt, spec)
+            q_t, s_t = _block_quant(a, (b, 1), fmt, spec)
+            out += [q, s, q_t.T, s_t.T]  # transposed in FP8 (half the bytes)
+        return tuple(out)
 
-    kernel = partial(quantize_both, fmt=fmt, block=b, power_of_two=spec.power_of_two,
+    kernel = partial(kernel_fn, fmt=fmt, block=b, power_of_two=spec.power_of_two,
                      margin=spec.margin, interpret=spec.kernel == "interpret")  # fmt: skip
     refusal = (
         f"fp8.blockwise_kernel={spec.kernel}: the quantizer kernel takes blocks that are "
         f"powers of two >= 16 (got {b}); use fp8.blockwise_kernel=emulated"
     )
-    return _run_on_target(spec, _quantizer_takes(spec), refusal, kernel, reference, a)
+    return _run_on_target(spec, _quantizer_takes(spec), refusal, kernel, reference, *inputs)
 
 
 def _run_on_target(spec: Fp8Spec, kernel_takes_it: bool, refusal: str, kernel, reference, *args):
@@ -383,45 +399,122 @@ def row_major(a: jax.Array) -> jax.Array:
     return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
 
 
-def _blockwise_fwd(x, ws, spec, gathered):
+def _weight_gemms(qx, sx, ws, gathered, spec: Fp8Spec, out_dtype) -> tuple[tuple, tuple]:
+    """fprop of block-quantized x ([t, in] in 1×B tiles) with each w: (ys, what each GEMM's
+    backward keeps of w: this device's slice of the FP8 weight and its block scales)."""
     b = spec.block
+    ys, wres = [], []
+    for w, split in zip(ws, gathered, strict=True):
+        whole = row_major(split.gather(w) if split else w)
+        qw, sw = _block_quant(whole, (b, b), spec.fwd, spec)  # [in, out], [in/b, out/b]
+        ys.append(_block_matmul(qx, sx, qw.T, sw.T, "block", out_dtype, spec))
+        wres.append((row_major(split.local(qw) if split else qw), sw))
+    return tuple(ys), tuple(wres)
+
+
+def _keep_scales(s: jax.Array, spec: Fp8Spec) -> jax.Array:
+    """Power-of-two scales are kept as their exponents (int16: half the bytes of FP32)."""
+    return pow2_exponents(s) if spec.power_of_two else s
+
+
+def _kept_scales(kept: jax.Array, spec: Fp8Spec) -> jax.Array:
+    return pow2_from_exponents(kept) if spec.power_of_two else kept
+
+
+def _blockwise_fwd(x, ws, spec, gathered):
     gathered = gathered or (None,) * len(ws)
     x = row_major(x)
     # fprop: x in 1×B tiles, qx [t, in], sx [t, in/b]. wgrad contracts tokens: x in B×1
     # tiles along them, in the layout the kernel reads (A = xᵀ): qx_tt [in, t], sx_tt
     # [in, t/b]; kept for the backward pass (1 byte per element, plus one scale per 128).
     qx, sx, qx_tt, sx_tt = _block_quant_both(x, spec.fwd, spec)
-    ys, wres = [], []
-    for w, split in zip(ws, gathered, strict=True):
-        whole = row_major(split.gather(w) if split else w)
-        qw, sw = _block_quant(whole, (b, b), spec.fwd, spec)  # [in, out], [in/b, out/b]
-        ys.append(_block_matmul(qx, sx, qw.T, sw.T, "block", x.dtype, spec))
-        wres.append((row_major(split.local(qw) if split else qw), sw))
+    ys, wres = _weight_gemms(qx, sx, ws, gathered, spec, x.dtype)
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
-    # Power-of-two scales are kept as their exponents (int16: half the bytes of FP32).
-    sx_kept = pow2_exponents(sx_tt) if spec.power_of_two else sx_tt
-    return tuple(ys), (row_major(qx_tt), sx_kept, tuple(wres), tokens)
+    return ys, (row_major(qx_tt), _keep_scales(sx_tt, spec), wres, tokens)
 
 
-def _blockwise_bwd(spec, gathered, residuals, gs):
+def _input_grads(quantized_gs, residuals, spec, gathered) -> tuple[jax.Array, tuple]:
+    """(dx, dws) of `_blockwise_fwd`'s GEMMs from their output gradients, each already
+    quantized both ways by `_block_quant_both` (qg, sg, qg_tt, sg_tt)."""
     qx_tt, sx_kept, wres, (xt, wts) = residuals
-    sx_tt = pow2_from_exponents(sx_kept) if spec.power_of_two else sx_kept
-    gathered = gathered or (None,) * len(gs)
+    sx_tt = _kept_scales(sx_kept, spec)
+    gathered = gathered or (None,) * len(quantized_gs)
     dxs, dws = [], []
-    for g, (qw, sw), wt, split in zip(gs, wres, wts, gathered, strict=True):
-        g = row_major(g)
+    for (qg, sg, qg_tt, sg_tt), (qw, sw), wt, split in zip(
+        quantized_gs, wres, wts, gathered, strict=True
+    ):
         qw = split.gather(qw) if split else qw  # the FP8 weight, gathered in FP8
-        # dgrad's g in 1×B tiles, qg [t, out], sg [t, out/b]; wgrad's in B×1 tiles along
-        # tokens, transposed: qg_tt [out, t], sg_tt [out, t/b].
-        qg, sg, qg_tt, sg_tt = _block_quant_both(g, spec.bwd, spec)
-        qg_tt = row_major(qg_tt)
         # dgrad: dx = g · wᵀ; B = wᵀ is [out, in], K-major that is w itself ([in, out]).
         dxs.append(_block_matmul(qg, sg, qw, sw, "block", xt.dtype, spec))
         # wgrad: dw = xᵀ · g over tokens; A = xᵀ [in, t], B = g K-major: gᵀ [out, t], whose
         # 1×B tiles are g's B×1 tiles along tokens.
-        dw = _block_matmul(qx_tt, sx_tt, qg_tt, sg_tt, "column", wt.dtype, spec)
+        dw = _block_matmul(qx_tt, sx_tt, row_major(qg_tt), sg_tt, "column", wt.dtype, spec)
         dws.append(_cotangent_like(split.reduce_scatter(dw) if split else dw, wt))
     return _cotangent_like(_sum_cotangents(dxs, xt.dtype), xt), tuple(dws)
 
 
+def _blockwise_bwd(spec, gathered, residuals, gs):
+    # dgrad's g in 1×B tiles, qg [t, out], sg [t, out/b]; wgrad's in B×1 tiles along
+    # tokens, transposed: qg_tt [out, t], sg_tt [out, t/b].
+    quantized = [_block_quant_both(row_major(g), spec.bwd, spec) for g in gs]
+    return _input_grads(quantized, residuals, spec, gathered)
+
+
 _blockwise_dots.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# --------------------------------------------------------------------------- blockwise MLP
+def blockwise_mlp(x: jax.Array, ws, spec: Fp8Spec, gathered: tuple | None = None) -> jax.Array:
+    """down(swiglu(x @ w_gate, x @ w_up)) for ws = (w_gate, w_up, w_down) in the blockwise
+    recipe, equal bit for bit to `blockwise_dots` applied to gate/up, `swiglu`, then down:
+    the same GEMMs on the same FP8 operands. What it saves is memory traffic: SwiGLU's output
+    h exists only as the down GEMM's FP8 operands (`swiglu_quantize_both`), and its input
+    gradients only as the gate/up GEMMs' (`swiglu_grads_quantize_both`): neither is written,
+    read back and quantized in BF16. `gathered` as in `blockwise_dots`, one per weight."""
+    return _blockwise_mlp(x, tuple(ws), spec, None if gathered is None else tuple(gathered))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _blockwise_mlp(x, ws, spec, gathered):
+    return _blockwise_mlp_fwd(x, ws, spec, gathered)[0]
+
+
+def _swiglu_quant_both(gate, up, spec: Fp8Spec):
+    """h = swiglu(gate, up) quantized both ways (`_block_quant_both`), h never in memory."""
+    return _quantized_both(
+        swiglu_quantize_both, lambda g, u: (swiglu(g, u),), (gate, up), spec.fwd, spec
+    )
+
+
+def _swiglu_grads_quant_both(gate, up, dh, spec: Fp8Spec):
+    """SwiGLU's input gradients for dh, each quantized both ways: two (q, s, qᵀ, sᵀ)."""
+
+    def grads(g, u, d):  # rounded as swiglu's own backward pass rounds them
+        return tuple(t.astype(g.dtype) for t in swiglu_grads_f32(g, u, d))
+
+    out = _quantized_both(swiglu_grads_quantize_both, grads, (gate, up, dh), spec.bwd, spec)
+    return out[:4], out[4:]
+
+
+def _blockwise_mlp_fwd(x, ws, spec, gathered):
+    gathered = gathered or (None,) * 3
+    (gate, up), inner = _blockwise_fwd(x, ws[:2], spec, gathered[:2])
+    qh, sh, qh_tt, sh_tt = _swiglu_quant_both(gate, up, spec)
+    (y,), wres = _weight_gemms(qh, sh, ws[2:], gathered[2:], spec, x.dtype)
+    down = (row_major(qh_tt), _keep_scales(sh_tt, spec), wres, (_dtype_token(gate),
+            (_dtype_token(ws[2]),)))  # fmt: skip
+    return y, (inner, gate, up, down)
+
+
+def _blockwise_mlp_bwd(spec, gathered, residuals, g):
+    gathered = gathered or (None,) * 3
+    inner, gate, up, down = residuals
+    quantized_g = _block_quant_both(row_major(g), spec.bwd, spec)
+    dh, (dw_down,) = _input_grads([quantized_g], down, spec, gathered[2:])
+    dx, (dw_gate, dw_up) = _input_grads(
+        _swiglu_grads_quant_both(gate, up, dh, spec), inner, spec, gathered[:2]
+    )
+    return dx, (dw_gate, dw_up, dw_down)
+
+
+_blockwise_mlp.defvjp(_blockwise_mlp_fwd, _blockwise_mlp_bwd)

@@ -19,12 +19,13 @@ from infir2_jax.fp8.base import Fp8History, Fp8Probe, Gemm
 from infir2_jax.fp8.dots import (
     Fp8Spec,
     blockwise_dots,
+    blockwise_mlp,
     current_scaling_dots,
     delayed_scaling_dot,
     rowwise_dots,
 )
 from infir2_jax.fp8.quantize import E4M3, E5M2
-from infir2_jax.parallel.partitioned import partitioned_gemm
+from infir2_jax.parallel.partitioned import partitioned_gemm, partitioned_mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,18 @@ class BlockwiseGemm(_StatelessFp8):
             return self.dots(x, ws, self.spec)
         return partitioned_gemm(
             lambda a, bs, gathered: self.dots(a, bs, self.spec, gathered), x, ws, axes, layout
+        )
+
+    @property
+    def fuses_mlp(self) -> bool:
+        return True
+
+    def fused_mlp(self, x, ws, axes):
+        layout = self.layout
+        if self.spec.kernel == "emulated" or layout is None or None in axes:
+            return blockwise_mlp(x, ws, self.spec)
+        return partitioned_mlp(
+            lambda a, bs, gathered: blockwise_mlp(a, bs, self.spec, gathered), x, ws, axes, layout
         )
 
 

@@ -43,6 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from infir2_jax.kernels.swiglu import swiglu_f32, swiglu_grads_f32
+
 if TYPE_CHECKING:  # infir2_jax.fp8 imports this module (its recipes call the kernel)
     from infir2_jax.fp8.quantize import Fp8Format
 
@@ -67,6 +69,10 @@ def _ieee_div(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
     )
     return out
+
+
+def _divide(interpret: bool):
+    return functools.partial(_ieee_div, interpret=interpret)
 
 
 def _round_up_pow2(s: jax.Array) -> jax.Array:
@@ -95,32 +101,78 @@ def _quantize(x, s, fmt: Fp8Format, power_of_two: bool, interpret: bool):
 
 
 def _kernel(
-    x_ref, q_row_ref, s_row_ref, q_col_ref, s_col_ref, *,
-    fmt: Fp8Format, block: int, power_of_two: bool, margin: int, interpret: bool,
+    *refs, n_in: int, prologue, fmt: Fp8Format, block: int, power_of_two: bool, margin: int,
+    interpret: bool,
 ):  # fmt: skip
-    m, k = x_ref.shape
+    """Loads the [b, b] tile (i, j) of each of the `n_in` inputs, computes the tensors to
+    quantize from them (`prologue`; the identity for `quantize_both`) and writes each one's
+    four results: q_row, s_row, q_col_t, s_col_t."""
+    in_refs, out_refs = refs[:n_in], refs[n_in:]
+    m, k = in_refs[0].shape
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * block + jnp.arange(block)
     cols = j * block + jnp.arange(block)
     row_ok, col_ok = rows < m, cols < k
     tile_ok = row_ok[:, None] & col_ok[None, :]
     tile = (pl.ds(i * block, block), pl.ds(j * block, block))
-    x = plgpu.load(x_ref.at[tile], mask=tile_ok, other=0).astype(jnp.float32)
-
-    # |x| where finite (NaN and ±inf compare false), else 0; padding is 0 too.
-    finite_abs = jnp.where(jnp.abs(x) < jnp.inf, jnp.abs(x), 0.0)
+    # Padding is loaded as 0, which the prologues map to 0: it cannot raise an amax.
+    loaded = [plgpu.load(r.at[tile], mask=tile_ok, other=0) for r in in_refs]
     scales = functools.partial(
         _scales, fmt=fmt, power_of_two=power_of_two, margin=margin, interpret=interpret
     )
-    s_row = scales(jnp.max(finite_abs, axis=1))  # [b]: one per row
-    s_col = scales(jnp.max(finite_abs, axis=0))  # [b]: one per column
+    for n, x in enumerate(prologue(*loaded)):
+        q_row_ref, s_row_ref, q_col_ref, s_col_ref = out_refs[4 * n : 4 * n + 4]
+        x = x.astype(jnp.float32)
+        # |x| where finite (NaN and ±inf compare false), else 0.
+        finite_abs = jnp.where(jnp.abs(x) < jnp.inf, jnp.abs(x), 0.0)
+        s_row = scales(jnp.max(finite_abs, axis=1))  # [b]: one per row
+        s_col = scales(jnp.max(finite_abs, axis=0))  # [b]: one per column
+        q_row = _quantize(x, s_row[:, None], fmt, power_of_two, interpret)
+        plgpu.store(q_row_ref.at[tile], q_row, mask=tile_ok)
+        plgpu.store(s_row_ref.at[pl.ds(i * block, block), j], s_row, mask=row_ok)
+        q_col = _quantize(x, s_col[None, :], fmt, power_of_two, interpret)
+        plgpu.store(q_col_ref.at[tile[::-1]], q_col.T, mask=tile_ok.T)
+        plgpu.store(s_col_ref.at[pl.ds(j * block, block), i], s_col, mask=col_ok)
 
-    plgpu.store(q_row_ref.at[tile], _quantize(x, s_row[:, None], fmt, power_of_two, interpret),
-                mask=tile_ok)  # fmt: skip
-    plgpu.store(s_row_ref.at[pl.ds(i * block, block), j], s_row, mask=row_ok)
-    q_col = _quantize(x, s_col[None, :], fmt, power_of_two, interpret)
-    plgpu.store(q_col_ref.at[tile[::-1]], q_col.T, mask=tile_ok.T)
-    plgpu.store(s_col_ref.at[pl.ds(j * block, block), i], s_col, mask=col_ok)
+
+def _quantize_call(
+    name: str, inputs: tuple[jax.Array, ...], prologue, n_out: int, fmt: Fp8Format, *,
+    block: int, power_of_two: bool, margin: int, interpret: bool, num_warps: int,
+) -> tuple[jax.Array, ...]:  # fmt: skip
+    """The kernel over [b, b] tiles of the 2-D inputs (one shape): 4 results per tensor."""
+    x = inputs[0]
+    if x.ndim != 2 or any(a.shape != x.shape for a in inputs):
+        shapes = [a.shape for a in inputs]
+        raise ValueError(f"{name} expects 2-D tensors of one shape, got {shapes}")
+    if block < 16 or block & (block - 1):
+        # Triton's tensors have power-of-two shapes; its layouts want at least 16.
+        raise ValueError(f"{name}: block {block} must be a power of two >= 16")
+    m, k = x.shape
+    tiles_m, tiles_k = pl.cdiv(m, block), pl.cdiv(k, block)
+    kernel = functools.partial(
+        _kernel, n_in=len(inputs), prologue=prologue, fmt=fmt, block=block,
+        power_of_two=power_of_two, margin=margin, interpret=interpret,
+    )  # fmt: skip
+    # Inside a shard_map the results vary over the mesh axes x varies over.
+    like_x = functools.partial(
+        jax.ShapeDtypeStruct, manual_axis_type=jax.typeof(x).manual_axis_type
+    )
+    one = [
+        like_x((m, k), fmt.dtype),
+        like_x((m, tiles_k), jnp.float32),
+        like_x((k, m), fmt.dtype),
+        like_x((k, tiles_m), jnp.float32),
+    ]
+    return tuple(
+        pl.pallas_call(
+            kernel,
+            grid=(tiles_m, tiles_k),
+            out_shape=one * n_out,
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+            interpret=interpret,
+            name=name,
+        )(*inputs)
+    )
 
 
 def quantize_both(
@@ -136,35 +188,39 @@ def quantize_both(
     """(q_row [M, K], s_row [M, ceil(K/b)], q_col_t [K, M], s_col_t [K, ceil(M/b)]) of a
     2-D x: `quantize_blocks(x, (1, b))` and the transposes of `quantize_blocks(x, (b, 1))`,
     bit for bit, in one kernel (see the module docstring)."""
-    if x.ndim != 2:
-        raise ValueError(f"quantize_both expects a 2-D tensor, got shape {x.shape}")
-    if block < 16 or block & (block - 1):
-        # Triton's tensors have power-of-two shapes; its layouts want at least 16.
-        raise ValueError(f"quantize_both: block {block} must be a power of two >= 16")
-    m, k = x.shape
-    tiles_m, tiles_k = pl.cdiv(m, block), pl.cdiv(k, block)
-    kernel = functools.partial(
-        _kernel,
-        fmt=fmt,
-        block=block,
-        power_of_two=power_of_two,
-        margin=margin,
-        interpret=interpret,
-    )
-    # Inside a shard_map the results vary over the mesh axes x varies over.
-    like_x = functools.partial(
-        jax.ShapeDtypeStruct, manual_axis_type=jax.typeof(x).manual_axis_type
-    )
-    return pl.pallas_call(
-        kernel,
-        grid=(tiles_m, tiles_k),
-        out_shape=[
-            like_x((m, k), fmt.dtype),
-            like_x((m, tiles_k), jnp.float32),
-            like_x((k, m), fmt.dtype),
-            like_x((k, tiles_m), jnp.float32),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="blockwise_quantize_both",
-    )(x)
+    return _quantize_call(
+        "blockwise_quantize_both", (x,), lambda x: (x,), 1, fmt, block=block,
+        power_of_two=power_of_two, margin=margin, interpret=interpret, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def swiglu_quantize_both(
+    gate: jax.Array, up: jax.Array, fmt: Fp8Format, *, block: int = 128,
+    power_of_two: bool = False, margin: int = 0, interpret: bool = False, num_warps: int = 8,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """`quantize_both(swiglu(gate, up))` without h = silu(gate) · up in memory: each program
+    computes its tile of h (`infir2_jax.kernels.swiglu`, rounded to gate's dtype as the model
+    rounds it) from the gate and up tiles and quantizes it. The MLP's forward pass needs h
+    only in FP8 (the down projection's operand), so h is never written in BF16."""
+    return _quantize_call(
+        "blockwise_swiglu_quantize_both", (gate, up),
+        lambda g, u: (swiglu_f32(g, u, _divide(interpret)).astype(g.dtype),), 1, fmt, block=block,
+        power_of_two=power_of_two, margin=margin, interpret=interpret, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def swiglu_grads_quantize_both(
+    gate: jax.Array, up: jax.Array, dh: jax.Array, fmt: Fp8Format, *, block: int = 128,
+    power_of_two: bool = False, margin: int = 0, interpret: bool = False, num_warps: int = 8,
+) -> tuple[jax.Array, ...]:  # fmt: skip
+    """`quantize_both` of SwiGLU's two input gradients (d gate, then d up; 8 results) for the
+    cotangent dh of h, in one pass over gate, up and dh: the gate and up projections' backward
+    GEMMs need their output gradients only in FP8, so neither is written in BF16."""
+    return _quantize_call(
+        "blockwise_swiglu_grads_quantize_both", (gate, up, dh),
+        lambda g, u, d: tuple(
+            t.astype(g.dtype) for t in swiglu_grads_f32(g, u, d, _divide(interpret))
+        ), 2, fmt,
+        block=block, power_of_two=power_of_two, margin=margin, interpret=interpret,
+        num_warps=num_warps,
+    )  # fmt: skip

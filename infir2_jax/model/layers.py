@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infir2_jax.fp8.base import BF16, Fp8Switch, Gemm
+from infir2_jax.kernels.swiglu import swiglu
 from infir2_jax.model.config import ModelConfig
 
 Axes = tuple[str, ...]
@@ -109,6 +110,30 @@ def project(x: jax.Array, linears: tuple[Linear, ...]) -> tuple[jax.Array, ...]:
             y = y + lin.bias[...].astype(dtype)
         out.append(y)
     return tuple(out)
+
+
+def project_mlp(x: jax.Array, linears: tuple[Linear, Linear, Linear]) -> jax.Array:
+    """down(swiglu(gate(x), up(x))) for (gate, up, down) as one call of a policy that fuses the
+    MLP block (`Gemm.fuses_mlp`); BF16 where the layers' FP8 switch is off."""
+    gemm, dtype = linears[0].gemm, linears[0].dtype
+    if any(lin.gemm != gemm or lin.dtype != dtype or lin.bias is not None for lin in linears):
+        raise ValueError("project_mlp: the layers must share one policy and dtype, no bias")
+    if any(lin.state_names for lin in linears):
+        raise ValueError(f"project_mlp: the {gemm.name} policy keeps per-GEMM state")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1]).astype(dtype)  # [tokens, hidden]
+    w_gate, w_up, w_down = (lin._gemm_inputs()[0] for lin in linears)
+    axes = tuple(lin.axes for lin in linears)
+
+    def fp8():
+        return gemm.fused_mlp(x2d, (w_gate, w_up, w_down), axes)
+
+    def bf16():
+        return jnp.dot(swiglu(jnp.dot(x2d, w_gate), jnp.dot(x2d, w_up)), w_down)
+
+    switch = linears[0].fp8_switch
+    y = fp8() if switch is None else jax.lax.cond(switch[...], fp8, bf16)
+    return y.reshape(*lead, w_down.shape[1])
 
 
 class Embedding(nnx.Module):

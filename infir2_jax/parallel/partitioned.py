@@ -151,3 +151,36 @@ def partitioned_gemm(
         out_specs=tuple(s[2] for s in specs),
         check_vma=check_vma,
     )(x, tuple(ws), *replicated, *per_device)
+
+
+def partitioned_mlp(
+    mlp: Callable[..., jax.Array],
+    x: jax.Array,
+    ws: tuple[jax.Array, jax.Array, jax.Array],
+    axes: tuple[tuple[str, str], ...],
+    layout: Layout,
+) -> jax.Array:
+    """mlp(x, (w_gate, w_up, w_down), gathered) -> [tokens, out], a whole MLP block per device
+    (as `partitioned_gemm` runs one projection): gate and up column-parallel, their output
+    (and SwiGLU's) split like `act_mlp`, down row-parallel with its partial sums added."""
+    if layout.mesh.size == 1:
+        return mlp(x, ws, (None,) * len(ws))
+    specs = [gemm_specs(layout, a) for a in axes]
+    (x_spec, _, h_spec, _), (up_x_spec, _, up_spec, _), (down_x_spec, _, y_spec, contracted) = specs
+    if not (x_spec == up_x_spec and h_spec == up_spec == down_x_spec):
+        raise ValueError(
+            f"MLP projections {axes}: gate/up outputs {h_spec}, {up_spec} do not feed the "
+            f"down projection as it is split ({down_x_spec})"
+        )
+    w_specs, gathered = zip(
+        *(_weight_split(layout, a, spec[1]) for a, spec in zip(axes, specs, strict=True)),
+        strict=True,
+    )
+
+    def local(x_shard: jax.Array, w_shards: tuple[jax.Array, ...]) -> jax.Array:
+        y = mlp(x_shard, w_shards, gathered)
+        return jax.lax.psum(y, contracted) if contracted else y
+
+    return jax.shard_map(
+        local, mesh=layout.mesh, in_specs=(x_spec, tuple(w_specs)), out_specs=y_spec
+    )(x, tuple(ws))
