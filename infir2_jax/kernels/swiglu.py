@@ -1,6 +1,8 @@
-"""SwiGLU's arithmetic, defined once: the model's MLP (infir2_jax/model/mlp.py), its blockwise
-FP8 form (infir2_jax/fp8/dots.py) and the quantizer kernels that fuse it
-(infir2_jax/kernels/blockwise_quantize.py) all compute these functions.
+"""SwiGLU's arithmetic for the blockwise MLP block, defined once: its reference path
+(infir2_jax/fp8/dots.py `blockwise_mlp`), its BF16 layers and the quantizer kernels that fuse
+SwiGLU (infir2_jax/kernels/blockwise_quantize.py) all compute these functions. (The other
+recipes' MLP, infir2_jax/model/mlp.py, writes SwiGLU in BF16 ops, which XLA fuses better
+into their amax passes.)
 
 In FP32 from the inputs' values, each result rounded to the inputs' dtype once: so a kernel
 that evaluates them on a tile and XLA evaluating them on the whole tensor agree, which BF16
