@@ -53,9 +53,9 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("kernel", "attention", "train", "generate")
+STEPS = ("kernel", "quantize", "attention", "train", "generate")
 # Shares of the time budget; a step that finishes early leaves its time to the later ones.
-SHARES = {"kernel": 0.22, "attention": 0.13, "train": 0.5, "generate": 0.15}
+SHARES = {"kernel": 0.18, "quantize": 0.04, "attention": 0.13, "train": 0.5, "generate": 0.15}
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
             "orbax-checkpoint", "transformers", "torch", "numpy", "grain",
             "array_record")  # fmt: skip
@@ -280,8 +280,9 @@ def run_child(args) -> int:
         fault = dict(f.partition("=")[::2] for f in args.fault).get(step)
         if fault == "hang":
             threading.Event().wait()  # never set: only the parent's kill ends this process
-        {"kernel": step_kernel, "attention": step_attention, "train": step_train,
-         "generate": step_generate}[step](unit, args, *([recipe] if recipe else []))  # fmt: skip
+        {"kernel": step_kernel, "quantize": step_quantize, "attention": step_attention,
+         "train": step_train, "generate": step_generate}[step](
+            unit, args, *([recipe] if recipe else []))  # fmt: skip
         if fault == "exit":
             os._exit(7)
         if fault is not None:
@@ -429,6 +430,70 @@ def step_kernel(unit: Unit, args) -> None:
             row["status"] = "failed"
             row["error"] = f"max relative error {row['max_rel_error']:.2e} > tolerance"
             unit.flush()
+
+
+# --------------------------------------------------------------------------- quantizers
+def step_quantize(unit: Unit, args) -> None:
+    """The blockwise recipe's quantizer kernels (kernels/blockwise_quantize.py) against the
+    reference the recipe runs elsewhere (`fp8/dots.py: _quantized_both`), on an MLP
+    activation: how many output bytes differ (the one-pass quantizer must match bit for bit;
+    the SwiGLU kernels' exp and division are checked here for the first time on a GPU), and
+    time against XLA running the reference."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from infir2_jax.fp8.dots import (
+        Fp8Spec,
+        _block_quant_both,
+        _swiglu_grads_quant_both,
+        _swiglu_quant_both,
+    )
+    from infir2_jax.fp8.quantize import E4M3
+
+    gpu = on_gpu()
+    if not gpu:
+        unit.note("CPU: the kernels ran in Pallas' interpreter; times are not GPU figures")
+    shape = (256, 384) if args.smoke else (args.tokens, 8960)  # 1.5B's MLP width
+    iters = 1 if args.smoke else args.iters
+    kernel_spec = Fp8Spec(E4M3, E4M3, power_of_two=True, kernel="pallas" if gpu else "interpret")
+    reference_spec = dataclasses.replace(kernel_spec, kernel="emulated")
+    cases = {
+        "quantize x (both tilings)": (lambda a, spec: _block_quant_both(a[0], E4M3, spec), 1),
+        "SwiGLU h, quantized": (lambda a, spec: _swiglu_quant_both(a[0], a[1], spec), 2),
+        "SwiGLU gradients, quantized": (
+            lambda a, spec: sum(_swiglu_grads_quant_both(a[0], a[1], a[2], spec), ()),
+            3,
+        ),
+    }
+
+    def measure(fn, n_inputs, seed):
+        keys = jax.random.split(jax.random.key(seed), n_inputs)
+        inputs = [jax.random.normal(k, shape, jnp.bfloat16) * 4 for k in keys]
+        kernel = jax.jit(lambda *a: fn(a, kernel_spec))
+        reference = jax.jit(lambda *a: fn(a, reference_spec))
+        got, want = kernel(*inputs), reference(*inputs)
+        differing = sum(
+            int(np.sum(np.asarray(g).view(np.uint8) != np.asarray(w).view(np.uint8)))
+            for g, w in zip(got, want, strict=True)
+        )
+        total = sum(np.asarray(w).nbytes for w in want)
+        t_kernel = median_seconds(kernel, *inputs, iters=iters)
+        t_reference = median_seconds(reference, *inputs, iters=iters)
+        return {
+            "shape": "×".join(map(str, shape)),
+            "differing_bytes": float(differing),
+            "bits_equal": differing == 0,
+            "kernel_ms": t_kernel * 1e3,
+            "reference_ms": t_reference * 1e3,
+            "kernel_vs_reference": t_reference / t_kernel,
+            "bytes_checked": float(total),
+        }
+
+    for i, (name, (fn, n_inputs)) in enumerate(cases.items()):
+        unit.row(name, measure, fn, n_inputs, i, min_left=2)
 
 
 # --------------------------------------------------------------------------- 2. attention
@@ -665,6 +730,10 @@ COLUMNS = {
                ("kernel_tflops", "kernel TFLOPS", ".0f"), ("bf16_tflops", "cuBLAS BF16", ".0f"),
                ("fp8_tensor_tflops", "per-tensor FP8", ".0f"),
                ("kernel_vs_bf16", "vs BF16", ".2f"), ("kernel_vs_fp8_tensor", "vs FP8", ".2f")],
+    "quantize": [("shape", "shape", "s"), ("differing_bytes", "bytes ≠ reference", ",.0f"),
+                 ("bits_equal", "bit-equal", "s"), ("kernel_ms", "kernel ms", ".3f"),
+                 ("reference_ms", "XLA reference ms", ".3f"),
+                 ("kernel_vs_reference", "speed-up", ".2f")],
     "attention": [("tokens", "tokens", "d"), ("documents", "docs", "d"),
                   ("fwd_ms", "fwd ms", ".2f"), ("fwd_bwd_ms", "fwd+bwd ms", ".2f"),
                   ("fwd_bwd_tflops", "fwd+bwd TFLOPS", ".0f"),

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 NUMBERS = {  # per step: figures each ok row must carry, as finite numbers
     "kernel": ("max_rel_error", "kernel_tflops", "bf16_tflops", "fp8_tensor_tflops"),
+    "quantize": ("differing_bytes", "kernel_ms", "reference_ms"),
     "attention": ("fwd_ms", "fwd_bwd_ms", "max_err_out", "max_err_grads"),
     "train": ("step_ms", "tokens_per_s", "tflops", "plan_peak_gib", "loss_last"),
     "generate": ("prefill_tokens_per_s", "decode_tokens_per_s", "total_s"),
@@ -44,7 +45,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
 
 def test_every_step_measures_and_reports(smoke):
     doc, md = smoke
-    assert list(doc["steps"]) == ["kernel", "attention", "train", "generate"]
+    assert list(doc["steps"]) == ["kernel", "quantize", "attention", "train", "generate"]
     assert doc["versions"]["jax"] and doc["smoke"] is True
     for step, keys in NUMBERS.items():
         rows = [r for p in doc["steps"][step]["units"].values() for r in p["rows"]]
@@ -55,6 +56,8 @@ def test_every_step_measures_and_reports(smoke):
         assert f"## {step}: " in md and rows[0]["item"] in md
     kernel = doc["steps"]["kernel"]["units"]["kernel"]["rows"][0]
     assert kernel["numerics_ok"] and kernel["max_rel_error"] < 1e-2
+    quantize = doc["steps"]["quantize"]["units"]["quantize"]["rows"]
+    assert len(quantize) == 3 and all(r["bits_equal"] for r in quantize), quantize
     train = doc["steps"]["train"]["units"]["train"]["rows"][0]
     assert train["item"] == "fp8.recipe=none" and train["loss_finite"]
     assert "tiny_cpt cut to 1 of its 4 layers" in md  # a cut model says so
