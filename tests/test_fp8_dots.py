@@ -144,7 +144,8 @@ def test_train_step_hlo_has_21_fp8_dots_per_layer(recipe, expected):
     assert _f8_dot_count(jax.jit(step).lower(state, batch).as_text()) == expected
 
 
-def test_bf16_layers_run_without_fp8():
+@pytest.mark.parametrize("recipe", ["current", "blockwise"])  # blockwise: the fused MLP's switch
+def test_bf16_layers_run_without_fp8(recipe):
     cfg = preset("tiny").replace(dtype="float32", num_layers=3)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 40)))
     reference = Qwen2(cfg, rngs=nnx.Rngs(0))
@@ -156,15 +157,15 @@ def test_bf16_layers_run_without_fp8():
         return np.asarray(model(ids))
 
     bf16 = np.asarray(reference(ids))
-    all_fp8 = logits(FP8Config(recipe="current"))
+    all_fp8 = logits(FP8Config(recipe=recipe))
     assert np.abs(all_fp8 - bf16).max() > 1e-3
     np.testing.assert_allclose(
-        logits(FP8Config(recipe="current", bf16_layers=(0, 1, -1))), bf16, atol=1e-5
+        logits(FP8Config(recipe=recipe, bf16_layers=(0, 1, -1))), bf16, atol=1e-5
     )
-    partial = logits(FP8Config(recipe="current", bf16_layers=(0, -1)))
+    partial = logits(FP8Config(recipe=recipe, bf16_layers=(0, -1)))
     assert 0 < np.abs(partial - bf16).max() < np.abs(all_fp8 - bf16).max() * 2
     with pytest.raises(ValueError, match="bf16_layers"):
-        make_gemm(FP8Config(recipe="current", bf16_layers=(5,))).layer_mask(3)
+        make_gemm(FP8Config(recipe=recipe, bf16_layers=(5,))).layer_mask(3)
 
 
 def test_the_fp8_switch_branches_only_when_some_layer_is_bf16():

@@ -490,7 +490,8 @@ def _swiglu_grads_quant_both(gate, up, dh, spec: Fp8Spec):
     """SwiGLU's input gradients for dh, each quantized both ways: two (q, s, qᵀ, sᵀ)."""
 
     def grads(g, u, d):  # rounded as swiglu's own backward pass rounds them
-        return tuple(t.astype(g.dtype) for t in swiglu_grads_f32(g, u, d))
+        d_gate, d_up = swiglu_grads_f32(g, u, d)
+        return d_gate.astype(g.dtype), d_up.astype(u.dtype)
 
     out = _quantized_both(swiglu_grads_quantize_both, grads, (gate, up, dh), spec.bwd, spec)
     return out[:4], out[4:]

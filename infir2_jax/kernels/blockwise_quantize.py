@@ -219,7 +219,8 @@ def swiglu_grads_quantize_both(
     return _quantize_call(
         "blockwise_swiglu_grads_quantize_both", (gate, up, dh),
         lambda g, u, d: tuple(
-            t.astype(g.dtype) for t in swiglu_grads_f32(g, u, d, _divide(interpret))
+            t.astype(a.dtype)
+            for t, a in zip(swiglu_grads_f32(g, u, d, _divide(interpret)), (g, u), strict=True)
         ), 2, fmt,
         block=block, power_of_two=power_of_two, margin=margin, interpret=interpret,
         num_warps=num_warps,

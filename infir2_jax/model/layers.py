@@ -15,6 +15,7 @@ from flax import nnx
 from infir2_jax.fp8.base import BF16, Fp8Switch, Gemm
 from infir2_jax.kernels.swiglu import swiglu
 from infir2_jax.model.config import ModelConfig
+from infir2_jax.parallel.rules import constrain
 
 Axes = tuple[str, ...]
 
@@ -128,8 +129,13 @@ def project_mlp(x: jax.Array, linears: tuple[Linear, Linear, Linear]) -> jax.Arr
     def fp8():
         return gemm.fused_mlp(x2d, (w_gate, w_up, w_down), axes)
 
-    def bf16():
-        return jnp.dot(swiglu(jnp.dot(x2d, w_gate), jnp.dot(x2d, w_up)), w_down)
+    def bf16():  # as the unfused MLP places gate, up and h (model/mlp.py)
+        inner = ("batch", "inner_seq", "act_mlp")
+        gate, up = (
+            constrain(jnp.dot(x2d, w).reshape(*lead, w.shape[1]), inner) for w in (w_gate, w_up)
+        )
+        h = swiglu(gate, up)
+        return jnp.dot(h.reshape(-1, h.shape[-1]), w_down)
 
     switch = linears[0].fp8_switch
     y = fp8() if switch is None else jax.lax.cond(switch[...], fp8, bf16)

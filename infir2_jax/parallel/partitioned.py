@@ -166,11 +166,15 @@ def partitioned_mlp(
     if layout.mesh.size == 1:
         return mlp(x, ws, (None,) * len(ws))
     specs = [gemm_specs(layout, a) for a in axes]
-    (x_spec, _, h_spec, _), (up_x_spec, _, up_spec, _), (down_x_spec, _, y_spec, contracted) = specs
-    if not (x_spec == up_x_spec and h_spec == up_spec == down_x_spec):
+    (x_spec, _, h_spec, split_gate), (up_x_spec, _, up_spec, split_up), down = specs
+    down_x_spec, _, y_spec, contracted = down
+    # SwiGLU runs on each device's gate and up: they must be whole sums (no split contraction),
+    # split as the down projection's input is.
+    if split_gate or split_up or not (x_spec == up_x_spec and h_spec == up_spec == down_x_spec):
         raise ValueError(
-            f"MLP projections {axes}: gate/up outputs {h_spec}, {up_spec} do not feed the "
-            f"down projection as it is split ({down_x_spec})"
+            f"MLP projections {axes}: gate/up outputs {h_spec}, {up_spec} (contracted over "
+            f"mesh axes {split_gate or split_up or 'none'}) do not feed the down projection "
+            f"as it is split ({down_x_spec})"
         )
     w_specs, gathered = zip(
         *(_weight_split(layout, a, spec[1]) for a, spec in zip(axes, specs, strict=True)),
