@@ -46,7 +46,7 @@ from infir2_jax.kernels.blockwise_quantize import (
     swiglu_grads_quantize_both,
     swiglu_quantize_both,
 )
-from infir2_jax.kernels.swiglu import swiglu, swiglu_grads_f32
+from infir2_jax.kernels.swiglu import swiglu, swiglu_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,7 +427,13 @@ def _blockwise_fwd(x, ws, spec, gathered):
     # fprop: x in 1×B tiles, qx [t, in], sx [t, in/b]. wgrad contracts tokens: x in B×1
     # tiles along them, in the layout the kernel reads (A = xᵀ): qx_tt [in, t], sx_tt
     # [in, t/b]; kept for the backward pass (1 byte per element, plus one scale per 128).
-    qx, sx, qx_tt, sx_tt = _block_quant_both(x, spec.fwd, spec)
+    return _quantized_fwd(_block_quant_both(x, spec.fwd, spec), x, ws, gathered, spec)
+
+
+def _quantized_fwd(quantized_x, x, ws, gathered, spec: Fp8Spec):
+    """(ys, residuals) of `_blockwise_fwd` from x already quantized both ways (`x` itself
+    only for its type)."""
+    qx, sx, qx_tt, sx_tt = quantized_x
     ys, wres = _weight_gemms(qx, sx, ws, gathered, spec, x.dtype)
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
     return ys, (row_major(qx_tt), _keep_scales(sx_tt, spec), wres, tokens)
@@ -488,22 +494,16 @@ def _swiglu_quant_both(gate, up, spec: Fp8Spec):
 
 def _swiglu_grads_quant_both(gate, up, dh, spec: Fp8Spec):
     """SwiGLU's input gradients for dh, each quantized both ways: two (q, s, qᵀ, sᵀ)."""
-
-    def grads(g, u, d):  # rounded as swiglu's own backward pass rounds them
-        d_gate, d_up = swiglu_grads_f32(g, u, d)
-        return d_gate.astype(g.dtype), d_up.astype(u.dtype)
-
-    out = _quantized_both(swiglu_grads_quantize_both, grads, (gate, up, dh), spec.bwd, spec)
+    out = _quantized_both(swiglu_grads_quantize_both, swiglu_grads, (gate, up, dh), spec.bwd, spec)
     return out[:4], out[4:]
 
 
 def _blockwise_mlp_fwd(x, ws, spec, gathered):
     gathered = gathered or (None,) * 3
     (gate, up), inner = _blockwise_fwd(x, ws[:2], spec, gathered[:2])
-    qh, sh, qh_tt, sh_tt = _swiglu_quant_both(gate, up, spec)
-    (y,), wres = _weight_gemms(qh, sh, ws[2:], gathered[2:], spec, x.dtype)
-    down = (row_major(qh_tt), _keep_scales(sh_tt, spec), wres, (_dtype_token(gate),
-            (_dtype_token(ws[2]),)))  # fmt: skip
+    # h = swiglu(gate, up) exists only quantized; gate stands in for its type.
+    (y,), down = _quantized_fwd(_swiglu_quant_both(gate, up, spec), gate, ws[2:], gathered[2:],
+                                spec)  # fmt: skip
     return y, (inner, gate, up, down)
 
 

@@ -54,12 +54,16 @@ class BlockwiseGemm(_StatelessFp8):
     cannot split: under a sharded layout the whole FP8 GEMM (forward and backward) runs per
     device in a shard_map (`partitioned_gemm`), as Megatron's column/row-parallel layers do."""
 
+    def _partitions(self, axes) -> bool:
+        """Whether the GEMMs run per device in a shard_map: a kernel may run (not `emulated`)
+        on a sharded layout and every weight has logical axes."""
+        return self.spec.kernel != "emulated" and self.layout is not None and None not in axes
+
     def fp8_dots(self, x, ws, states, uses, axes):
-        layout = self.layout
-        if self.spec.kernel == "emulated" or layout is None or None in axes:
+        if not self._partitions(axes):
             return self.dots(x, ws, self.spec)
         return partitioned_gemm(
-            lambda a, bs, gathered: self.dots(a, bs, self.spec, gathered), x, ws, axes, layout
+            lambda a, bs, gathered: self.dots(a, bs, self.spec, gathered), x, ws, axes, self.layout
         )
 
     @property
@@ -67,12 +71,12 @@ class BlockwiseGemm(_StatelessFp8):
         return True
 
     def fused_mlp(self, x, ws, axes):
-        layout = self.layout
-        if self.spec.kernel == "emulated" or layout is None or None in axes:
+        if not self._partitions(axes):
             return blockwise_mlp(x, ws, self.spec)
         return partitioned_mlp(
-            lambda a, bs, gathered: blockwise_mlp(a, bs, self.spec, gathered), x, ws, axes, layout
-        )
+            lambda a, bs, gathered: blockwise_mlp(a, bs, self.spec, gathered), x, ws, axes,
+            self.layout,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

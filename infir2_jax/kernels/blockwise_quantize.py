@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from infir2_jax.kernels.swiglu import swiglu_f32, swiglu_grads_f32
+from infir2_jax.kernels.swiglu import swiglu_grads, swiglu_value
 
 if TYPE_CHECKING:  # infir2_jax.fp8 imports this module (its recipes call the kernel)
     from infir2_jax.fp8.quantize import Fp8Format
@@ -204,7 +204,7 @@ def swiglu_quantize_both(
     only in FP8 (the down projection's operand), so h is never written in BF16."""
     return _quantize_call(
         "blockwise_swiglu_quantize_both", (gate, up),
-        lambda g, u: (swiglu_f32(g, u, _divide(interpret)).astype(g.dtype),), 1, fmt, block=block,
+        lambda g, u: (swiglu_value(g, u, _divide(interpret)),), 1, fmt, block=block,
         power_of_two=power_of_two, margin=margin, interpret=interpret, num_warps=num_warps,
     )  # fmt: skip
 
@@ -218,10 +218,7 @@ def swiglu_grads_quantize_both(
     GEMMs need their output gradients only in FP8, so neither is written in BF16."""
     return _quantize_call(
         "blockwise_swiglu_grads_quantize_both", (gate, up, dh),
-        lambda g, u, d: tuple(
-            t.astype(a.dtype)
-            for t, a in zip(swiglu_grads_f32(g, u, d, _divide(interpret)), (g, u), strict=True)
-        ), 2, fmt,
+        lambda g, u, d: swiglu_grads(g, u, d, _divide(interpret)), 2, fmt,
         block=block, power_of_two=power_of_two, margin=margin, interpret=interpret,
         num_warps=num_warps,
     )  # fmt: skip

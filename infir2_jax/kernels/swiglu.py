@@ -25,25 +25,25 @@ def _sigmoid(g: jax.Array, divide) -> jax.Array:
     return divide(jnp.ones_like(g), 1.0 + jnp.exp(-g))
 
 
-def swiglu_f32(gate: jax.Array, up: jax.Array, divide=operator.truediv) -> jax.Array:
-    """silu(gate) · up in FP32 (not rounded)."""
+def swiglu_value(gate: jax.Array, up: jax.Array, divide=operator.truediv) -> jax.Array:
+    """silu(gate) · up, in FP32, rounded once to gate's dtype."""
     g = gate.astype(jnp.float32)
-    return g * _sigmoid(g, divide) * up.astype(jnp.float32)
+    return (g * _sigmoid(g, divide) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def swiglu_grads_f32(gate: jax.Array, up: jax.Array, dh: jax.Array, divide=operator.truediv):
-    """(d gate, d up) of silu(gate) · up for the cotangent dh, in FP32 (not rounded):
-    d up = dh · silu(g), d gate = dh · u · σ(g) · (1 + g · (1 − σ(g)))."""
+def swiglu_grads(gate: jax.Array, up: jax.Array, dh: jax.Array, divide=operator.truediv):
+    """(d gate, d up) of silu(gate) · up for the cotangent dh, in FP32, each rounded once to
+    its input's dtype: d up = dh · silu(g), d gate = dh · u · σ(g) · (1 + g · (1 − σ(g)))."""
     g, u, d = (a.astype(jnp.float32) for a in (gate, up, dh))
     s = _sigmoid(g, divide)
-    return d * u * (s * (1.0 + g * (1.0 - s))), d * (g * s)
+    return (d * u * (s * (1.0 + g * (1.0 - s)))).astype(gate.dtype), (d * (g * s)).astype(up.dtype)
 
 
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) · up in gate's dtype. Its backward pass keeps only gate and up (not silu's
-    [tokens, ffn] intermediates) and computes both gradients in one pass."""
-    return swiglu_f32(gate, up).astype(gate.dtype)
+    """`swiglu_value`. Its backward pass keeps only gate and up (not silu's [tokens, ffn]
+    intermediates) and computes both gradients in one pass (`swiglu_grads`)."""
+    return swiglu_value(gate, up)
 
 
 def _swiglu_fwd(gate, up):
@@ -51,9 +51,7 @@ def _swiglu_fwd(gate, up):
 
 
 def _swiglu_bwd(residuals, dh):
-    gate, up = residuals
-    d_gate, d_up = swiglu_grads_f32(gate, up, dh)
-    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+    return swiglu_grads(*residuals, dh)
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -105,6 +105,12 @@ def _weight_split(
     return param_spec, gathered
 
 
+def _weight_splits(layout: Layout, axes, specs) -> tuple[tuple, tuple]:
+    """(in_specs, GatheredWeight or None) of each weight, from its axes and `gemm_specs`."""
+    splits = [_weight_split(layout, a, spec[1]) for a, spec in zip(axes, specs, strict=True)]
+    return tuple(s for s, _ in splits), tuple(g for _, g in splits)
+
+
 def partitioned_gemm(
     gemm: Callable[..., tuple[jax.Array, ...]],
     x: jax.Array,
@@ -130,10 +136,7 @@ def partitioned_gemm(
     x_spec, _, _, contracted = specs[0]
     if any(spec[0] != x_spec for spec in specs):
         raise ValueError(f"projections {axes} share an input but split it differently")
-    w_specs, gathered = zip(
-        *(_weight_split(layout, a, spec[1]) for a, spec in zip(axes, specs, strict=True)),
-        strict=True,
-    )
+    w_specs, gathered = _weight_splits(layout, axes, specs)
 
     def local(x_shard: jax.Array, w_shards: tuple[jax.Array, ...], *extra) -> tuple:
         ys = gemm(x_shard, w_shards, gathered, *extra)
@@ -176,10 +179,7 @@ def partitioned_mlp(
             f"mesh axes {split_gate or split_up or 'none'}) do not feed the down projection "
             f"as it is split ({down_x_spec})"
         )
-    w_specs, gathered = zip(
-        *(_weight_split(layout, a, spec[1]) for a, spec in zip(axes, specs, strict=True)),
-        strict=True,
-    )
+    w_specs, gathered = _weight_splits(layout, axes, specs)
 
     def local(x_shard: jax.Array, w_shards: tuple[jax.Array, ...]) -> jax.Array:
         y = mlp(x_shard, w_shards, gathered)
