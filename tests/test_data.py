@@ -444,3 +444,37 @@ def test_mixture_and_a_single_path_are_exclusive_in_a_config_file(tmp_path):
         load_config("tiny_sft", [setting, "data.path=b.jsonl"])
     cfg = load_config("tiny_cpt", [setting, "data.source=jsonl"])
     assert cfg.data.sources[0] == DataSource(weight=1.0, path="a.jsonl")
+
+
+def test_the_bytes_tokenizer_is_one_token_per_byte_with_qwens_chat_tokens(tmp_path):
+    """`data.tokenizer: bytes` (recipe_tiny's): byte b is id b, any text round-trips, the chat
+    tokens are single ids after the bytes, the template is qwen2.5's; the shipped files are
+    what write_byte_tokenizer writes."""
+    from infir2_jax.data.byte_tokenizer import VOCAB_SIZE, write_byte_tokenizer
+    from infir2_jax.data.tokenizer import chat_template_path, load_tokenizer, tokenizer_dir
+
+    tokenizer = load_tokenizer("bytes")
+    assert len(tokenizer) == VOCAB_SIZE == 259
+    text = "What is 4 * 9?\n\tÄ€ \\boxed{36}.\x00"
+    assert tokenizer.encode(text) == list(text.encode("utf-8"))
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>")}
+    assert ids == {"<|endoftext|>": 256, "<|im_start|>": 257}
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (258, 256)
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "What is 2 * 3?"}]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt == (
+        "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nWhat is 2 * 3?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert tokenizer.encode(prompt)[:2] == [257, ord("s")]
+    assert tokenizer.chat_template == chat_template_path("qwen2.5").read_text()
+
+    write_byte_tokenizer(tmp_path)
+    shipped = tokenizer_dir("bytes")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads(
+            (shipped / name).read_text()
+        ), name
+    with pytest.raises(DataError, match=r"eval.tokenizer: nowhere: tokenizer directory not found"):
+        tokenizer_dir("nowhere", key="eval.tokenizer")

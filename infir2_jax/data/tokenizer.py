@@ -7,7 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-from infir2_jax.data.bundled import QWEN_TOKENIZER, qwen_tokenizer_dir
+from infir2_jax.data.bundled import ASSETS, QWEN_TOKENIZER, qwen_tokenizer_dir
+from infir2_jax.data.byte_tokenizer import BYTE_TOKENIZER
 from infir2_jax.data.records import DataError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -24,18 +25,22 @@ def chat_template_path(name: str) -> Path:
     return Path(name)
 
 
-def tokenizer_dir(path: str | None) -> Path:
-    """A local tokenizer directory, or the built-in name "qwen" (see data/bundled.py)."""
+def tokenizer_dir(path: str | None, key: str = "data.tokenizer") -> Path:
+    """A local tokenizer directory, or a built-in name: "qwen" (the Qwen BPE tokenizer, see
+    data/bundled.py) or "bytes" (one token per byte, see data/byte_tokenizer.py). Errors name
+    the config `key` that gave `path`."""
     if path is None:
         raise DataError(
-            "data.tokenizer: a local tokenizer directory (or the built-in "
-            f"{QWEN_TOKENIZER!r}) is required for text data"
+            f"{key}: a local tokenizer directory (or a built-in: "
+            f"{QWEN_TOKENIZER!r}, {BYTE_TOKENIZER!r}) is required for text data"
         )
     if Path(path).is_dir():
         return Path(path)
     if path == QWEN_TOKENIZER:
         return qwen_tokenizer_dir()
-    raise DataError(f"data.tokenizer: {path}: tokenizer directory not found")
+    if path == BYTE_TOKENIZER:
+        return ASSETS / "byte_tokenizer"
+    raise DataError(f"{key}: {path}: tokenizer directory not found")
 
 
 def load_tokenizer(path: str | None, chat_template: str | None = None):

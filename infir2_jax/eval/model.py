@@ -11,7 +11,7 @@ from infir2_jax.checkpoint.convert import orbax_to_hf
 from infir2_jax.checkpoint.fp8_export import export_fp8
 from infir2_jax.checkpoint.orbax_io import resolve_checkpoint_dir
 from infir2_jax.config import ConfigError, EvalConfig
-from infir2_jax.data.bundled import qwen_tokenizer_dir
+from infir2_jax.data.tokenizer import tokenizer_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -37,9 +37,7 @@ def serving_model(path: str, cfg: EvalConfig, run_dir: Path) -> Path:
                     f"--model {path} is an Orbax checkpoint: eval.tokenizer (a tokenizer "
                     "directory) is needed to serve its HF export"
                 )
-            tokenizer = cfg.tokenizer
-            if tokenizer == "qwen":  # the bundled Qwen tokenizer (data.tokenizer: qwen)
-                tokenizer = str(qwen_tokenizer_dir())
+            tokenizer = str(tokenizer_dir(cfg.tokenizer, key="eval.tokenizer"))
             print(f"exporting {step} -> {hf_dir}", flush=True)
             orbax_to_hf(step, hf_dir, dtype="bfloat16", copy_files_from=tokenizer)
     if not any((hf_dir / f).is_file() for f in TOKENIZER_FILES):

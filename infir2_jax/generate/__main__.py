@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="JSONL written when every sample is done")
     p.add_argument("--chat", action="store_true", help="a `prompt` is one user turn of a chat")
     p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
-    p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
+    p.add_argument("--tokenizer", help="tokenizer dir, `qwen` or `bytes` (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY,
         help="largest request body (413 beyond)",
     )  # fmt: skip
-    p.add_argument("--tokenizer", help="tokenizer directory or `qwen` (default: the model's)")
+    p.add_argument("--tokenizer", help="tokenizer dir, `qwen` or `bytes` (default: the model's)")
     p.add_argument("--chat-template", help="built-in name (qwen2.5) or a Jinja file")
     p.add_argument("--batch-size", type=int, default=64, help="decode slots (concurrent samples)")
     p.add_argument("--max-len", type=int, help="KV cache tokens per slot (default: the model's)")
