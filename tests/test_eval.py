@@ -204,6 +204,31 @@ def test_bundled_sets_in_a_benchmarks_layout(tmp_path):
         dataset_args(Benchmark("aime24", dataset="bundled:arithmetic"), None, tmp_path)
 
 
+def test_a_benchmarks_prompt_template_reaches_evalscope_and_is_checked(tmp_path):
+    """`prompt_template` replaces the benchmark's user turn (recipe_tiny asks the bare question,
+    as it trained); one that str.format cannot fill with the question is a config error."""
+    from infir2_jax.config import Benchmark, ConfigError, load_eval_config
+    from infir2_jax.eval.datasets import dataset_args
+
+    assert "prompt_template" not in dataset_args(Benchmark("gsm8k"), None, tmp_path)
+    args = dataset_args(Benchmark("gsm8k", prompt_template="Q: {question}"), None, tmp_path)
+    assert args["prompt_template"] == "Q: {question}"
+    from infir2_jax.recipe import load_recipe, plan
+
+    tiny = plan(load_recipe("recipe_tiny"), {})[-1].config  # its evaluation stage
+    assert tiny.benchmarks[0].prompt_template == "{question}"
+    for template, message in [
+        ("Q: {q}", r"not a str.format template with only \{question\}.*KeyError\('q'\)"),
+        ("{question} \\boxed{}", r"write other braces doubled"),
+        ("no question", r"does not contain \{question\}"),
+    ]:
+        bench = f"[{{name: gsm8k, prompt_template: {json.dumps(template)}}}]"
+        with pytest.raises(
+            ConfigError, match=r"eval.benchmarks\[0\]: benchmark gsm8k: .*" + message
+        ):
+            load_eval_config("eval_tiny", [f"eval.benchmarks={bench}"])
+
+
 def test_bad_input_is_named(tmp_path):
     base = ["--config", "eval_tiny", *_sets(tmp_path / "e", 1)]
     assert main([*base, "--model", str(tmp_path / "missing")]) == 2

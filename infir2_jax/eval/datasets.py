@@ -65,6 +65,8 @@ def dataset_args(benchmark: Benchmark, system_prompt: str | None, data_dir: Path
         args["primary_metric"] = {"name": "accuracy", "aggregation": "mean"}
     if benchmark.subset:
         args["subset_list"] = [benchmark.subset]
+    if benchmark.prompt_template is not None:
+        args["prompt_template"] = benchmark.prompt_template
     if benchmark.extra:
         extra = {}
         for item in benchmark.extra:
