@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -81,6 +86,25 @@ def test_recipe_tiny_runs_chained_then_skips_complete_stages(tmp_path, capfd):
         "complete]", "complete]", "to run]", "to run]",
     ]  # fmt: skip
     assert lines[3].startswith(f"eval: eval eval_tiny from {tmp_path / 'rl'} (model)")
+
+    # The evaluation stage, where evalscope is installed (CI: INFIR2_EVALSCOPE_PYTHON): the RL
+    # run exported with the bytes tokenizer, served, and graded by evalscope.
+    python = os.environ.get("INFIR2_EVALSCOPE_PYTHON", sys.executable)
+    if subprocess.run([python, "-c", "import evalscope"], capture_output=True).returncode:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    evaluation = [
+        f"eval:eval.port={port}", f"eval:eval.evalscope_python={python}",
+        "eval:eval.max_tokens=4", "eval:eval.serve_batch_size=2",
+        "eval:eval.benchmarks=[{name: gsm8k, dataset: 'bundled:arithmetic', limit: 2, "
+        "prompt_template: '{question}'}]",
+    ]  # fmt: skip
+    assert main(_args(tmp_path, *(a for s in evaluation for a in ("--set", s)))) == 0
+    row = _table(capfd.readouterr().out)[3]
+    assert row[:3] == ["eval", "eval_tiny", "ran"] and row[3] == "gsm8k", row
+    assert (tmp_path / "eval" / "model-step1-bf16" / "tokenizer.json").is_file()
 
 
 def _table(out: str) -> list[list[str]]:
