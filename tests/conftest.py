@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,30 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# evalscope pins its own huggingface_hub/datasets versions, so it may live in an environment of
+# its own: INFIR2_EVALSCOPE_PYTHON names that interpreter (.ci/run makes one); default: this one.
+EVALSCOPE_PYTHON = os.environ.get("INFIR2_EVALSCOPE_PYTHON", sys.executable)
+
+
+def evalscope_missing() -> str | None:
+    """Why EVALSCOPE_PYTHON cannot import evalscope (None: it can)."""
+    r = subprocess.run([EVALSCOPE_PYTHON, "-c", "import evalscope"], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    return (
+        f"evalscope is not importable by {EVALSCOPE_PYTHON} (pip install -r "
+        f"requirements-eval.txt, or set INFIR2_EVALSCOPE_PYTHON): "
+        f"{r.stderr.strip().splitlines()[-1:]}"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # A small tiny_cpt whose projection widths are multiples of 16 (cuBLASLt's FP8 requirement).

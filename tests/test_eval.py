@@ -12,48 +12,35 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
 import uvicorn
-from conftest import make_qwen_model
+from conftest import EVALSCOPE_PYTHON, evalscope_missing, free_port, make_qwen_model
 from fastapi import FastAPI, Request
 
 from infir2_jax.data.bundled import bundled_path
 from infir2_jax.eval.__main__ import main
 from infir2_jax.grading import MathReward
 
-PYTHON = os.environ.get("INFIR2_EVALSCOPE_PYTHON", sys.executable)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def evalscope_installed():
     """Skipped, with the reason, where evalscope is not installed; CI installs it and fails
     if it cannot be used."""
-    r = subprocess.run([PYTHON, "-c", "import evalscope"], capture_output=True, text=True)
-    if r.returncode != 0:
-        message = (
-            f"evalscope is not importable by {PYTHON} (pip install -r requirements-eval.txt, "
-            f"or set INFIR2_EVALSCOPE_PYTHON): {r.stderr.strip().splitlines()[-1:]}"
-        )
+    message = evalscope_missing()
+    if message is not None:
         if os.environ.get("CI") or "INFIR2_EVALSCOPE_PYTHON" in os.environ:
             pytest.fail(message)
         pytest.skip(message)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sets(run_dir, port, *extra):
-    sets = [f"eval.run_dir={run_dir}", f"eval.port={port}", f"eval.evalscope_python={PYTHON}"]
+    sets = [
+        f"eval.run_dir={run_dir}", f"eval.port={port}", f"eval.evalscope_python={EVALSCOPE_PYTHON}"
+    ]  # fmt: skip
     return [a for s in [*sets, *extra] for a in ("--set", s)]
 
 
@@ -100,7 +87,7 @@ def _answer(benchmark, record) -> str:
 
 def test_eval_tiny_against_our_server(tmp_path, qwen_tokenizer_dir):
     model = make_qwen_model(tmp_path / "model", qwen_tokenizer_dir)
-    run_dir, port = tmp_path / "eval", _port()
+    run_dir, port = tmp_path / "eval", free_port()
     args = ["--config", "eval_tiny", "--model", str(model), *_sets(run_dir, port)]
     assert main(args) == 0
     report = json.loads((run_dir / "report.json").read_text())
@@ -153,7 +140,7 @@ def oracle():
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }  # fmt: skip
 
-    port = _port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -209,12 +196,11 @@ def test_a_benchmarks_prompt_template_reaches_evalscope_and_is_checked(tmp_path)
     as it trained); one that str.format cannot fill with the question is a config error."""
     from infir2_jax.config import Benchmark, ConfigError, load_eval_config
     from infir2_jax.eval.datasets import dataset_args
+    from infir2_jax.recipe import load_recipe, plan
 
     assert "prompt_template" not in dataset_args(Benchmark("gsm8k"), None, tmp_path)
     args = dataset_args(Benchmark("gsm8k", prompt_template="Q: {question}"), None, tmp_path)
     assert args["prompt_template"] == "Q: {question}"
-    from infir2_jax.recipe import load_recipe, plan
-
     tiny = plan(load_recipe("recipe_tiny"), {})[-1].config  # its evaluation stage
     assert tiny.benchmarks[0].prompt_template == "{question}"
     for template, message in [
@@ -238,7 +224,7 @@ def test_bad_input_is_named(tmp_path):
 
 def test_a_server_that_dies_is_an_error_with_its_log(tmp_path, qwen_tokenizer_dir, capsys):
     model = make_qwen_model(tmp_path / "model", qwen_tokenizer_dir, vocab_size=300)
-    sets = _sets(tmp_path / "e", _port(), "eval.serve_set=[bogus.key=1]")
+    sets = _sets(tmp_path / "e", free_port(), "eval.serve_set=[bogus.key=1]")
     assert main(["--config", "eval_tiny", "--model", str(model), *sets]) == 1
     error = capsys.readouterr().err
     assert "the jax server exited with status 2 before answering" in error

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import yaml
+from conftest import EVALSCOPE_PYTHON, evalscope_missing, free_port
 
 from infir2_jax.config import ConfigError
 from infir2_jax.recipe import load_recipe, main, plan
@@ -89,14 +85,10 @@ def test_recipe_tiny_runs_chained_then_skips_complete_stages(tmp_path, capfd):
 
     # The evaluation stage, where evalscope is installed (CI: INFIR2_EVALSCOPE_PYTHON): the RL
     # run exported with the bytes tokenizer, served, and graded by evalscope.
-    python = os.environ.get("INFIR2_EVALSCOPE_PYTHON", sys.executable)
-    if subprocess.run([python, "-c", "import evalscope"], capture_output=True).returncode:
+    if evalscope_missing():
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     evaluation = [
-        f"eval:eval.port={port}", f"eval:eval.evalscope_python={python}",
+        f"eval:eval.port={free_port()}", f"eval:eval.evalscope_python={EVALSCOPE_PYTHON}",
         "eval:eval.max_tokens=4", "eval:eval.serve_batch_size=2",
         "eval:eval.benchmarks=[{name: gsm8k, dataset: 'bundled:arithmetic', limit: 2, "
         "prompt_template: '{question}'}]",

@@ -4,7 +4,6 @@ requests, and every error case as OpenAI-style JSON."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ import pytest
 import requests
 import torch
 import uvicorn
-from conftest import make_qwen_model
+from conftest import free_port, make_qwen_model
 from transformers import AutoTokenizer
 
 from infir2_jax.serve.__main__ import build, parse_args, served_name
@@ -49,9 +48,7 @@ def long_server(model_dir):
 
 
 def _serve(model_dir, *options):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = parse_args(
         ["--model", str(model_dir), "--served-model-name", NAME, "--chat-template", "qwen2.5",
          "--set", "model.dtype=float32", *options]

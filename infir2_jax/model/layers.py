@@ -18,6 +18,9 @@ from infir2_jax.model.config import ModelConfig
 from infir2_jax.parallel.rules import constrain
 
 Axes = tuple[str, ...]
+# Where the MLP's inner activations (gate, up, their SwiGLU) live: tokens as the layout splits
+# them inside a block, the FFN width over tensor parallelism.
+MLP_INNER: Axes = ("batch", "inner_seq", "act_mlp")
 
 
 def param(value: jax.Array, axes: Axes) -> nnx.Param:
@@ -129,10 +132,9 @@ def project_mlp(x: jax.Array, linears: tuple[Linear, Linear, Linear]) -> jax.Arr
     def fp8():
         return gemm.fused_mlp(x2d, (w_gate, w_up, w_down), axes)
 
-    def bf16():  # as the unfused MLP places gate, up and h (model/mlp.py)
-        inner = ("batch", "inner_seq", "act_mlp")
+    def bf16():  # gate and up placed as the unfused MLP places them (model/mlp.py)
         gate, up = (
-            constrain(jnp.dot(x2d, w).reshape(*lead, w.shape[1]), inner) for w in (w_gate, w_up)
+            constrain(jnp.dot(x2d, w).reshape(*lead, w.shape[1]), MLP_INNER) for w in (w_gate, w_up)
         )
         h = swiglu(gate, up)
         return jnp.dot(h.reshape(-1, h.shape[-1]), w_down)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from infir2_jax.fp8.base import Gemm
 from infir2_jax.model.config import ModelConfig
-from infir2_jax.model.layers import Linear, project, project_mlp, projection_options
+from infir2_jax.model.layers import MLP_INNER, Linear, project, project_mlp, projection_options
 from infir2_jax.parallel.rules import constrain
 
 
@@ -26,8 +26,7 @@ class MLP(nnx.Module):
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if self.down_proj.gemm.fuses_mlp:  # the block in one FP8 call (blockwise: fp8/dots.py)
             return constrain(project_mlp(x, projections), ("batch", "seq", None))
-        inner = ("batch", "inner_seq", "act_mlp")
-        gate, up = (constrain(y, inner) for y in project(x, (self.gate_proj, self.up_proj)))
+        gate, up = (constrain(y, MLP_INNER) for y in project(x, (self.gate_proj, self.up_proj)))
         return constrain(self.down_proj(swiglu(gate, up)), ("batch", "seq", None))
 
 
