@@ -3,6 +3,8 @@ really holding FP8 dots, BF16 layers, and the recipe registry's errors."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import jax
@@ -323,3 +325,39 @@ def test_the_blockwise_recipe_runs_the_mlp_as_one_block():
 
     assert "_blockwise_mlp" in jaxpr("blockwise")
     assert "_blockwise_mlp" not in jaxpr("current") and "logistic" in jaxpr("current")
+
+
+def _saved(f, *args) -> list[str]:
+    """What jax.checkpoint keeps of f for its backward pass: each value's type and kind."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(f, *args)
+    return [line.split(" from ")[0] for line in out.getvalue().splitlines()]  # not where
+
+
+@pytest.mark.parametrize(
+    "policy,without_scales",
+    [
+        ("full", jax.checkpoint_policies.nothing_saveable),
+        ("dots", jax.checkpoint_policies.checkpoint_dots),
+        ("dots_no_batch", jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    ],
+)
+def test_remat_keeps_the_per_tensor_scales_not_their_amaxes(policy, without_scales):
+    """Under remat the recomputed forward pass reuses the FP8 scales (scalars, one per tensor)
+    instead of reading x and w again for their amaxes; nothing else extra is kept."""
+    from infir2_jax.model.transformer import _REMAT_POLICIES
+
+    gemm = make_gemm(FP8Config(recipe="current"))
+    x = jnp.ones((64, 32), jnp.float32)
+    w = jnp.ones((32, 16), jnp.float32)
+
+    def saved(policy):
+        return _saved(jax.checkpoint(lambda x, w: jnp.sum(gemm(x, w) ** 2), policy=policy), x, w)
+
+    kept = saved(_REMAT_POLICIES[policy])
+    assert sorted(line.split()[0] for line in kept if "fp8_scale" in line) == ["f32[]"] * 2, kept
+    assert [line for line in kept if "fp8_scale" not in line] == saved(without_scales)
+    bf16 = jax.checkpoint(lambda x, w: jnp.sum(jnp.dot(x, w) ** 2), policy=_REMAT_POLICIES[policy])
+    plain = jax.checkpoint(lambda x, w: jnp.sum(jnp.dot(x, w) ** 2), policy=without_scales)
+    assert _saved(bf16, x, w) == _saved(plain, x, w)  # BF16 has no scales to keep

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from infir2_jax.target import Target
 
 
+# The name per-tensor recipes give their scales in the step's jaxpr (`checkpoint_name`): the
+# remat policies keep these scalars, so a recomputed forward pass does not take amaxes again.
+FP8_SCALE = "fp8_scale"
+
+
 class Fp8State(nnx.Variable):
     """State of a stateful FP8 recipe. Not a parameter: no optimizer, weight decay, clipping or
     averaging ever sees it; the recipe updates it once per optimizer step from the amaxes the

@@ -29,8 +29,10 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from infir2_jax.fp8.base import FP8_SCALE
 from infir2_jax.fp8.quantize import (
     Fp8Format,
     finite_amax,
@@ -62,6 +64,9 @@ class Fp8Spec:
     # The platform compiled for ("cpu", "cuda"), bound with the execution plan
     # (`Gemm.for_execution`); None (a dot called on its own): decided when XLA lowers it.
     platform: str | None = None
+    # Per-tensor recipes: whether their GEMMs take the pinned TN form (see "per-tensor"
+    # below); False where XLA's SPMD partitioner splits them.
+    pinned: bool = True
 
 
 def _f8_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -131,18 +136,74 @@ def _sum_cotangents(parts: list[jax.Array], dtype) -> jax.Array:
     return sum(p.astype(jnp.float32) for p in parts).astype(dtype)
 
 
+def row_major(a: jax.Array) -> jax.Array:
+    """`a` pinned to the row-major layout. The kernel reads some operands transposed (8-bit
+    wgmma wants both K-major); unpinned, XLA's layout assignment pushes that transpose back
+    through elementwise producers into the layer scan's stacked residuals, and then keeps a
+    transposed copy of a whole stack (BENCHMARKS.md, "H100 compile census", fix 2).
+    Pinned, each transpose happens once per layer, inside the quantizing fusion that writes the
+    FP8 copy."""
+    return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
+
+
 # --------------------------------------------------------------------------- per-tensor
+# On one device every per-tensor GEMM is written in cuBLASLt's one FP8 layout (TN: both
+# operands K-major, contracting their dimension 1), and the copies it reads transposed are
+# asked for in JAX, beside the cast, with pinned layouts: XLA then writes both copies in one
+# kernel (one read of the input). Left to XLA, the transposes are separate kernels over the
+# FP8 copies, inserted by its GEMM rewriter after fusion (BENCHMARKS.md, "Projected step
+# time"). A pinned array is one XLA's SPMD partitioner cannot split (it would gather it whole
+# onto every device), and unpinned the TN form plans more memory under FSDP than the plain
+# one: where XLA partitions the GEMMs (`spec.pinned` False, fp8/recipes.py) they keep the
+# plain form and XLA places the transposes.
+def _pinned(a: jax.Array, spec: Fp8Spec) -> jax.Array:
+    return row_major(a) if spec.pinned else a
+
+
+def _quantized(a: jax.Array, scale, fmt: Fp8Format, spec: Fp8Spec) -> jax.Array:
+    """a in FP8; pinned, its input and output row-major (otherwise layout assignment moves
+    the transpose of a copy back into a's producer rather than into this cast)."""
+    return _pinned(quantize_with_scale(_pinned(a, spec), scale, fmt), spec)
+
+
+def _fprop(qx, sx, qw, sw, spec: Fp8Spec, out_dtype) -> jax.Array:
+    """y = x · w: x [t, in] with wᵀ [out, in] (pinned), or with w [in, out]."""
+    if spec.pinned:
+        return _scaled_f8_dot(qx, sx, row_major(qw.T), sw, (1, 1), out_dtype, spec.platform)
+    return _scaled_f8_dot(qx, sx, qw, sw, (1, 0), out_dtype, spec.platform)
+
+
+def _kept_for_wgrad(qx: jax.Array, spec: Fp8Spec) -> jax.Array:
+    """What the backward pass keeps of x: xᵀ [in, t] (pinned: written with qx), or qx."""
+    return row_major(qx.T) if spec.pinned else qx
+
+
+def _wgrad(kept_x, sx, qg, sg, spec: Fp8Spec, out_dtype) -> jax.Array:
+    """dw = xᵀ · g over tokens: xᵀ [in, t] with gᵀ [out, t] (pinned), or x with g."""
+    if spec.pinned:
+        qg_t = row_major(qg.T)
+        return _scaled_f8_dot(kept_x, sx, qg_t, sg, (1, 1), out_dtype, spec.platform)
+    return _scaled_f8_dot(kept_x, sx, qg, sg, (0, 0), out_dtype, spec.platform)
+
+
+def _per_tensor_scale(a: jax.Array, fmt: Fp8Format, spec: Fp8Spec) -> jax.Array:
+    """a's scale from its amax, named FP8_SCALE: the remat policies keep it (a scalar) rather
+    than have the recomputed forward pass read a again for its amax."""
+    return checkpoint_name(scale_from_amax(finite_amax(a), fmt, margin=spec.margin), FP8_SCALE)
+
+
 def _per_tensor_fwd(x, w, sx, sw, spec: Fp8Spec):
-    qx = quantize_with_scale(x, sx, spec.fwd)
-    qw = quantize_with_scale(w, sw, spec.fwd)
-    return _scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype, spec.platform), (qx, qw)
+    """y = x · w, and what the backward pass keeps of x (`_kept_for_wgrad`) and of w."""
+    qx = _quantized(x, sx, spec.fwd, spec)
+    qw = _quantized(w, sw, spec.fwd, spec)
+    return _fprop(qx, sx, qw, sw, spec, x.dtype), (_kept_for_wgrad(qx, spec), qw)
 
 
-def _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec: Fp8Spec, x_dtype, w_dtype):
-    qg = quantize_with_scale(g, sg, spec.bwd)
+def _per_tensor_bwd(g, kept_x, qw, sx, sw, sg, spec: Fp8Spec, x_dtype, w_dtype):
+    """(dx, dw) from g: dx = g · wᵀ contracts `out` (g [t, out], w [in, out]); dw = xᵀ · g."""
+    qg = _quantized(g, sg, spec.bwd, spec)
     dx = _scaled_f8_dot(qg, sg, qw, sw, (1, 1), x_dtype, spec.platform)
-    dw = _scaled_f8_dot(qx, sx, qg, sg, (0, 0), w_dtype, spec.platform)
-    return dx, dw
+    return dx, _wgrad(kept_x, sx, qg, sg, spec, w_dtype)
 
 
 def current_scaling_dot(x: jax.Array, w: jax.Array, spec: Fp8Spec) -> jax.Array:
@@ -163,25 +224,25 @@ def _current_scaling_dots(x, ws, spec):
 
 
 def _current_fwd(x, ws, spec):
-    sx = scale_from_amax(finite_amax(x), spec.fwd, margin=spec.margin)
-    qx = quantize_with_scale(x, sx, spec.fwd)
+    sx = _per_tensor_scale(x, spec.fwd, spec)
+    qx = _quantized(x, sx, spec.fwd, spec)
     ys, qws, sws = [], [], []
     for w in ws:
-        sw = scale_from_amax(finite_amax(w), spec.fwd, margin=spec.margin)
-        qw = quantize_with_scale(w, sw, spec.fwd)
-        ys.append(_scaled_f8_dot(qx, sx, qw, sw, (1, 0), x.dtype, spec.platform))
+        sw = _per_tensor_scale(w, spec.fwd, spec)
+        qw = _quantized(w, sw, spec.fwd, spec)
+        ys.append(_fprop(qx, sx, qw, sw, spec, x.dtype))
         qws.append(qw)
         sws.append(sw)
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
-    return tuple(ys), (qx, sx, tuple(qws), tuple(sws), tokens)
+    return tuple(ys), (_kept_for_wgrad(qx, spec), sx, tuple(qws), tuple(sws), tokens)
 
 
 def _current_bwd(spec, residuals, gs):
-    qx, sx, qws, sws, (xt, wts) = residuals
+    kept_x, sx, qws, sws, (xt, wts) = residuals
     dxs, dws = [], []
     for g, qw, sw, wt in zip(gs, qws, sws, wts, strict=True):
         sg = scale_from_amax(finite_amax(g), spec.bwd, margin=spec.margin)
-        dx, dw = _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
+        dx, dw = _per_tensor_bwd(g, kept_x, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
         dxs.append(dx)
         dws.append(dw)
     return _sum_cotangents(dxs, xt.dtype), tuple(dws)
@@ -210,16 +271,16 @@ def _history_scales(history: jax.Array, spec: Fp8Spec) -> tuple[jax.Array, ...]:
 
 
 def _delayed_fwd(x, w, history, probe, spec):
-    sx, sw, sg = _history_scales(history, spec)
-    y, (qx, qw) = _per_tensor_fwd(x, w, sx, sw, spec)
+    sx, sw, sg = (checkpoint_name(s, FP8_SCALE) for s in _history_scales(history, spec))
+    y, (kept_x, qw) = _per_tensor_fwd(x, w, sx, sw, spec)
     observed = jnp.stack([finite_amax(x), finite_amax(w)])
-    residuals = (qx, qw, sx, sw, sg, observed, _dtype_token(x), _dtype_token(w), history, probe)
+    residuals = (kept_x, qw, sx, sw, sg, observed, _dtype_token(x), _dtype_token(w), history, probe)
     return y, residuals
 
 
 def _delayed_bwd(spec, residuals, g):
-    qx, qw, sx, sw, sg, observed, xt, wt, history, probe = residuals
-    dx, dw = _per_tensor_bwd(g, qx, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
+    kept_x, qw, sx, sw, sg, observed, xt, wt, history, probe = residuals
+    dx, dw = _per_tensor_bwd(g, kept_x, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
     d_probe = jnp.concatenate([observed, finite_amax(g)[None]]).astype(probe.dtype)
     return dx, dw, jnp.zeros_like(history), d_probe
 
@@ -387,16 +448,6 @@ def _block_matmul(a_q, a_s, b_q_kmajor, b_s, mode: str, out_dtype, spec: Fp8Spec
     )
     takes_it = _kernel_runs_it(spec, out_dtype)
     return _run_on_target(spec, takes_it, refusal, kernel, emulated, a_q, a_s, b_q_kmajor, b_s)
-
-
-def row_major(a: jax.Array) -> jax.Array:
-    """`a` pinned to the row-major layout. The kernel reads some operands transposed (8-bit
-    wgmma wants both K-major); unpinned, XLA's layout assignment pushes that transpose back
-    through elementwise producers into the layer scan's stacked residuals, and then keeps a
-    transposed copy of a whole stack (BENCHMARKS.md, "H100 compile census", fix 2).
-    Pinned, each transpose happens once per layer, inside the quantizing fusion that writes the
-    FP8 copy."""
-    return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
 
 
 def _weight_gemms(qx, sx, ws, gathered, spec: Fp8Spec, out_dtype) -> tuple[tuple, tuple]:

@@ -28,6 +28,11 @@ from infir2_jax.fp8.quantize import E4M3, E5M2
 from infir2_jax.parallel.partitioned import partitioned_gemm, partitioned_mlp
 
 
+def _sharded(layout) -> bool:
+    """Whether XLA would partition GEMMs on `layout` across devices."""
+    return layout is not None and layout.mesh.size > 1
+
+
 @dataclasses.dataclass(frozen=True)
 class _StatelessFp8(Gemm):
     """Scales from the current tensors only: projections sharing an input quantize it once
@@ -41,7 +46,8 @@ class _StatelessFp8(Gemm):
         return True
 
     def for_execution(self, target, layout):
-        spec = dataclasses.replace(self.spec, platform=target.platform)
+        # Per-tensor GEMMs take the pinned form where XLA does not partition them (dots.py).
+        spec = dataclasses.replace(self.spec, platform=target.platform, pinned=not _sharded(layout))
         return dataclasses.replace(self, layout=layout, spec=spec)
 
     def fp8_dots(self, x, ws, states, uses, axes):
@@ -94,7 +100,8 @@ class DelayedGemm(Gemm):
         return True
 
     def for_execution(self, target, layout):
-        spec = dataclasses.replace(self.spec, platform=target.platform)
+        # Per-tensor GEMMs take the pinned form where XLA does not partition them (dots.py).
+        spec = dataclasses.replace(self.spec, platform=target.platform, pinned=not _sharded(layout))
         return dataclasses.replace(self, layout=layout, spec=spec)
 
     def init_state(self) -> dict[str, nnx.Variable]:

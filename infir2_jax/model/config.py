@@ -116,7 +116,8 @@ class ExecutionConfig:
     kernel (`execution.*`). Resolved with the devices into an `ExecutionPlan`
     (model/execution.py)."""
 
-    # What the backward pass recomputes instead of storing, per scanned decoder layer.
+    # What the backward pass recomputes instead of storing, per scanned decoder layer (every
+    # policy keeps the per-tensor FP8 scales: scalars, model/transformer.py).
     remat: RematPolicy = "full"
     # One device's tokens per chunk of the cross-entropy: [chunk, vocab] FP32 logits exist at
     # a time on each device.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infir2_jax.fp8.base import FP8_SCALE
 from infir2_jax.model.attention import Attention
 from infir2_jax.model.config import ModelConfig
 from infir2_jax.model.execution import ExecutionPlan, resolve_plan
@@ -18,10 +19,17 @@ from infir2_jax.model.rope import rope_tables
 from infir2_jax.parallel.context import load_balanced_order
 from infir2_jax.parallel.rules import constrain
 
+# Each policy also keeps the per-tensor FP8 scales (scalars; BF16 has none), so the
+# recomputed forward pass does not take their amaxes again.
+_KEEP_SCALES = jax.checkpoint_policies.save_only_these_names(FP8_SCALE)
 _REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _KEEP_SCALES,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _KEEP_SCALES
+    ),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_SCALES
+    ),
 }
 
 
