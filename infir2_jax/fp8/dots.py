@@ -241,7 +241,7 @@ def _current_bwd(spec, residuals, gs):
     kept_x, sx, qws, sws, (xt, wts) = residuals
     dxs, dws = [], []
     for g, qw, sw, wt in zip(gs, qws, sws, wts, strict=True):
-        sg = scale_from_amax(finite_amax(g), spec.bwd, margin=spec.margin)
+        sg = _per_tensor_scale(g, spec.bwd, spec)
         dx, dw = _per_tensor_bwd(g, kept_x, qw, sx, sw, sg, spec, xt.dtype, wt.dtype)
         dxs.append(dx)
         dws.append(dw)

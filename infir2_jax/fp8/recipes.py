@@ -28,9 +28,12 @@ from infir2_jax.fp8.quantize import E4M3, E5M2
 from infir2_jax.parallel.partitioned import partitioned_gemm, partitioned_mlp
 
 
-def _sharded(layout) -> bool:
-    """Whether XLA would partition GEMMs on `layout` across devices."""
-    return layout is not None and layout.mesh.size > 1
+def _bound(gemm: Gemm, target, layout) -> Gemm:
+    """`gemm` (a policy with an `Fp8Spec`) bound to its platform and layout. Per-tensor GEMMs
+    take the pinned form where XLA does not partition them across devices (fp8/dots.py)."""
+    sharded = layout is not None and layout.mesh.size > 1
+    spec = dataclasses.replace(gemm.spec, platform=target.platform, pinned=not sharded)
+    return dataclasses.replace(gemm, layout=layout, spec=spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +49,7 @@ class _StatelessFp8(Gemm):
         return True
 
     def for_execution(self, target, layout):
-        # Per-tensor GEMMs take the pinned form where XLA does not partition them (dots.py).
-        spec = dataclasses.replace(self.spec, platform=target.platform, pinned=not _sharded(layout))
-        return dataclasses.replace(self, layout=layout, spec=spec)
+        return _bound(self, target, layout)
 
     def fp8_dots(self, x, ws, states, uses, axes):
         return self.dots(x, ws, self.spec)
@@ -100,9 +101,7 @@ class DelayedGemm(Gemm):
         return True
 
     def for_execution(self, target, layout):
-        # Per-tensor GEMMs take the pinned form where XLA does not partition them (dots.py).
-        spec = dataclasses.replace(self.spec, platform=target.platform, pinned=not _sharded(layout))
-        return dataclasses.replace(self, layout=layout, spec=spec)
+        return _bound(self, target, layout)
 
     def init_state(self) -> dict[str, nnx.Variable]:
         return {
