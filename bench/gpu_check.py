@@ -449,7 +449,7 @@ def step_quantize(unit: Unit, args) -> None:
         Fp8Spec,
         _block_quant_both,
         _swiglu_grads_quant_both,
-        _swiglu_quant_both,
+        _swiglu_quant,
     )
     from infir2_jax.fp8.quantize import E4M3
 
@@ -462,7 +462,7 @@ def step_quantize(unit: Unit, args) -> None:
     reference_spec = dataclasses.replace(kernel_spec, kernel="emulated")
     cases = {
         "quantize x (both tilings)": (lambda a, spec: _block_quant_both(a[0], E4M3, spec), 1),
-        "SwiGLU h, quantized": (lambda a, spec: _swiglu_quant_both(a[0], a[1], spec), 2),
+        "SwiGLU h, quantized": (lambda a, spec: _swiglu_quant(a[0], a[1], spec), 2),
         "SwiGLU gradients, quantized": (
             lambda a, spec: sum(_swiglu_grads_quant_both(a[0], a[1], a[2], spec), ()),
             3,

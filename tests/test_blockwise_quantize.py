@@ -19,9 +19,11 @@ from infir2_jax.fp8.dots import Fp8Spec, blockwise_dot
 from infir2_jax.fp8.quantize import E4M3, E5M2, quantize_blocks
 from infir2_jax.gpu_target import target_capability
 from infir2_jax.kernels.blockwise_quantize import (
+    COL,
+    ROW,
     quantize_both,
     swiglu_grads_quantize_both,
-    swiglu_quantize_both,
+    swiglu_quantize,
 )
 from infir2_jax.kernels.swiglu import swiglu, swiglu_grads
 
@@ -138,14 +140,22 @@ def test_swiglu_kernels_equal_swiglu_then_the_reference_quantizer(case):
     shape, fmt, power_of_two, margin = SWIGLU_CASES[case]
     gate, up, dh = (_data(shape, jnp.bfloat16, seed=len(case) + n) for n in range(3))
     kw = dict(power_of_two=power_of_two, margin=margin)
-    got = jax.jit(lambda g, u: swiglu_quantize_both(g, u, fmt, interpret=True, **kw))(gate, up)
+    got = jax.jit(lambda g, u: swiglu_quantize(g, u, fmt, interpret=True, **kw))(gate, up)
     want = _reference(swiglu(gate, up), fmt, **kw)
     grads = jax.jit(swiglu_grads)
     got += jax.jit(lambda g, u, d: swiglu_grads_quantize_both(g, u, d, fmt, interpret=True, **kw))(
         gate, up, dh
     )
     want += sum((_reference(t, fmt, **kw) for t in grads(gate, up, dh)), ())
-    assert len(got) == len(want) == 12
+    # One copy alone (the MLP block's forward asks for the row copy, its backward for the
+    # column copy): the same bits as that copy of both.
+    for copies, part in (((ROW,), slice(0, 2)), ((COL,), slice(2, 4))):
+        one = jax.jit(
+            lambda g, u, c=copies: swiglu_quantize(g, u, fmt, copies=c, interpret=True, **kw)
+        )(gate, up)
+        got += one
+        want += want[part]
+    assert len(got) == len(want) == 16
     for n, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == w.shape and g.dtype == w.dtype, (n, g.shape, w.shape)
         # SwiGLU and its gradients at gate = ±inf are NaN (inf · 0), of either sign
@@ -159,6 +169,9 @@ def test_rejects_what_it_does_not_take():
         quantize_both(x[None], E4M3, interpret=True)
     with pytest.raises(ValueError, match="power of two >= 16"):
         quantize_both(x, E4M3, block=96, interpret=True)
+    for copies in ((), (ROW, ROW), ("rows",)):
+        with pytest.raises(ValueError, match="copies .* must name 'row' and/or 'col'"):
+            swiglu_quantize(x, x, E4M3, copies=copies, interpret=True)
 
 
 # Compiled for an H100 in a process of its own (XLA reads the dump flag when it starts).
@@ -167,7 +180,8 @@ import jax, jax.numpy as jnp
 from infir2_jax.compat import triton_target
 from infir2_jax.fp8.quantize import FORMATS
 from infir2_jax.gpu_target import gpu_devices, target_capability
-from infir2_jax.kernels.blockwise_quantize import quantize_both, swiglu_grads_quantize_both
+from infir2_jax.kernels.blockwise_quantize import (
+    quantize_both, swiglu_grads_quantize_both, swiglu_quantize)
 
 device = gpu_devices("h100", 1)[0]
 x = jax.ShapeDtypeStruct((16384, 8960), jnp.bfloat16,
@@ -176,6 +190,8 @@ kernels = dict(
     quantize_both=lambda x: quantize_both(x, FORMATS["{fmt}"], power_of_two={power_of_two}),
     swiglu_grads=lambda x: swiglu_grads_quantize_both(
         x, x + 1, x - 1, FORMATS["{fmt}"], power_of_two={power_of_two}),
+    swiglu_col=lambda x: swiglu_quantize(
+        x, x + 1, FORMATS["{fmt}"], copies=("col",), power_of_two={power_of_two}),
 )
 with triton_target(target_capability("h100")):
     print(jax.jit(kernels["{kernel}"]).trace(x).lower().compile().as_text())
@@ -186,15 +202,16 @@ with triton_target(target_capability("h100")):
 @pytest.mark.parametrize(
     "kernel, fmt, power_of_two",
     [("quantize_both", "e4m3", False), ("quantize_both", "e5m2", True),
-     ("swiglu_grads", "e5m2", False)],
+     ("swiglu_grads", "e5m2", False), ("swiglu_col", "e4m3", True)],
 )  # fmt: skip
 def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(
     tmp_path, kernel, fmt, power_of_two
 ):
     """[16384, 8960] (Qwen2.5-1.5B's MLP activations at 16k tokens) compiled for an H100:
     one Triton kernel writing both FP8 copies and their scales (SwiGLU's gradients: both,
-    for each of the two). In the PTX, every f32 division is IEEE `div.rn` (Triton's own `/` is
-    the approximate `div.full`; SwiGLU's sigmoid divides too), and the casts are
+    for each of the two; SwiGLU's output as the MLP's backward pass asks for it: the column
+    copy only). In the PTX, every f32 division is IEEE `div.rn` (Triton's own `/` is the
+    approximate `div.full`; SwiGLU's sigmoid divides too), and the casts are
     round-to-nearest-even."""
     script = textwrap.dedent(_COMPILE).format(fmt=fmt, power_of_two=power_of_two, kernel=kernel)
     env = {
@@ -210,8 +227,11 @@ def test_compiles_for_hopper_at_a_qwen_shape_with_ieee_division(
     calls = [line for line in r.stdout.splitlines() if "custom-call(" in line]
     assert len(calls) == 1 and "__gpu$xla.gpu.triton" in calls[0], calls
     fp8 = "f8e4m3fn" if fmt == "e4m3" else "f8e5m2"
-    for out in (f"{fp8}[16384,8960]", "f32[16384,70]", f"{fp8}[8960,16384]", "f32[8960,128]"):
-        assert calls[0].count(out) == (2 if kernel == "swiglu_grads" else 1), (out, calls[0])
+    row, col = (f"{fp8}[16384,8960]", "f32[16384,70]"), (f"{fp8}[8960,16384]", "f32[8960,128]")
+    tensors = 2 if kernel == "swiglu_grads" else 1
+    for out in row + col:
+        expected = 0 if kernel == "swiglu_col" and out in row else tensors
+        assert calls[0].count(out) == expected, (out, calls[0])
     ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
     if not ptx and jaxlib_version() >= (0, 12):
         return  # jax 0.12's XLA dumps no Triton PTX; the main lane (jax 0.10) reads it

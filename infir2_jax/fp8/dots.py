@@ -44,9 +44,11 @@ from infir2_jax.fp8.quantize import (
 )
 from infir2_jax.kernels import blockwise_fp8_matmul, blockwise_fp8_matmul_reference
 from infir2_jax.kernels.blockwise_quantize import (
+    COL,
+    ROW,
     quantize_both,
     swiglu_grads_quantize_both,
-    swiglu_quantize_both,
+    swiglu_quantize,
 )
 from infir2_jax.kernels.swiglu import swiglu, swiglu_grads
 
@@ -376,24 +378,32 @@ def _block_quant_both(a: jax.Array, fmt: Fp8Format, spec: Fp8Spec):
     return _quantized_both(quantize_both, lambda a: (a,), (a,), fmt, spec)
 
 
-def _quantized_both(kernel_fn, tensors_of, inputs: tuple, fmt: Fp8Format, spec: Fp8Spec):
-    """`_block_quant_both`'s four results for each tensor `tensors_of(*inputs)` computes,
-    flattened: the same numbers two ways, chosen by `_run_on_target`: one Pallas kernel that
-    reads the inputs once and computes the tensors tile by tile (`kernel_fn`, from
+def _quantized_both(
+    kernel_fn, tensors_of, inputs: tuple, fmt: Fp8Format, spec: Fp8Spec, copies=(ROW, COL)
+):
+    """`_block_quant_both`'s results for each tensor `tensors_of(*inputs)` computes,
+    flattened: (q, s) for `ROW`, (qᵀ, sᵀ) for `COL`, in the order of `copies`. The same
+    numbers two ways, chosen by `_run_on_target`: one Pallas kernel that reads the inputs once
+    and computes the tensors tile by tile (`kernel_fn`, from
     infir2_jax/kernels/blockwise_quantize.py), or the tensors computed by XLA and the
-    reference quantizer applied twice to each, then an FP8 transpose."""
+    reference quantizer applied to each, the column copy then transposed in FP8."""
     b = spec.block
 
     def reference(*inputs):
         out = []
         for a in tensors_of(*inputs):
-            q, s = _block_quant(a, (1, b), fmt, spec)
-            q_t, s_t = _block_quant(a, (b, 1), fmt, spec)
-            out += [q, s, q_t.T, s_t.T]  # transposed in FP8 (half the bytes)
+            for copy in copies:
+                if copy == ROW:
+                    out += _block_quant(a, (1, b), fmt, spec)
+                else:
+                    q_t, s_t = _block_quant(a, (b, 1), fmt, spec)
+                    out += [q_t.T, s_t.T]  # transposed in FP8 (half the bytes)
         return tuple(out)
 
     kernel = partial(kernel_fn, fmt=fmt, block=b, power_of_two=spec.power_of_two,
                      margin=spec.margin, interpret=spec.kernel == "interpret")  # fmt: skip
+    if copies != (ROW, COL):
+        kernel = partial(kernel, copies=copies)
     refusal = (
         f"fp8.blockwise_kernel={spec.kernel}: the quantizer kernel takes blocks that are "
         f"powers of two >= 16 (got {b}); use fp8.blockwise_kernel=emulated"
@@ -524,10 +534,13 @@ _blockwise_dots.defvjp(_blockwise_fwd, _blockwise_bwd)
 def blockwise_mlp(x: jax.Array, ws, spec: Fp8Spec, gathered: tuple | None = None) -> jax.Array:
     """down(swiglu(x @ w_gate, x @ w_up)) for ws = (w_gate, w_up, w_down) in the blockwise
     recipe, equal bit for bit to `blockwise_dots` applied to gate/up, `swiglu`, then down:
-    the same GEMMs on the same FP8 operands. What it saves is memory traffic: SwiGLU's output
-    h exists only as the down GEMM's FP8 operands (`swiglu_quantize_both`), and its input
-    gradients only as the gate/up GEMMs' (`swiglu_grads_quantize_both`): neither is written,
-    read back and quantized in BF16. `gathered` as in `blockwise_dots`, one per weight."""
+    the same GEMMs on the same FP8 operands. What it saves is memory and memory traffic:
+    SwiGLU's output h exists only as the down GEMM's FP8 operands (`swiglu_quantize`), and its
+    input gradients only as the gate/up GEMMs' (`swiglu_grads_quantize_both`): neither is
+    written, read back and quantized in BF16. Nor is h kept for the backward pass: its FP8
+    copy for down's wgrad is computed there again from gate and up, which SwiGLU's backward
+    keeps anyway (one pass over them instead of keeping [tokens, ffn] FP8 per layer).
+    `gathered` as in `blockwise_dots`, one per weight."""
     return _blockwise_mlp(x, tuple(ws), spec, None if gathered is None else tuple(gathered))
 
 
@@ -536,10 +549,10 @@ def _blockwise_mlp(x, ws, spec, gathered):
     return _blockwise_mlp_fwd(x, ws, spec, gathered)[0]
 
 
-def _swiglu_quant_both(gate, up, spec: Fp8Spec):
-    """h = swiglu(gate, up) quantized both ways (`_block_quant_both`), h never in memory."""
+def _swiglu_quant(gate, up, spec: Fp8Spec, copies=(ROW, COL)):
+    """h = swiglu(gate, up) quantized (`_quantized_both`'s `copies`), h never in memory."""
     return _quantized_both(
-        swiglu_quantize_both, lambda g, u: (swiglu(g, u),), (gate, up), spec.fwd, spec
+        swiglu_quantize, lambda g, u: (swiglu(g, u),), (gate, up), spec.fwd, spec, copies
     )
 
 
@@ -552,15 +565,18 @@ def _swiglu_grads_quant_both(gate, up, dh, spec: Fp8Spec):
 def _blockwise_mlp_fwd(x, ws, spec, gathered):
     gathered = gathered or (None,) * 3
     (gate, up), inner = _blockwise_fwd(x, ws[:2], spec, gathered[:2])
-    # h = swiglu(gate, up) exists only quantized; gate stands in for its type.
-    (y,), down = _quantized_fwd(_swiglu_quant_both(gate, up, spec), gate, ws[2:], gathered[2:],
-                                spec)  # fmt: skip
-    return y, (inner, gate, up, down)
+    qh, sh = _swiglu_quant(gate, up, spec, copies=(ROW,))  # fprop's copy only
+    (y,), wres = _weight_gemms(qh, sh, ws[2:], gathered[2:], spec, gate.dtype)
+    # h's own type (gate's) and down's weight, for the backward pass's residuals.
+    tokens = (_dtype_token(gate), (_dtype_token(ws[2]),))
+    return y, (inner, gate, up, wres, tokens)
 
 
 def _blockwise_mlp_bwd(spec, gathered, residuals, g):
     gathered = gathered or (None,) * 3
-    inner, gate, up, down = residuals
+    inner, gate, up, wres, tokens = residuals
+    qh_tt, sh_tt = _swiglu_quant(gate, up, spec, copies=(COL,))  # wgrad's copy of h, again
+    down = (row_major(qh_tt), _keep_scales(sh_tt, spec), wres, tokens)
     quantized_g = _block_quant_both(row_major(g), spec.bwd, spec)
     dh, (dw_down,) = _input_grads([quantized_g], down, spec, gathered[2:])
     dx, (dw_gate, dw_up) = _input_grads(

@@ -4,12 +4,14 @@ The blockwise recipe (infir2_jax/fp8/dots.py) quantizes x (and the output gradie
 in 1×b tiles along its columns for fprop/dgrad, and in b×1 tiles along its rows (tokens) for
 wgrad, whose kernel reads that copy transposed. With the reference quantizer that is two
 amax passes, two casts and a transpose, each reading x from HBM. Here one program per
-[b, b] tile of x [M, K] reads the tile once and writes:
+[b, b] tile of x [M, K] reads the tile once and writes the two copies (`ROW`, `COL`):
 
   q_row   [M, K]           FP8, x / s_row clamped      = quantize_blocks(x, (1, b)).q
   s_row   [M, ceil(K/b)]   one scale per row per tile  = quantize_blocks(x, (1, b)).scales
   q_col_t [K, M]           FP8, the column copy, stored transposed (the wgrad kernel's layout)
   s_col_t [K, ceil(M/b)]   one scale per column per tile, transposed
+
+or only one of them, where the other is not needed (`swiglu_quantize`'s `copies`).
 
 Every result equals the reference (infir2_jax/fp8/quantize.py) bit for bit, scales included:
 the same finite amax (NaN/±inf ignored, 0 if nothing is finite), `scale_from_amax`'s
@@ -47,6 +49,10 @@ from infir2_jax.kernels.swiglu import swiglu_grads, swiglu_value
 
 if TYPE_CHECKING:  # infir2_jax.fp8 imports this module (its recipes call the kernel)
     from infir2_jax.fp8.quantize import Fp8Format
+
+# The two copies of a quantized tensor: 1×b tiles along its columns (fprop, dgrad), and b×1
+# tiles along its rows, stored transposed (wgrad).
+ROW, COL = "row", "col"
 
 _EXPONENT_BITS = 0x7F800000  # an f32's exponent field
 _MANTISSA_BITS = 0x007FFFFF
@@ -101,12 +107,12 @@ def _quantize(x, s, fmt: Fp8Format, power_of_two: bool, interpret: bool):
 
 
 def _kernel(
-    *refs, n_in: int, prologue, fmt: Fp8Format, block: int, power_of_two: bool, margin: int,
-    interpret: bool,
+    *refs, n_in: int, prologue, copies: tuple[str, ...], fmt: Fp8Format, block: int,
+    power_of_two: bool, margin: int, interpret: bool,
 ):  # fmt: skip
     """Loads the [b, b] tile (i, j) of each of the `n_in` inputs, computes the tensors to
     quantize from them (`prologue`; the identity for `quantize_both`) and writes each one's
-    four results: q_row, s_row, q_col_t, s_col_t."""
+    results: q_row, s_row for `ROW`, q_col_t, s_col_t for `COL`, in the order of `copies`."""
     in_refs, out_refs = refs[:n_in], refs[n_in:]
     m, k = in_refs[0].shape
     i, j = pl.program_id(0), pl.program_id(1)
@@ -120,26 +126,34 @@ def _kernel(
     scales = functools.partial(
         _scales, fmt=fmt, power_of_two=power_of_two, margin=margin, interpret=interpret
     )
-    for n, x in enumerate(prologue(*loaded)):
-        q_row_ref, s_row_ref, q_col_ref, s_col_ref = out_refs[4 * n : 4 * n + 4]
+    outputs = iter(out_refs)
+    for x in prologue(*loaded):
         x = x.astype(jnp.float32)
         # |x| where finite (NaN and ±inf compare false), else 0.
         finite_abs = jnp.where(jnp.abs(x) < jnp.inf, jnp.abs(x), 0.0)
-        s_row = scales(jnp.max(finite_abs, axis=1))  # [b]: one per row
-        s_col = scales(jnp.max(finite_abs, axis=0))  # [b]: one per column
-        q_row = _quantize(x, s_row[:, None], fmt, power_of_two, interpret)
-        plgpu.store(q_row_ref.at[tile], q_row, mask=tile_ok)
-        plgpu.store(s_row_ref.at[pl.ds(i * block, block), j], s_row, mask=row_ok)
-        q_col = _quantize(x, s_col[None, :], fmt, power_of_two, interpret)
-        plgpu.store(q_col_ref.at[tile[::-1]], q_col.T, mask=tile_ok.T)
-        plgpu.store(s_col_ref.at[pl.ds(j * block, block), i], s_col, mask=col_ok)
+        for copy in copies:
+            q_ref, s_ref = next(outputs), next(outputs)
+            if copy == ROW:
+                s_row = scales(jnp.max(finite_abs, axis=1))  # [b]: one per row
+                q_row = _quantize(x, s_row[:, None], fmt, power_of_two, interpret)
+                plgpu.store(q_ref.at[tile], q_row, mask=tile_ok)
+                plgpu.store(s_ref.at[pl.ds(i * block, block), j], s_row, mask=row_ok)
+            else:
+                s_col = scales(jnp.max(finite_abs, axis=0))  # [b]: one per column
+                q_col = _quantize(x, s_col[None, :], fmt, power_of_two, interpret)
+                plgpu.store(q_ref.at[tile[::-1]], q_col.T, mask=tile_ok.T)
+                plgpu.store(s_ref.at[pl.ds(j * block, block), i], s_col, mask=col_ok)
 
 
 def _quantize_call(
     name: str, inputs: tuple[jax.Array, ...], prologue, n_out: int, fmt: Fp8Format, *,
     block: int, power_of_two: bool, margin: int, interpret: bool, num_warps: int,
+    copies: tuple[str, ...] = (ROW, COL),
 ) -> tuple[jax.Array, ...]:  # fmt: skip
-    """The kernel over [b, b] tiles of the 2-D inputs (one shape): 4 results per tensor."""
+    """The kernel over [b, b] tiles of the 2-D inputs (one shape): per tensor, (q, s) for
+    each of `copies`."""
+    if not copies or len(set(copies)) != len(copies) or not set(copies) <= {ROW, COL}:
+        raise ValueError(f"{name}: copies {copies} must name {ROW!r} and/or {COL!r}, once each")
     x = inputs[0]
     if x.ndim != 2 or any(a.shape != x.shape for a in inputs):
         shapes = [a.shape for a in inputs]
@@ -150,19 +164,18 @@ def _quantize_call(
     m, k = x.shape
     tiles_m, tiles_k = pl.cdiv(m, block), pl.cdiv(k, block)
     kernel = functools.partial(
-        _kernel, n_in=len(inputs), prologue=prologue, fmt=fmt, block=block,
+        _kernel, n_in=len(inputs), prologue=prologue, copies=copies, fmt=fmt, block=block,
         power_of_two=power_of_two, margin=margin, interpret=interpret,
     )  # fmt: skip
     # Inside a shard_map the results vary over the mesh axes x varies over.
     like_x = functools.partial(
         jax.ShapeDtypeStruct, manual_axis_type=jax.typeof(x).manual_axis_type
     )
-    one = [
-        like_x((m, k), fmt.dtype),
-        like_x((m, tiles_k), jnp.float32),
-        like_x((k, m), fmt.dtype),
-        like_x((k, tiles_m), jnp.float32),
-    ]
+    shapes = {
+        ROW: [like_x((m, k), fmt.dtype), like_x((m, tiles_k), jnp.float32)],
+        COL: [like_x((k, m), fmt.dtype), like_x((k, tiles_m), jnp.float32)],
+    }
+    one = [shape for copy in copies for shape in shapes[copy]]
     return tuple(
         pl.pallas_call(
             kernel,
@@ -194,18 +207,22 @@ def quantize_both(
     )  # fmt: skip
 
 
-def swiglu_quantize_both(
-    gate: jax.Array, up: jax.Array, fmt: Fp8Format, *, block: int = 128,
-    power_of_two: bool = False, margin: int = 0, interpret: bool = False, num_warps: int = 8,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
-    """`quantize_both(swiglu(gate, up))` without h = silu(gate) · up in memory: each program
-    computes its tile of h (`infir2_jax.kernels.swiglu`, rounded to gate's dtype as the model
-    rounds it) from the gate and up tiles and quantizes it. The MLP's forward pass needs h
-    only in FP8 (the down projection's operand), so h is never written in BF16."""
+def swiglu_quantize(
+    gate: jax.Array, up: jax.Array, fmt: Fp8Format, *, copies: tuple[str, ...] = (ROW, COL),
+    block: int = 128, power_of_two: bool = False, margin: int = 0, interpret: bool = False,
+    num_warps: int = 8,
+) -> tuple[jax.Array, ...]:  # fmt: skip
+    """`quantize_both(swiglu(gate, up))`'s results for `copies` (both: all four) without
+    h = silu(gate) · up in memory: each program computes its tile of h
+    (`infir2_jax.kernels.swiglu`, rounded to gate's dtype as the model rounds it) from the
+    gate and up tiles and quantizes it. The MLP needs h only in FP8 (the down projection's
+    operands), so h is never written in BF16; it asks for the `ROW` copy in the forward pass
+    and for the `COL` copy, again from gate and up, in the backward pass."""
     return _quantize_call(
-        "blockwise_swiglu_quantize_both", (gate, up),
+        "blockwise_swiglu_quantize", (gate, up),
         lambda g, u: (swiglu_value(g, u, _divide(interpret)),), 1, fmt, block=block,
         power_of_two=power_of_two, margin=margin, interpret=interpret, num_warps=num_warps,
+        copies=copies,
     )  # fmt: skip
 
 
