@@ -488,23 +488,25 @@ def _blockwise_fwd(x, ws, spec, gathered):
     # fprop: x in 1×B tiles, qx [t, in], sx [t, in/b]. wgrad contracts tokens: x in B×1
     # tiles along them, in the layout the kernel reads (A = xᵀ): qx_tt [in, t], sx_tt
     # [in, t/b]; kept for the backward pass (1 byte per element, plus one scale per 128).
-    return _quantized_fwd(_block_quant_both(x, spec.fwd, spec), x, ws, gathered, spec)
-
-
-def _quantized_fwd(quantized_x, x, ws, gathered, spec: Fp8Spec):
-    """(ys, residuals) of `_blockwise_fwd` from x already quantized both ways (`x` itself
-    only for its type)."""
-    qx, sx, qx_tt, sx_tt = quantized_x
+    qx, sx, qx_tt, sx_tt = _block_quant_both(x, spec.fwd, spec)
     ys, wres = _weight_gemms(qx, sx, ws, gathered, spec, x.dtype)
     tokens = (_dtype_token(x), tuple(_dtype_token(w) for w in ws))
     return ys, (row_major(qx_tt), _keep_scales(sx_tt, spec), wres, tokens)
 
 
-def _input_grads(quantized_gs, residuals, spec, gathered) -> tuple[jax.Array, tuple]:
+def _unkept(residuals, spec: Fp8Spec) -> tuple:
+    """`_blockwise_fwd`'s residuals as `_input_grads` takes them: ((qx_tt, sx_tt), wres,
+    tokens), the scales decoded."""
+    qx_tt, sx_kept, wres, tokens = residuals
+    return (qx_tt, _kept_scales(sx_kept, spec)), wres, tokens
+
+
+def _input_grads(quantized_gs, x_t, wres, tokens, spec, gathered) -> tuple[jax.Array, tuple]:
     """(dx, dws) of `_blockwise_fwd`'s GEMMs from their output gradients, each already
-    quantized both ways by `_block_quant_both` (qg, sg, qg_tt, sg_tt)."""
-    qx_tt, sx_kept, wres, (xt, wts) = residuals
-    sx_tt = _kept_scales(sx_kept, spec)
+    quantized both ways by `_block_quant_both` (qg, sg, qg_tt, sg_tt); x_t = (qx_tt, sx_tt)
+    is wgrad's copy of x, wres each GEMM's weight as `_weight_gemms` keeps it."""
+    qx_tt, sx_tt = x_t
+    xt, wts = tokens
     gathered = gathered or (None,) * len(quantized_gs)
     dxs, dws = [], []
     for (qg, sg, qg_tt, sg_tt), (qw, sw), wt, split in zip(
@@ -524,7 +526,7 @@ def _blockwise_bwd(spec, gathered, residuals, gs):
     # dgrad's g in 1×B tiles, qg [t, out], sg [t, out/b]; wgrad's in B×1 tiles along
     # tokens, transposed: qg_tt [out, t], sg_tt [out, t/b].
     quantized = [_block_quant_both(row_major(g), spec.bwd, spec) for g in gs]
-    return _input_grads(quantized, residuals, spec, gathered)
+    return _input_grads(quantized, *_unkept(residuals, spec), spec, gathered)
 
 
 _blockwise_dots.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -576,11 +578,12 @@ def _blockwise_mlp_bwd(spec, gathered, residuals, g):
     gathered = gathered or (None,) * 3
     inner, gate, up, wres, tokens = residuals
     qh_tt, sh_tt = _swiglu_quant(gate, up, spec, copies=(COL,))  # wgrad's copy of h, again
-    down = (row_major(qh_tt), _keep_scales(sh_tt, spec), wres, tokens)
     quantized_g = _block_quant_both(row_major(g), spec.bwd, spec)
-    dh, (dw_down,) = _input_grads([quantized_g], down, spec, gathered[2:])
+    dh, (dw_down,) = _input_grads(
+        [quantized_g], (row_major(qh_tt), sh_tt), wres, tokens, spec, gathered[2:]
+    )
     dx, (dw_gate, dw_up) = _input_grads(
-        _swiglu_grads_quant_both(gate, up, dh, spec), inner, spec, gathered[:2]
+        _swiglu_grads_quant_both(gate, up, dh, spec), *_unkept(inner, spec), spec, gathered[:2]
     )
     return dx, (dw_gate, dw_up, dw_down)
 
